@@ -1,0 +1,7 @@
+from __future__ import annotations
+
+import sys
+
+from ._process import main
+
+sys.exit(main())

@@ -1,0 +1,205 @@
+# A wire-level connection to a node: the hello handshake, a coalescing
+# writer, and frames read on demand. slim_agents builds apps on it.
+from __future__ import annotations
+
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import ByteStream, TaskGroup
+
+from ._config import TlsConfig, split_endpoint
+from ._errors import (
+    AuthenticationError,
+    ConnectError,
+    LimitExceededError,
+    NodeError,
+    NoRouteError,
+    ProtocolError,
+)
+from ._limits import Limits
+from ._names import Name
+from ._transport import Outbox, read_size
+from .wire import (
+    Error,
+    FrameDecoder,
+    Hello,
+    HelloAck,
+    Message,
+    decode_frame,
+    decode_message,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from ._server import Node
+
+_AUTH_CODES = ("unauthenticated", "forbidden_source")
+
+
+def error_from_frame(err: Error) -> NodeError:
+    """The typed exception for an error frame received from a node."""
+    if err.code == "no_route":
+        return NoRouteError(err.name, err.message)
+    return NodeError(err.code, err.message, ref=err.ref, name=err.name,
+                     session_id=err.session_id)
+
+
+class NodeConnection:
+    """An authenticated connection to a node.
+
+    Frames are written through a coalescing outbox; reading is driven by the
+    caller through :meth:`receive` or :meth:`receive_envelopes`.
+    """
+
+    def __init__(self, stream: ByteStream, tg: TaskGroup, *, limits: Limits) -> None:
+        self._stream = stream
+        self._limits = limits
+        self._outbox = Outbox(stream)
+        self._decoder = FrameDecoder(limits.max_frame_size)
+        self._ready: deque[dict[str, Any]] = deque()
+        self._read_size = read_size(stream)
+        self.hello_ack: HelloAck | None = None
+        tg.start_soon(self._outbox.run)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._outbox.pending_bytes
+
+    @property
+    def outbox(self) -> Outbox:
+        return self._outbox
+
+    def send_nowait(self, message: Message | Mapping[str, Any] | bytes) -> None:
+        """Queue a message (or an already encoded frame) without waiting.
+
+        :raises anyio.ClosedResourceError: if the connection is closed.
+        :raises anyio.WouldBlock: if the outbound backlog is over its limit.
+        """
+        if self._outbox.is_closed:
+            raise anyio.ClosedResourceError
+        if self._outbox.pending_bytes >= self._limits.max_pending_bytes:
+            raise anyio.WouldBlock
+        self._outbox.write(message if isinstance(message, bytes) else encode_frame(message))
+
+    async def send(self, message: Message | Mapping[str, Any] | bytes) -> None:
+        """Queue a message, waiting while the outbound backlog is over its limit."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while self._outbox.pending_bytes >= self._limits.max_pending_bytes:
+            if self._outbox.is_closed:
+                break
+            await self._outbox.wait_drained()
+        if self._outbox.is_closed:
+            raise anyio.ClosedResourceError
+        self._outbox.write(message if isinstance(message, bytes) else encode_frame(message))
+
+    async def receive_envelopes(self) -> list[dict[str, Any]]:
+        """Read once from the stream and return the envelopes it completes (maybe none).
+
+        :raises anyio.EndOfStream: when the node closed the connection.
+        :raises ProtocolError: when the node sent bytes that are not frames.
+        """
+        if self._ready:
+            out = list(self._ready)
+            self._ready.clear()
+            return out
+        try:
+            data = await self._stream.receive(self._read_size)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
+                ssl.SSLError) as exc:
+            raise anyio.EndOfStream from exc
+        return [decode_frame(f[4:]) for f in self._decoder.feed(data)]
+
+    async def receive(self) -> Message:
+        """The next typed message from the node.
+
+        :raises anyio.EndOfStream: when the node closed the connection.
+        """
+        while not self._ready:
+            self._ready.extend(await self.receive_envelopes())
+        return decode_message(self._ready.popleft(), self._limits)
+
+    async def aclose(self) -> None:
+        """Flush what is queued (bounded by one second), then close."""
+        self._outbox.close()
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(1.0):
+                while self._outbox.pending_bytes and self._outbox.failed is None:
+                    await self._outbox.wait_drained()
+            await anyio.aclose_forcefully(self._stream)
+
+
+async def _open_stream(target: str | Node, tls: TlsConfig | None) -> ByteStream:
+    if not isinstance(target, str):
+        return await target.connect_local()
+    host, port, scheme = split_endpoint(target, "endpoint")
+    ctx = (tls or TlsConfig()).client_context(scheme)
+    try:
+        return await anyio.connect_tcp(host, port, tls=ctx is not None, ssl_context=ctx,
+                                       tls_hostname=host if ctx is not None else None)
+    except (OSError, ssl.SSLError, anyio.BrokenResourceError) as exc:
+        raise ConnectError(f"cannot connect to {target}: {exc}") from exc
+
+
+async def handshake(conn: NodeConnection, hello: Hello, *, timeout: float) -> HelloAck:
+    """Send ``hello`` and wait for the node's answer.
+
+    :raises AuthenticationError: when the node refuses the token or the name.
+    :raises ConnectError: when the node closes or answers something else.
+    """
+    await conn.send(hello)
+    try:
+        with anyio.fail_after(timeout):
+            reply = await conn.receive()
+    except TimeoutError:
+        raise ConnectError(f"no answer to hello within {timeout:g} s") from None
+    except anyio.EndOfStream:
+        raise ConnectError("the node closed the connection during the handshake") from None
+    except ProtocolError as exc:
+        raise ConnectError(f"the node sent an invalid frame: {exc}") from exc
+    if isinstance(reply, Error):
+        if reply.code in _AUTH_CODES:
+            raise AuthenticationError(reply.message or reply.code, detail=reply.code)
+        raise ConnectError(f"hello refused: {reply.code}: {reply.message}")
+    if not isinstance(reply, HelloAck):
+        raise ConnectError(f"expected hello_ack, got {type(reply).__name__}")
+    conn.hello_ack = reply
+    return reply
+
+
+@asynccontextmanager
+async def open_connection(
+    target: str | Node,
+    *,
+    name: Name,
+    token: str,
+    tls: TlsConfig | None = None,
+    limits: Limits | None = None,
+    hello_timeout: float = 5.0,
+) -> AsyncIterator[NodeConnection]:
+    """Connect to a node as an app and complete the hello handshake.
+
+    :param target: ``http://host:port`` / ``host:port`` for TCP, ``https://`` for
+        TLS, or a :class:`Node` of this process for an in-memory connection.
+    :raises ConnectError: when the node cannot be reached.
+    :raises AuthenticationError: when the node refuses the identity.
+    """
+    stream = await _open_stream(target, tls)
+    limits = limits or Limits()
+    try:
+        async with anyio.create_task_group() as tg:
+            conn = NodeConnection(stream, tg, limits=limits)
+            try:
+                await handshake(conn, Hello(token=token, name=name), timeout=hello_timeout)
+                yield conn
+            finally:
+                await conn.aclose()
+                tg.cancel_scope.cancel()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(stream)
+        raise
+

@@ -1,0 +1,528 @@
+# The node's protocol logic (sans-IO): bytes and `now` in, frames written to
+# per-connection sinks out.
+#
+# Invariants:
+# * The first frame of an inbound connection is a hello; nothing else is
+#   processed before it is accepted, and pre-hello frames are small.
+# * An app connection is bound to the name its token allows; a publish with
+#   another source is refused (forbidden_source).
+# * A publish is forwarded as the exact bytes received, except over links,
+#   where the ttl is decremented and the served origins are set.
+# * A frame never goes back out the connection it came in on.
+# * Writes go to sinks; a sink over its limit is handled by the slow-consumer
+#   policy here (drop or disconnect) or reported to the driver (wait).
+from __future__ import annotations
+
+import enum
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgpack
+
+from ._auth import Identity, TokenProvider, TokenVerifier, parse_unverified
+from ._errors import (
+    AuthenticationError,
+    FrameTooLargeError,
+    MalformedFrameError,
+    ProtocolError,
+    UnknownMessageTypeError,
+)
+from ._limits import Limits, SlowConsumerPolicy
+from ._names import Name, instance_id_for
+from ._routing import RoutingTable
+from .wire import (
+    Error,
+    ErrorCode,
+    FrameDecoder,
+    Hello,
+    HelloAck,
+    Ping,
+    Pong,
+    RouteUpdate,
+    Subscribe,
+    SubscribeAck,
+    Unsubscribe,
+    check_publish,
+    decode_frame,
+    decode_message,
+    encode_frame,
+    frame_prefix,
+)
+
+log = logging.getLogger("node_lite.node")
+
+# Frames before the hello is accepted are tiny; bound pre-auth work.
+PRE_AUTH_MAX_FRAME = 16 * 1024
+# A connection that sends this many malformed frames within the window is closed.
+MALFORMED_STRIKES = 3
+MALFORMED_WINDOW = 10.0
+
+
+class ConnKind(enum.Enum):
+    PENDING = "pending"  # inbound, waiting for hello
+    DIALING = "dialing"  # outbound link, waiting for hello_ack
+    APP = "app"
+    PEER = "peer"
+
+
+class Sink(Protocol):
+    """Where the core writes frames for one connection (the driver's outbox)."""
+
+    @property
+    def pending_bytes(self) -> int: ...
+
+    @property
+    def pending_frames(self) -> int: ...
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def close(self, code: str | None, message: str) -> None: ...
+
+
+_ROUTING = (ConnKind.APP, ConnKind.PEER)
+
+
+@dataclass(slots=True)
+class _Conn:
+    id: int
+    sink: Sink
+    kind: ConnKind
+    decoder: FrameDecoder
+    opened_at: float
+    deadline: float | None = None
+    last_rx: float = 0.0
+    next_ping: float | None = None
+    name: Name | None = None
+    name_wire: list[Any] | None = None
+    identity: Identity | None = None
+    peer_node: str | None = None
+    subscriptions: int = 0
+    frames_in: int = 0
+    bytes_in: int = 0
+    frames_out: int = 0
+    bytes_out: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+    strikes: deque[float] = field(default_factory=deque)
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    """A snapshot of one connection, as returned by ``statistics()``."""
+
+    conn_id: int
+    kind: str
+    name: str | None
+    peer_node: str | None
+    subject: str | None
+    subscriptions: int
+    frames_in: int
+    bytes_in: int
+    frames_out: int
+    bytes_out: int
+    pending_bytes: int
+    pending_frames: int
+    drops: dict[str, int]
+
+
+class NodeCore:
+    """Protocol state of one node, shared by all its connections."""
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        limits: Limits | None = None,
+        verifier: TokenVerifier | None = None,
+        peer_token: TokenProvider | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.limits = limits or Limits()
+        self.verifier = verifier
+        self.peer_token = peer_token
+        self.table = RoutingTable(node_id, rng=rng)
+        self._conns: dict[int, _Conn] = {}
+        self.drops: Counter[str] = Counter()
+        self.errors_sent: Counter[str] = Counter()
+        self.accepted = 0
+        self.refused = 0
+        self.closed_totals: Counter[str] = Counter()
+        self.congested: list[Sink] = []
+
+    # -- connection lifecycle --------------------------------------------------------
+
+    def connection_made(self, conn_id: int, sink: Sink, now: float, *, dial: bool = False) -> None:
+        """Register a new connection; ``dial`` marks an outbound link this node opened."""
+        conn = _Conn(
+            id=conn_id, sink=sink, kind=ConnKind.DIALING if dial else ConnKind.PENDING,
+            decoder=FrameDecoder(min(PRE_AUTH_MAX_FRAME, self.limits.max_frame_size)),
+            opened_at=now, deadline=now + self.limits.hello_timeout,
+        )
+        self._conns[conn_id] = conn
+        if dial:
+            token = self.peer_token.get_token(now=now) if self.peer_token else ""
+            self._write(conn, encode_frame(Hello(token=token, role="peer", node_id=self.node_id)))
+
+    def connection_lost(self, conn_id: int) -> None:
+        """Forget a closed connection and withdraw its routes."""
+        conn = self._conns.pop(conn_id, None)
+        if conn is None:
+            return
+        conn.closed = True
+        totals = self.closed_totals
+        totals["frames_in"] += conn.frames_in
+        totals["frames_out"] += conn.frames_out
+        totals["bytes_in"] += conn.bytes_in
+        totals["bytes_out"] += conn.bytes_out
+        if conn.kind is ConnKind.PEER:
+            log.info("link to %s (conn %d) is down", conn.peer_node, conn_id)
+        self._send_updates(self.table.remove_connection(conn_id))
+
+    def get_timer(self) -> float | None:
+        """The next time :meth:`handle_timer` must run, if any."""
+        deadlines = [d for c in self._conns.values() for d in (c.deadline, c.next_ping)
+                     if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        """Close connections whose hello did not arrive in time; keep links alive."""
+        keepalive = self.limits.keepalive
+        for conn in list(self._conns.values()):
+            if conn.deadline is not None and now >= conn.deadline:
+                conn.deadline = None
+                self.refused += 1
+                self._fail(conn, ErrorCode.UNAUTHENTICATED, "no hello before the deadline")
+            elif conn.next_ping is not None and now >= conn.next_ping:
+                if now - conn.last_rx > 3 * keepalive:
+                    conn.next_ping = None
+                    self.drops["link_timeout"] += 1
+                    self._fail(conn, "link_timeout", f"no traffic for {3 * keepalive:g} s")
+                else:
+                    conn.next_ping = now + keepalive
+                    self._write(conn, encode_frame(Ping(nonce=int(now * 1000))))
+
+    # -- input -----------------------------------------------------------------------
+
+    def data_received(self, conn_id: int, data: bytes, now: float) -> list[Sink]:
+        """Process bytes from a connection.
+
+        :returns: sinks left over their limit under the WAIT policy; the driver
+            should stop reading ``conn_id`` until they drain.
+        """
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.closed:
+            return []
+        self.congested = congested = []
+        conn.last_rx = now
+        conn.bytes_in += len(data)
+        try:
+            frames = conn.decoder.feed(data)
+        except FrameTooLargeError as exc:
+            self._fail(conn, ErrorCode.FRAME_TOO_LARGE, str(exc))
+            return []
+        conn.frames_in += len(frames)
+        for frame in frames:
+            if conn.closed:
+                break
+            try:
+                d = decode_frame(frame[4:])
+                if d["t"] == "pub" and conn.kind in _ROUTING:
+                    self._on_publish(conn, frame, d)
+                else:
+                    self._on_control(conn, d, now)
+            except UnknownMessageTypeError as exc:
+                # Kept open: newer peers may send types this version does not know.
+                self._error(conn, ErrorCode.UNKNOWN_TYPE, str(exc))
+            except ProtocolError as exc:
+                if conn.kind in (ConnKind.PENDING, ConnKind.DIALING):
+                    self._fail(conn, exc.code, str(exc))
+                    break
+                self._strike(conn, exc, now)
+        return congested
+
+    def _strike(self, conn: _Conn, exc: ProtocolError, now: float) -> None:
+        self.drops["malformed"] += 1
+        conn.drops["malformed"] += 1
+        strikes = conn.strikes
+        strikes.append(now)
+        while strikes and now - strikes[0] > MALFORMED_WINDOW:
+            strikes.popleft()
+        if len(strikes) >= MALFORMED_STRIKES:
+            self._fail(conn, exc.code, f"{exc} (too many malformed frames)")
+        else:
+            self._error(conn, exc.code, str(exc))
+
+    def _on_control(self, conn: _Conn, d: dict[str, Any], now: float) -> None:
+        if conn.kind is ConnKind.PENDING:
+            if d["t"] != "hello":
+                self.refused += 1
+                self._fail(conn, ErrorCode.UNAUTHENTICATED, "the first frame must be a hello")
+                return
+            self._on_hello(conn, decode_message(d, self.limits), now)  # type: ignore[arg-type]
+            return
+        msg = decode_message(d, self.limits)
+        if conn.kind is ConnKind.DIALING:
+            if isinstance(msg, HelloAck):
+                self._link_up(conn, msg.node_id)
+            elif isinstance(msg, Error):
+                log.warning("link conn %d refused by peer: %s: %s", conn.id, msg.code, msg.message)
+                conn.sink.close(None, "refused by peer")
+            else:
+                self._fail(conn, ErrorCode.UNAUTHENTICATED, "expected hello_ack")
+            return
+        if isinstance(msg, Subscribe):
+            self._on_subscribe(conn, msg)
+        elif isinstance(msg, Unsubscribe):
+            self._on_unsubscribe(conn, msg)
+        elif isinstance(msg, Ping):
+            self._write(conn, encode_frame(Pong(nonce=msg.nonce)))
+        elif isinstance(msg, RouteUpdate):
+            if conn.kind is not ConnKind.PEER:
+                raise MalformedFrameError("route updates are only accepted on links", field="t")
+            self._send_updates(self.table.apply_update(conn.id, msg))
+        elif isinstance(msg, Error):
+            log.info("conn %d reported %s: %s", conn.id, msg.code, msg.message)
+        elif msg.TYPE in ("pong", "sub_ack"):
+            pass
+        elif isinstance(msg, Hello | HelloAck):
+            raise MalformedFrameError("hello after the handshake", field="t")
+
+    def _on_hello(self, conn: _Conn, hello: Hello, now: float) -> None:
+        try:
+            identity = self._verify(hello.token, now)
+            if hello.role == "app":
+                assert hello.name is not None
+                self._check_name(identity, hello.name)
+        except AuthenticationError as exc:
+            self.refused += 1
+            log.info("conn %d refused: %s", conn.id, exc)
+            code = (ErrorCode.FORBIDDEN_SOURCE if exc.reason == "forbidden_source"
+                    else ErrorCode.UNAUTHENTICATED)
+            self._fail(conn, code, exc.reason)
+            return
+        conn.identity = identity
+        conn.deadline = None
+        conn.decoder.max_frame_size = self.limits.max_frame_size
+        self.accepted += 1
+        if hello.role == "peer":
+            assert hello.node_id is not None
+            if hello.node_id == self.node_id:
+                self._fail(conn, ErrorCode.UNAUTHENTICATED, "a node cannot link to itself")
+                return
+            self._write(conn, encode_frame(HelloAck(
+                conn_id=conn.id, node_id=self.node_id, max_frame_size=self.limits.max_frame_size)))
+            self._link_up(conn, hello.node_id)
+            return
+        assert hello.name is not None
+        conn.kind = ConnKind.APP
+        conn.name = hello.name
+        conn.name_wire = hello.name.to_wire()
+        self._write(conn, encode_frame(HelloAck(
+            conn_id=conn.id, node_id=self.node_id, max_frame_size=self.limits.max_frame_size)))
+        # Unicast and anycast to the app work from the first moment.
+        conn.subscriptions += 1
+        self._send_updates(self.table.subscribe(hello.name, conn.id))
+
+    def _verify(self, token: str, now: float) -> Identity:
+        if self.verifier is None:
+            return parse_unverified(token)
+        return self.verifier.verify(token, now=now)
+
+    def _check_name(self, identity: Identity, name: Name) -> None:
+        if self.verifier is None:
+            return  # development mode: no secret configured, names are trusted
+        bound = identity.claims.get("name")
+        if bound is not None:
+            if bound != str(name):
+                raise AuthenticationError("forbidden_source", detail=f"token is bound to {bound}")
+        elif name.id != instance_id_for(identity.subject):
+            raise AuthenticationError("forbidden_source",
+                                      detail="instance id does not match the token subject")
+
+    def _link_up(self, conn: _Conn, peer_node: str) -> None:
+        conn.kind = ConnKind.PEER
+        conn.peer_node = peer_node
+        conn.deadline = None
+        conn.next_ping = conn.last_rx + self.limits.keepalive
+        conn.decoder.max_frame_size = self.limits.max_frame_size
+        log.info("link to %s (conn %d) is up", peer_node, conn.id)
+        full = self.table.add_link(conn.id, peer_node)
+        self._write(conn, encode_frame(full))
+
+    def _on_subscribe(self, conn: _Conn, msg: Subscribe) -> None:
+        if conn.kind is not ConnKind.APP:
+            raise MalformedFrameError("subscriptions come from apps; links send route updates")
+        if conn.subscriptions >= self.limits.max_subscriptions:
+            self._ack(conn, msg.request_id, ok=False, code=ErrorCode.LIMIT_EXCEEDED,
+                      message=f"at most {self.limits.max_subscriptions} subscriptions")
+            return
+        conn.subscriptions += 1
+        self._send_updates(self.table.subscribe(msg.name, conn.id))
+        self._ack(conn, msg.request_id)
+
+    def _on_unsubscribe(self, conn: _Conn, msg: Unsubscribe) -> None:
+        if conn.kind is not ConnKind.APP:
+            raise MalformedFrameError("subscriptions come from apps; links send route updates")
+        existed, updates = self.table.unsubscribe(msg.name, conn.id)
+        if existed:
+            conn.subscriptions -= 1
+        self._send_updates(updates)
+        self._ack(conn, msg.request_id, ok=existed,
+                  code=None if existed else "not_subscribed",
+                  message=None if existed else f"{msg.name} is not subscribed here")
+
+    def _ack(self, conn: _Conn, rid: int, *, ok: bool = True, code: str | None = None,
+             message: str | None = None) -> None:
+        if rid:
+            self._write(conn, encode_frame(SubscribeAck(request_id=rid, ok=ok, code=code,
+                                                        message=message)))
+
+    # -- publish ---------------------------------------------------------------------
+
+    def _on_publish(self, conn: _Conn, frame: memoryview, d: dict[str, Any]) -> None:
+        check_publish(d, self.limits)
+        dst = d["dst"]
+        service = (dst[0], dst[1], dst[2])
+        if conn.kind is ConnKind.APP:
+            if d["src"] != conn.name_wire:
+                self.drops["forbidden_source"] += 1
+                self._error(conn, ErrorCode.FORBIDDEN_SOURCE,
+                            f"this connection may only send as {conn.name}",
+                            ref=d.get("mid"), session_id=d.get("sid"))
+                return
+            origins = None
+        else:
+            origins = d.get("orig")
+        if d["fan"] == 1:
+            target = self.table.match_one_key(service, dst[3], conn.id)
+            if target is None:
+                self._no_route(conn, d)
+                return
+            self._forward(conn, target, frame, d, None)
+            return
+        targets = self.table.match_all_key(service, dst[3], conn.id, origins)
+        if not targets:
+            self._no_route(conn, d)
+            return
+        for target, served in targets.items():
+            self._forward(conn, target, frame, d, served)
+
+    def _forward(self, src: _Conn, target_id: int, frame: memoryview, d: dict[str, Any],
+                 served: list[str] | None) -> None:
+        target = self._conns.get(target_id)
+        if target is None:
+            return
+        if target.kind is ConnKind.PEER:
+            ttl = d["ttl"] - (1 if src.kind is ConnKind.PEER else 0)
+            if ttl <= 0:
+                self.drops["ttl_expired"] += 1
+                return
+            out = dict(d)
+            out["ttl"] = ttl
+            if d["fan"] != 1:
+                out["orig"] = served or []
+            body = msgpack.packb(out, use_bin_type=True)
+            self._deliver(src, target, frame_prefix(len(body)) + body)
+        else:
+            self._deliver(src, target, frame)
+
+    def _deliver(self, src: _Conn, target: _Conn, data: bytes | memoryview) -> None:
+        sink = target.sink
+        if (sink.pending_bytes >= self.limits.max_pending_bytes
+                or sink.pending_frames >= self.limits.max_pending_frames):
+            policy = self.limits.slow_consumer
+            if policy is SlowConsumerPolicy.WAIT and src.kind is ConnKind.APP \
+                    and target.kind is ConnKind.APP:
+                if sink not in self.congested:
+                    self.congested.append(sink)
+            elif policy is SlowConsumerPolicy.DISCONNECT and target.kind is ConnKind.APP:
+                self._fail(target, ErrorCode.SLOW_CONSUMER, "outbound backlog is full")
+                return
+            else:
+                self.drops["queue_full"] += 1
+                target.drops["queue_full"] += 1
+                return
+        target.frames_out += 1
+        target.bytes_out += len(data)
+        sink.write(data)
+
+    def _no_route(self, conn: _Conn, d: dict[str, Any]) -> None:
+        self.drops["no_route"] += 1
+        if conn.kind is not ConnKind.APP or d.get("err"):
+            return  # an intermediate node drops silently, as upstream
+        dst = d["dst"]
+        self._error(conn, ErrorCode.NO_ROUTE, f"no matching found for {Name(*dst)}",
+                    ref=d.get("mid"), name=Name(*dst), session_id=d.get("sid"))
+
+    # -- output helpers --------------------------------------------------------------
+
+    def _write(self, conn: _Conn, data: bytes) -> None:
+        if not conn.closed:
+            conn.frames_out += 1
+            conn.bytes_out += len(data)
+            conn.sink.write(data)
+
+    def _error(self, conn: _Conn, code: str, message: str, *, ref: int | None = None,
+               name: Name | None = None, session_id: int | None = None) -> None:
+        self.errors_sent[str(code)] += 1
+        self._write(conn, encode_frame(Error(code=str(code), message=message, ref=ref,
+                                             name=name, session_id=session_id)))
+
+    def _fail(self, conn: _Conn, code: str, message: str) -> None:
+        """Send an error and close the connection after it is flushed."""
+        if conn.closed:
+            return
+        self._error(conn, code, message)
+        conn.closed = True
+        conn.sink.close(str(code), message)
+
+    def _send_updates(self, updates: dict[int, RouteUpdate]) -> None:
+        for link, update in updates.items():
+            conn = self._conns.get(link)
+            if conn is not None:
+                self._write(conn, encode_frame(update))
+
+    # -- operations and introspection ------------------------------------------------
+
+    def close_connection(self, conn_id: int, code: str, message: str) -> None:
+        conn = self._conns.get(conn_id)
+        if conn is not None:
+            self._fail(conn, code, message)
+
+    def set_route(self, name: Name, conn_id: int) -> None:
+        if conn_id not in self._conns:
+            raise KeyError(f"no connection {conn_id}")
+        self.table.set_route(name, conn_id)
+
+    def remove_route(self, name: Name, conn_id: int) -> bool:
+        return self.table.remove_route(name, conn_id)
+
+    def connection_kind(self, conn_id: int) -> ConnKind | None:
+        conn = self._conns.get(conn_id)
+        return conn.kind if conn else None
+
+    def peer_of(self, conn_id: int) -> str | None:
+        conn = self._conns.get(conn_id)
+        return conn.peer_node if conn else None
+
+    def connection_ids(self, kind: ConnKind | None = None) -> list[int]:
+        return [c.id for c in self._conns.values() if kind is None or c.kind is kind]
+
+    def connection_statistics(self, conn_id: int) -> ConnectionStatistics:
+        c = self._conns[conn_id]
+        return ConnectionStatistics(
+            conn_id=c.id, kind=c.kind.value, name=str(c.name) if c.name else None,
+            peer_node=c.peer_node, subject=c.identity.subject if c.identity else None,
+            subscriptions=c.subscriptions, frames_in=c.frames_in, bytes_in=c.bytes_in,
+            frames_out=c.frames_out, bytes_out=c.bytes_out,
+            pending_bytes=c.sink.pending_bytes, pending_frames=c.sink.pending_frames,
+            drops=dict(c.drops),
+        )
+
+    def all_statistics(self) -> Iterable[ConnectionStatistics]:
+        return [self.connection_statistics(i) for i in list(self._conns)]

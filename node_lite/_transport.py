@@ -1,0 +1,198 @@
+# The one anyio layer under the sans-IO cores: a coalescing outbox per
+# connection, an in-memory byte stream for in-process connections, and the
+# per-backend read settings measured on this project's machine.
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import anyio
+from anyio.abc import ByteStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+# asyncio hands over up to 256 KiB per transport read and copies when a read
+# splits a chunk, so read it whole; trio pays for large recv buffers (mmap),
+# so read at most 64 KiB there.
+_ASYNCIO_READ = 256 * 1024
+_TRIO_READ = 64 * 1024
+# Chunks buffered in one direction of an in-memory stream (each is one coalesced write).
+_MEMORY_CHUNKS = 16
+
+
+def read_size(stream: Any) -> int:
+    """Bytes to ask for per ``receive()`` on this stream's backend."""
+    inner = getattr(stream, "transport_stream", stream)
+    return _TRIO_READ if "_trio" in type(inner).__module__ else _ASYNCIO_READ
+
+
+def pause_reading(stream: Any) -> None:
+    """Stop an accepted asyncio stream from reading ahead without bound.
+
+    anyio's asyncio backend resumes the transport only while ``receive()``
+    waits, but an accepted transport starts out reading: a fast sender could
+    make this process buffer without limit. Pausing it once restores the rule
+    "read only when asked". trio streams read only when asked already.
+    """
+    inner = getattr(stream, "transport_stream", stream)
+    transport = getattr(inner, "_transport", None)
+    if transport is not None and hasattr(transport, "pause_reading"):
+        try:
+            transport.pause_reading()
+        except RuntimeError:  # already closing
+            pass
+
+
+class Outbox:
+    """Bounded outbound queue of one connection, written by one task that coalesces.
+
+    :meth:`write` never blocks; everything queued is joined into one
+    ``send()`` because each anyio send costs a scheduler round trip. A send
+    that makes no progress within ``write_deadline`` marks the consumer slow
+    and ends the writer.
+    """
+
+    def __init__(self, stream: ByteStream, *, write_deadline: float = math.inf,
+                 low_water: int = 256 * 1024) -> None:
+        self._stream = stream
+        self._buf: list[bytes | memoryview] = []
+        self._bytes = 0
+        self._frames = 0
+        self._inflight = 0
+        self._wake: anyio.Event | None = None
+        self._drained: anyio.Event | None = None
+        self._write_deadline = write_deadline
+        self._low_water = low_water
+        self.closing = False
+        self.close_reason: str | None = None
+        self.close_code: str | None = None
+        self.failed: str | None = None  # why the writer stopped early
+        self.writes = 0
+        self.frames_written = 0
+        self.bytes_written = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes + self._inflight
+
+    @property
+    def pending_frames(self) -> int:
+        return self._frames
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closing or self.failed is not None
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.closing or self.failed is not None:
+            return
+        self._buf.append(data)
+        self._bytes += len(data)
+        self._frames += 1
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+    def close(self, code: str | None = None, message: str = "") -> None:
+        """Stop accepting frames; the writer flushes what is queued, then ends."""
+        if not self.closing:
+            self.closing = True
+            self.close_code = code
+            self.close_reason = message
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.set()
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.set()
+
+    async def wait_drained(self) -> None:
+        """Return once the backlog is under the low-water mark or the outbox is closed."""
+        while self.pending_bytes > self._low_water and not self.is_closed:
+            if self._drained is None:
+                self._drained = anyio.Event()
+            await self._drained.wait()
+
+    async def run(self) -> None:
+        """The writer task; returns after :meth:`close` and a final flush, or on failure."""
+        stream = self._stream
+        try:
+            while True:
+                if not self._buf:
+                    if self.closing:
+                        return
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                buf = self._buf
+                data = buf[0] if len(buf) == 1 else b"".join(buf)
+                self.frames_written += self._frames
+                self._buf = []
+                self._inflight = len(data)
+                self._bytes = self._frames = 0
+                with anyio.move_on_after(self._write_deadline) as scope:
+                    await stream.send(data)
+                if scope.cancelled_caught:
+                    self.failed = "slow_consumer"
+                    return
+                self.writes += 1
+                self.bytes_written += self._inflight
+                self._inflight = 0
+                drained = self._drained
+                if drained is not None and self.pending_bytes <= self._low_water:
+                    self._drained = None
+                    drained.set()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self.failed = f"write failed: {type(exc).__name__}"
+        finally:
+            self._buf = []
+            self._bytes = self._frames = self._inflight = 0
+            self._wake_all()
+
+
+class MemoryByteStream(ByteStream):
+    """One end of an in-process byte stream pair (see :func:`memory_stream_pair`)."""
+
+    def __init__(self, send: MemoryObjectSendStream[bytes],
+                 receive: MemoryObjectReceiveStream[bytes]) -> None:
+        self._send = send
+        self._receive = receive
+        self._leftover: deque[bytes] = deque()
+        self._send_closed = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._leftover:
+            chunk = self._leftover.popleft()
+            await anyio.lowlevel.checkpoint()
+        else:
+            chunk = await self._receive.receive()
+        if len(chunk) > max_bytes:
+            self._leftover.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        return chunk
+
+    async def send(self, item: bytes) -> None:
+        if self._send_closed:
+            raise anyio.ClosedResourceError
+        await self._send.send(bytes(item))
+
+    async def send_eof(self) -> None:
+        self._send_closed = True
+        self._send.close()
+
+    async def aclose(self) -> None:
+        self._send_closed = True
+        self._send.close()
+        self._receive.close()
+
+
+def memory_stream_pair(max_chunks: int = _MEMORY_CHUNKS) -> tuple[MemoryByteStream,
+                                                                  MemoryByteStream]:
+    """Two connected in-process byte streams; each direction holds ``max_chunks`` writes."""
+    a_send, b_receive = anyio.create_memory_object_stream[bytes](max_chunks)
+    b_send, a_receive = anyio.create_memory_object_stream[bytes](max_chunks)
+    return MemoryByteStream(a_send, a_receive), MemoryByteStream(b_send, b_receive)

@@ -1,0 +1,659 @@
+"""The node_lite wire format (sans-IO).
+
+A frame is a 4-byte big-endian length followed by one msgpack map. Every map
+carries ``v`` (protocol version) and ``t`` (type tag). Invariants:
+
+* a length prefix is checked against ``max_frame_size`` before any buffering;
+* a frame is decoded only when it is complete, by ``msgpack.unpackb`` whose
+  container limits derive from the frame length; ext types are refused;
+* every decoded map is checked against the schema of its type; a violation is
+  a :class:`~node_lite.ProtocolError` subclass carrying the wire error code.
+
+This module never does I/O and never reads the clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeAlias
+
+import msgpack
+
+from ._errors import (
+    FrameTooLargeError,
+    LimitExceededError,
+    MalformedFrameError,
+    ProtocolError,
+    UnknownMessageTypeError,
+    UnsupportedVersionError,
+)
+from ._limits import Limits
+from ._names import MAX_ID, Name
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Error",
+    "ErrorCode",
+    "FrameDecoder",
+    "Hello",
+    "HelloAck",
+    "Message",
+    "MessageKind",
+    "Ping",
+    "Pong",
+    "Publish",
+    "RouteAdvert",
+    "RouteUpdate",
+    "SessionType",
+    "Subscribe",
+    "SubscribeAck",
+    "Unsubscribe",
+    "decode_frame",
+    "decode_message",
+    "encode",
+    "encode_frame",
+    "frame_prefix",
+]
+
+PROTOCOL_VERSION = 1
+_PREFIX = struct.Struct(">I")
+frame_prefix = _PREFIX.pack
+_DEFAULT_LIMITS = Limits()
+_U32 = 0xFFFF_FFFF
+
+
+class SessionType(enum.IntEnum):
+    """Session type carried in a publish header (``st``)."""
+
+    UNSPECIFIED = 0
+    POINT_TO_POINT = 1
+    GROUP = 2
+
+
+class MessageKind(enum.IntEnum):
+    """Session message type carried in a publish header (``k``).
+
+    The node never interprets it; sessions and traces do.
+    """
+
+    UNSPECIFIED = 0
+    MSG = 1
+    MSG_ACK = 2
+    RTX_REQUEST = 3
+    RTX_REPLY = 4
+    DISCOVERY_REQUEST = 5
+    DISCOVERY_REPLY = 6
+    JOIN_REQUEST = 7
+    JOIN_REPLY = 8
+    LEAVE_REQUEST = 9
+    LEAVE_REPLY = 10
+    GROUP_UPDATE = 11
+    GROUP_WELCOME = 12
+    GROUP_CLOSE = 13
+    GROUP_PROPOSAL = 14
+    GROUP_ACK = 15
+    GROUP_NACK = 16
+    HEARTBEAT = 17
+
+
+class ErrorCode(enum.StrEnum):
+    """Codes carried by error frames."""
+
+    FRAME_TOO_LARGE = "frame_too_large"
+    MALFORMED = "malformed"
+    UNKNOWN_TYPE = "unknown_type"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN_SOURCE = "forbidden_source"
+    FORBIDDEN_SUBSCRIBE = "forbidden_subscribe"
+    RATE_LIMITED = "rate_limited"
+    SLOW_CONSUMER = "slow_consumer"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    NO_ROUTE = "no_route"
+    TTL_EXPIRED = "ttl_expired"
+    SHUTTING_DOWN = "shutting_down"
+
+
+# -- field checks -----------------------------------------------------------------------
+# Each returns the checked value or raises MalformedFrameError/LimitExceededError.
+
+
+def _int(d: Mapping[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
+    value = d.get(key, default)
+    if type(value) is not int or not lo <= value <= hi:
+        raise MalformedFrameError(f"expected an integer in [{lo}, {hi}], got {value!r}", field=key)
+    return value
+
+
+def _bool(d: Mapping[str, Any], key: str, default: bool = False) -> bool:
+    value = d.get(key, default)
+    if type(value) is not bool:
+        raise MalformedFrameError(f"expected a boolean, got {value!r}", field=key)
+    return value
+
+
+def _text(value: object, key: str, limit: int, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if type(value) is not str:
+        raise MalformedFrameError(f"expected a string, got {type(value).__name__}", field=key)
+    if len(value) > limit or (not value.isascii() and len(value.encode()) > limit):
+        raise LimitExceededError(f"field {key!r}", limit, len(value.encode()))
+    return value
+
+
+def _name(value: object, key: str, limits: Limits, *, wildcard: bool) -> Name:
+    if type(value) is not list or len(value) != 4:
+        raise MalformedFrameError("expected [org, ns, app, id]", field=key)
+    org, ns, app, id_ = value
+    for part in (org, ns, app):
+        _text(part, key, limits.max_name_component)
+        if not part or "/" in part:
+            raise MalformedFrameError(f"invalid name component {part!r}", field=key)
+    if id_ is None:
+        if not wildcard:
+            raise MalformedFrameError("a full name with an instance id is required", field=key)
+    elif type(id_) is not int or not 0 <= id_ <= MAX_ID:
+        raise MalformedFrameError(f"invalid instance id {id_!r}", field=key)
+    return Name(org, ns, app, id_)
+
+
+def _metadata(value: object, limits: Limits) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if type(value) is not dict:
+        raise MalformedFrameError("expected a map of strings", field="meta")
+    if len(value) > limits.max_metadata_entries:
+        raise LimitExceededError("metadata entries", limits.max_metadata_entries, len(value))
+    for k, v in value.items():
+        _text(k, "meta", limits.max_name_component)
+        _text(v, "meta", limits.max_metadata_value)
+    return value
+
+
+def _bytes(d: Mapping[str, Any], key: str) -> bytes:
+    value = d.get(key, b"")
+    if type(value) is not bytes:
+        raise MalformedFrameError(f"expected binary data, got {type(value).__name__}", field=key)
+    return value
+
+
+def _node_id(value: object, key: str, limits: Limits) -> str:
+    text = _text(value, key, limits.max_name_component)
+    assert text is not None
+    if not text:
+        raise MalformedFrameError("empty node id", field=key)
+    return text
+
+
+# -- messages ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hello:
+    """First frame on every connection: who is connecting and its identity token.
+
+    ``role`` is ``"app"`` for an application (``name`` is its full name) or
+    ``"peer"`` for another node (``node_id`` names it).
+    """
+
+    TYPE: ClassVar[str] = "hello"
+    token: str
+    role: str = "app"
+    name: Name | None = None
+    node_id: str | None = None
+    caps: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": self.TYPE, "role": self.role,
+                             "tok": self.token}
+        if self.name is not None:
+            d["name"] = self.name.to_wire()
+        if self.node_id is not None:
+            d["node"] = self.node_id
+        if self.caps:
+            d["caps"] = self.caps
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Hello:
+        role = d.get("role")
+        tok = _text(d.get("tok"), "tok", limits.max_token_size)
+        assert tok is not None
+        caps = d.get("caps", {})
+        if type(caps) is not dict or len(caps) > limits.max_metadata_entries:
+            raise MalformedFrameError("expected a small map", field="caps")
+        for k, v in caps.items():
+            _text(k, "caps", limits.max_name_component)
+            if type(v) not in (str, int, bool) and v is not None:
+                raise MalformedFrameError("capability values are scalars", field="caps")
+        if role == "app":
+            return cls(token=tok, role=role,
+                       name=_name(d.get("name"), "name", limits, wildcard=False), caps=caps)
+        if role == "peer":
+            return cls(token=tok, role=role, node_id=_node_id(d.get("node"), "node", limits),
+                       caps=caps)
+        raise MalformedFrameError(f"unknown role {role!r}", field="role")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HelloAck:
+    """The node accepted a hello; ``conn_id`` identifies the connection in its statistics."""
+
+    TYPE: ClassVar[str] = "hello_ack"
+    conn_id: int
+    node_id: str
+    max_frame_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "conn": self.conn_id,
+                "node": self.node_id, "mfs": self.max_frame_size}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> HelloAck:
+        return cls(conn_id=_int(d, "conn", 0, 1 << 63),
+                   node_id=_node_id(d.get("node"), "node", limits),
+                   max_frame_size=_int(d, "mfs", 1, 1 << 31))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Subscribe:
+    """Ask the node to route ``name`` to this connection.
+
+    A non-zero ``request_id`` asks for a :class:`SubscribeAck`.
+    """
+
+    TYPE: ClassVar[str] = "sub"
+    name: Name
+    request_id: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "name": self.name.to_wire(),
+                "rid": self.request_id}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Subscribe:
+        return cls(name=_name(d.get("name"), "name", limits, wildcard=True),
+                   request_id=_int(d, "rid", 0, _U32, 0))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Unsubscribe:
+    """Withdraw a subscription made by :class:`Subscribe`."""
+
+    TYPE: ClassVar[str] = "unsub"
+    name: Name
+    request_id: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "name": self.name.to_wire(),
+                "rid": self.request_id}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Unsubscribe:
+        return cls(name=_name(d.get("name"), "name", limits, wildcard=True),
+                   request_id=_int(d, "rid", 0, _U32, 0))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SubscribeAck:
+    """Outcome of a subscribe or unsubscribe that asked for one."""
+
+    TYPE: ClassVar[str] = "sub_ack"
+    request_id: int
+    ok: bool = True
+    code: str | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": self.TYPE, "rid": self.request_id,
+                             "ok": self.ok}
+        if self.code is not None:
+            d["code"] = self.code
+        if self.message is not None:
+            d["msg"] = self.message
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> SubscribeAck:
+        return cls(request_id=_int(d, "rid", 0, _U32), ok=_bool(d, "ok"),
+                   code=_text(d.get("code"), "code", 64, optional=True),
+                   message=_text(d.get("msg"), "msg", limits.max_metadata_value, optional=True))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Publish:
+    """A routed frame: source, destination, fan-out, session header and payload.
+
+    ``fanout == 1`` reaches one subscriber of ``destination`` (anycast when the
+    destination has no instance id, unicast otherwise); ``fanout > 1`` reaches
+    every subscriber (a channel). ``origins`` is set by nodes on links only.
+    """
+
+    TYPE: ClassVar[str] = "pub"
+    source: Name
+    destination: Name
+    fanout: int = 1
+    ttl: int = 8
+    session_id: int = 0
+    session_type: int = 0
+    kind: int = 0
+    message_id: int = 0
+    payload_type: str | None = None
+    metadata: dict[str, str] | None = None
+    identity: str | None = None
+    error: bool = False
+    origins: tuple[str, ...] | None = None
+    payload: bytes = b""
+
+    def to_dict(self) -> dict[str, Any]:
+        # Field order is part of the format: the routing header comes first.
+        d: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": "pub",
+                             "src": self.source.to_wire(), "dst": self.destination.to_wire(),
+                             "fan": self.fanout, "ttl": self.ttl, "sid": self.session_id,
+                             "st": self.session_type, "k": self.kind, "mid": self.message_id}
+        if self.payload_type is not None:
+            d["pt"] = self.payload_type
+        if self.metadata:
+            d["meta"] = self.metadata
+        if self.identity is not None:
+            d["id"] = self.identity
+        if self.error:
+            d["err"] = True
+        if self.origins is not None:
+            d["orig"] = list(self.origins)
+        d["body"] = self.payload
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Publish:
+        check_publish(d, limits)
+        orig = d.get("orig")
+        return cls(
+            source=Name(*d["src"]), destination=Name(*d["dst"]), fanout=d["fan"], ttl=d["ttl"],
+            session_id=d.get("sid", 0), session_type=d.get("st", 0), kind=d.get("k", 0),
+            message_id=d.get("mid", 0), payload_type=d.get("pt"), metadata=d.get("meta"),
+            identity=d.get("id"), error=d.get("err", False),
+            origins=tuple(orig) if orig is not None else None, payload=d.get("body", b""),
+        )
+
+
+def check_publish(d: Mapping[str, Any], limits: Limits) -> None:
+    """Validate a decoded publish map in place (the node's hot path uses the map)."""
+    _name(d.get("src"), "src", limits, wildcard=False)
+    _name(d.get("dst"), "dst", limits, wildcard=True)
+    _int(d, "fan", 1, _U32)
+    _int(d, "ttl", 0, 255)
+    _int(d, "sid", 0, _U32, 0)
+    _int(d, "st", 0, 255, 0)
+    _int(d, "k", 0, 255, 0)
+    _int(d, "mid", 0, _U32, 0)
+    _text(d.get("pt"), "pt", limits.max_name_component, optional=True)
+    _metadata(d.get("meta"), limits)
+    _text(d.get("id"), "id", limits.max_token_size, optional=True)
+    _bool(d, "err")
+    orig = d.get("orig")
+    if orig is not None:
+        if type(orig) is not list or len(orig) > 256:
+            raise MalformedFrameError("expected a list of node ids", field="orig")
+        for o in orig:
+            _node_id(o, "orig", limits)
+    _bytes(d, "body")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Error:
+    """An error reported by a node (or a peer) about an earlier frame or the connection.
+
+    ``ref`` is the request or message id concerned; ``name`` the name concerned
+    (the destination for ``no_route``); ``session_id`` the session of the frame.
+    """
+
+    TYPE: ClassVar[str] = "err"
+    code: str
+    message: str = ""
+    ref: int | None = None
+    name: Name | None = None
+    session_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": self.TYPE, "code": self.code,
+                             "msg": self.message}
+        if self.ref is not None:
+            d["ref"] = self.ref
+        if self.name is not None:
+            d["name"] = self.name.to_wire()
+        if self.session_id is not None:
+            d["sid"] = self.session_id
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Error:
+        code = _text(d.get("code"), "code", 64)
+        assert code is not None
+        msg = _text(d.get("msg", ""), "msg", limits.max_metadata_value)
+        assert msg is not None
+        name = d.get("name")
+        return cls(code=code, message=msg,
+                   ref=_int(d, "ref", 0, _U32) if "ref" in d else None,
+                   name=_name(name, "name", limits, wildcard=True) if name is not None else None,
+                   session_id=_int(d, "sid", 0, _U32) if "sid" in d else None)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Ping:
+    """Liveness probe; the receiver answers with a :class:`Pong` carrying the same nonce."""
+
+    TYPE: ClassVar[str] = "ping"
+    nonce: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "n": self.nonce}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Ping:
+        return cls(nonce=_int(d, "n", 0, (1 << 64) - 1, 0))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Pong:
+    """Answer to a :class:`Ping`."""
+
+    TYPE: ClassVar[str] = "pong"
+    nonce: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "n": self.nonce}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Pong:
+        return cls(nonce=_int(d, "n", 0, (1 << 64) - 1, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAdvert:
+    """One reachable name behind a link: ``path`` lists node ids, the origin first."""
+
+    name: Name
+    path: tuple[str, ...]
+
+    @property
+    def origin(self) -> str:
+        return self.path[0]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RouteUpdate:
+    """Subscription propagation between linked nodes.
+
+    ``full`` replaces everything the sender advertised before (sent when a link
+    comes up); otherwise ``add`` and ``remove`` are deltas. ``remove`` holds
+    ``(name, origin)`` pairs.
+    """
+
+    TYPE: ClassVar[str] = "routes"
+    full: bool = False
+    add: tuple[RouteAdvert, ...] = ()
+    remove: tuple[tuple[Name, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "full": self.full,
+                "add": [[a.name.to_wire(), list(a.path)] for a in self.add],
+                "del": [[n.to_wire(), o] for n, o in self.remove]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> RouteUpdate:
+        add_raw, del_raw = d.get("add", []), d.get("del", [])
+        if type(add_raw) is not list or type(del_raw) is not list:
+            raise MalformedFrameError("expected lists", field="add")
+        add = []
+        for item in add_raw:
+            if type(item) is not list or len(item) != 2 or type(item[1]) is not list \
+                    or not 1 <= len(item[1]) <= 255:
+                raise MalformedFrameError("expected [name, path]", field="add")
+            name = _name(item[0], "add", limits, wildcard=True)
+            add.append(RouteAdvert(name, tuple(_node_id(p, "add", limits) for p in item[1])))
+        remove = []
+        for item in del_raw:
+            if type(item) is not list or len(item) != 2:
+                raise MalformedFrameError("expected [name, origin]", field="del")
+            remove.append((_name(item[0], "del", limits, wildcard=True),
+                           _node_id(item[1], "del", limits)))
+        return cls(full=_bool(d, "full"), add=tuple(add), remove=tuple(remove))
+
+
+Message: TypeAlias = (
+    Hello | HelloAck | Subscribe | Unsubscribe | SubscribeAck | Publish | Error | Ping | Pong
+    | RouteUpdate
+)
+
+_TYPES: dict[str, Any] = {
+    cls.TYPE: cls
+    for cls in (Hello, HelloAck, Subscribe, Unsubscribe, SubscribeAck, Publish, Error, Ping,
+                Pong, RouteUpdate)
+}
+
+
+# -- codec ------------------------------------------------------------------------------
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise MalformedFrameError(f"ext type {code} is not allowed")
+
+
+def decode_frame(body: bytes | memoryview) -> dict[str, Any]:
+    """Decode one frame body (without its length prefix) into a checked envelope map.
+
+    Checks the version and that the type tag is a string; the fields of the
+    type are checked by :func:`decode_message` (or by the node's hot path).
+
+    :raises ProtocolError: on any violation.
+    """
+    try:
+        d = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack signals bad input with several types
+        raise MalformedFrameError(str(exc) or type(exc).__name__) from exc
+    if type(d) is not dict:
+        raise MalformedFrameError("a frame holds a map")
+    version = d.get("v")
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise UnsupportedVersionError(version)
+    if type(d.get("t")) is not str:
+        raise MalformedFrameError("missing type tag", field="t")
+    return d
+
+
+def decode_message(d: Mapping[str, Any], limits: Limits = _DEFAULT_LIMITS) -> Message:
+    """Turn a decoded envelope map into its typed message.
+
+    :raises UnknownMessageTypeError: for a type tag this version does not know.
+    :raises ProtocolError: when fields violate the schema or the limits.
+    """
+    cls = _TYPES.get(d["t"])
+    if cls is None:
+        raise UnknownMessageTypeError(d["t"])
+    message: Message = cls.from_dict(d, limits)
+    return message
+
+
+def encode(message: Message) -> bytes:
+    """Encode a message as a frame body (no length prefix)."""
+    return msgpack.packb(message.to_dict(), use_bin_type=True)
+
+
+def encode_frame(message: Message | Mapping[str, Any]) -> bytes:
+    """Encode a message, or an envelope map, as a complete frame with its length prefix."""
+    d = message if isinstance(message, Mapping) else message.to_dict()
+    body = msgpack.packb(d, use_bin_type=True)
+    return _PREFIX.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Split a byte stream, in any chunking, into complete frames.
+
+    :meth:`feed` returns whole frames *including* their 4-byte prefix so that a
+    relay can forward them unchanged; ``frame[4:]`` is the msgpack body. The
+    returned objects are read-only views of immutable buffers.
+    """
+
+    __slots__ = ("_chunks", "_have", "_need", "max_frame_size")
+
+    def __init__(self, max_frame_size: int = _DEFAULT_LIMITS.max_frame_size) -> None:
+        self.max_frame_size = max_frame_size
+        self._chunks: list[bytes] = []  # an incomplete frame, in pieces
+        self._have = 0
+        self._need = 0  # total size of the incomplete frame, once its prefix is known
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame."""
+        return self._have
+
+    def feed(self, data: bytes) -> list[memoryview]:
+        """Add received bytes; return every frame they complete.
+
+        :raises FrameTooLargeError: as soon as a prefix announces too large a frame.
+        """
+        if self._chunks:
+            self._chunks.append(data)
+            self._have += len(data)
+            if self._need == 0 and self._have >= 4:
+                self._need = self._frame_size(b"".join(self._chunks)[:4], 0)
+            if self._need == 0 or self._have < self._need:
+                return []
+            data = b"".join(self._chunks)
+            self._chunks = []
+            self._have = self._need = 0
+        frames: list[memoryview] = []
+        view = memoryview(data)
+        size = len(data)
+        pos = 0
+        limit = self.max_frame_size
+        unpack_from = _PREFIX.unpack_from
+        while size - pos >= 4:
+            length = unpack_from(data, pos)[0]
+            if length > limit:
+                raise FrameTooLargeError(length, limit)
+            end = pos + 4 + length
+            if end > size:
+                self._need = end - pos
+                break
+            frames.append(view[pos:end])
+            pos = end
+        if pos < size:
+            rest = data[pos:]
+            self._chunks = [rest]
+            self._have = len(rest)
+            self._need = self._frame_size(rest, 0) if len(rest) >= 4 else 0
+        return frames
+
+    def _frame_size(self, head: bytes, pos: int) -> int:
+        length: int = _PREFIX.unpack_from(head, pos)[0]
+        if length > self.max_frame_size:
+            raise FrameTooLargeError(length, self.max_frame_size)
+        return length + 4
