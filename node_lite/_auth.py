@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import string
 import time
@@ -70,7 +71,13 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _unb64(text: str) -> bytes:
+    # Strict: one spelling per value (the stdlib decoder skips stray characters).
+    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -168,7 +175,11 @@ class SharedSecretVerifier:
             ts = int(ts_text)
         except (ValueError, binascii.Error) as exc:
             raise AuthenticationError("malformed", detail=str(exc)) from exc
-        expected = hmac.new(self._key, signed.encode(), hashlib.sha256).digest()
+        try:
+            signed_bytes = signed.encode()
+        except UnicodeEncodeError as exc:
+            raise AuthenticationError("malformed", detail="token is not valid text") from exc
+        expected = hmac.new(self._key, signed_bytes, hashlib.sha256).digest()
         if not hmac.compare_digest(mac, expected):
             raise AuthenticationError("bad_signature", detail="token MAC does not verify")
         if ts > now + self.clock_skew:
@@ -177,7 +188,7 @@ class SharedSecretVerifier:
             raise AuthenticationError("token_time", detail="expired")
         try:
             claims = json.loads(_unb64(claims_text)) if claims_text else {}
-        except (ValueError, binascii.Error) as exc:
+        except (ValueError, binascii.Error, RecursionError) as exc:
             raise AuthenticationError("malformed", detail="claims are not JSON") from exc
         if not isinstance(claims, dict):
             raise AuthenticationError("malformed", detail="claims are not an object")
@@ -193,7 +204,7 @@ class SharedSecretVerifier:
             self._seen[key] = ts + self.validity
             while len(self._seen) > self._replay_capacity:
                 oldest_key, expiry = next(iter(self._seen.items()))
-                if expiry > now and len(self._seen) <= 2 * self._replay_capacity:
+                if expiry >= now and len(self._seen) <= 2 * self._replay_capacity:
                     # Evicting a live entry would reopen a replay window: refuse instead.
                     del self._seen[key]
                     raise AuthenticationError("replay_cache_full", detail="too many new tokens")
@@ -214,7 +225,7 @@ def parse_unverified(token: str) -> Identity:
     try:
         claims = json.loads(_unb64(parts[3])) if parts[3] else {}
         ts = float(int(parts[1]))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         claims, ts = {}, 0.0
     return Identity(subject=parts[0], issued_at=ts, expires_at=float("inf"),
                     claims=claims if isinstance(claims, dict) else {}, token=token)

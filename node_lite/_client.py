@@ -23,6 +23,7 @@ from ._errors import (
 from ._limits import Limits
 from ._names import Name
 from ._transport import Outbox, read_size
+from ._util import collapse_excgroups
 from .wire import (
     Error,
     FrameDecoder,
@@ -127,8 +128,7 @@ class NodeConnection:
         self._outbox.close()
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(1.0):
-                while self._outbox.pending_bytes and self._outbox.failed is None:
-                    await self._outbox.wait_drained()
+                await self._outbox.wait_finished()
             await anyio.aclose_forcefully(self._stream)
 
 
@@ -190,14 +190,15 @@ async def open_connection(
     stream = await _open_stream(target, tls)
     limits = limits or Limits()
     try:
-        async with anyio.create_task_group() as tg:
-            conn = NodeConnection(stream, tg, limits=limits)
-            try:
-                await handshake(conn, Hello(token=token, name=name), timeout=hello_timeout)
-                yield conn
-            finally:
-                await conn.aclose()
-                tg.cancel_scope.cancel()
+        with collapse_excgroups():
+            async with anyio.create_task_group() as tg:
+                conn = NodeConnection(stream, tg, limits=limits)
+                try:
+                    await handshake(conn, Hello(token=token, name=name), timeout=hello_timeout)
+                    yield conn
+                finally:
+                    await conn.aclose()
+                    tg.cancel_scope.cancel()
     except BaseException:
         with anyio.CancelScope(shield=True):
             await anyio.aclose_forcefully(stream)

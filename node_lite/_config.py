@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import ssl
@@ -30,8 +31,8 @@ def parse_duration(value: object, where: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected a duration, got {value!r}")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ConfigError(f"{where}: a duration cannot be negative")
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{where}: a duration must be finite and not negative")
         return float(value)
     if isinstance(value, str):
         m = _DURATION.match(value)
@@ -318,6 +319,7 @@ def config_from_mapping(doc: object) -> NodeConfig:
         endpoint = c.get("endpoint")
         if not isinstance(endpoint, str):
             raise ConfigError(f"{w}.endpoint: required")
+        split_endpoint(endpoint, f"{w}.endpoint")
         ctl_clients.append(ClientConfig(endpoint=endpoint, tls=_tls(c.get("tls"), f"{w}.tls")))
     token_provider = _map(controller.get("token_provider"), f"{where}.controller.token_provider")
     token_secret = _opt_str(token_provider.get("shared_secret"),

@@ -193,6 +193,8 @@ class NodeCore:
         """Close connections whose hello did not arrive in time; keep links alive."""
         keepalive = self.limits.keepalive
         for conn in list(self._conns.values()):
+            if conn.closed:
+                continue
             if conn.deadline is not None and now >= conn.deadline:
                 conn.deadline = None
                 self.refused += 1
@@ -226,11 +228,12 @@ class NodeCore:
             self._fail(conn, ErrorCode.FRAME_TOO_LARGE, str(exc))
             return []
         conn.frames_in += len(frames)
+        check_ext = conn.decoder.may_hold_timestamp
         for frame in frames:
             if conn.closed:
                 break
             try:
-                d = decode_frame(frame[4:])
+                d = decode_frame(frame[4:], check_ext=check_ext)
                 if d["t"] == "pub" and conn.kind in _ROUTING:
                     self._on_publish(conn, frame, d)
                 else:
@@ -271,7 +274,7 @@ class NodeCore:
                 self._link_up(conn, msg.node_id)
             elif isinstance(msg, Error):
                 log.warning("link conn %d refused by peer: %s: %s", conn.id, msg.code, msg.message)
-                conn.sink.close(None, "refused by peer")
+                self._close(conn, None, "refused by peer")
             else:
                 self._fail(conn, ErrorCode.UNAUTHENTICATED, "expected hello_ack")
             return
@@ -305,15 +308,16 @@ class NodeCore:
                     else ErrorCode.UNAUTHENTICATED)
             self._fail(conn, code, exc.reason)
             return
+        if hello.role == "peer" and hello.node_id == self.node_id:
+            self.refused += 1
+            self._fail(conn, ErrorCode.UNAUTHENTICATED, "a node cannot link to itself")
+            return
         conn.identity = identity
         conn.deadline = None
         conn.decoder.max_frame_size = self.limits.max_frame_size
         self.accepted += 1
         if hello.role == "peer":
             assert hello.node_id is not None
-            if hello.node_id == self.node_id:
-                self._fail(conn, ErrorCode.UNAUTHENTICATED, "a node cannot link to itself")
-                return
             self._write(conn, encode_frame(HelloAck(
                 conn_id=conn.id, node_id=self.node_id, max_frame_size=self.limits.max_frame_size)))
             self._link_up(conn, hello.node_id)
@@ -418,14 +422,16 @@ class NodeCore:
         if target is None:
             return
         if target.kind is ConnKind.PEER:
-            ttl = d["ttl"] - (1 if src.kind is ConnKind.PEER else 0)
+            ttl = d["ttl"] - 1
             if ttl <= 0:
                 self.drops["ttl_expired"] += 1
                 return
             out = dict(d)
             out["ttl"] = ttl
-            if d["fan"] != 1:
-                out["orig"] = served or []
+            if d["fan"] != 1 and served is not None:
+                out["orig"] = served
+            else:
+                out.pop("orig", None)  # a static route carries every origin
             body = msgpack.packb(out, use_bin_type=True)
             self._deliver(src, target, frame_prefix(len(body)) + body)
         else:
@@ -478,8 +484,12 @@ class NodeCore:
         if conn.closed:
             return
         self._error(conn, code, message)
+        self._close(conn, str(code), message)
+
+    def _close(self, conn: _Conn, code: str | None, message: str) -> None:
         conn.closed = True
-        conn.sink.close(str(code), message)
+        conn.deadline = conn.next_ping = None
+        conn.sink.close(code, message)
 
     def _send_updates(self, updates: dict[int, RouteUpdate]) -> None:
         for link, update in updates.items():

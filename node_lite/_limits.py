@@ -65,7 +65,8 @@ class Limits:
                 if not isinstance(value, SlowConsumerPolicy):
                     raise ConfigError(f"slow_consumer must be a SlowConsumerPolicy, got {value!r}")
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            # "not > 0" also refuses NaN
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"limit {f.name} must be a positive number, got {value!r}")
         if self.max_frame_size < 1024:
             raise ConfigError("max_frame_size must be at least 1024 bytes")

@@ -74,7 +74,9 @@ class RoutingTable:
         ids: Iterable[int | None] = svc.local.keys() if id is None else (id,)
         local = [c for i in ids for c in svc.local.get(i, ()) if c != incoming]
         if local:
-            return local[0] if len(local) == 1 else self._rng.choice(local)
+            clients = [c for c in local if c not in self._links]
+            pick = clients or local  # static routes over links come after clients
+            return pick[0] if len(pick) == 1 else self._rng.choice(pick)
         ids = svc.remote.keys() if id is None else (id,)
         best: tuple[int, int] | None = None
         for i in ids:

@@ -24,6 +24,7 @@ from ._core import ConnectionStatistics, ConnKind, NodeCore
 from ._errors import ConfigError
 from ._names import Name
 from ._transport import Outbox, memory_stream_pair, pause_reading, read_size
+from ._util import collapse_excgroups
 from .wire import ErrorCode
 
 log = logging.getLogger("node_lite.node")
@@ -231,7 +232,13 @@ class Node:
                     except (anyio.EndOfStream, anyio.BrokenResourceError,
                             anyio.ClosedResourceError, OSError, ssl.SSLError):
                         break
-                    congested = core.data_received(conn_id, data, time.time())
+                    try:
+                        congested = core.data_received(conn_id, data, time.time())
+                    except Exception:
+                        # A bug must cost one connection, never the node.
+                        log.exception("conn %d: internal error; closing it", conn_id)
+                        core.close_connection(conn_id, "internal", "internal error")
+                        break
                     if congested:
                         await self._wait_congested(congested)
                 # The peer is gone or the core closed it: flush what is queued, then stop.
@@ -402,10 +409,11 @@ async def open_node(config: NodeConfig | None = None, **kwargs: Any) -> AsyncIte
     if config is not None and not isinstance(config, NodeConfig):
         raise ConfigError("config must be a NodeConfig")
     node = Node(config, **kwargs)
-    async with anyio.create_task_group() as tg:
-        await tg.start(node.serve)
-        try:
-            yield node
-        finally:
-            await node.aclose()
-            tg.cancel_scope.cancel()
+    with collapse_excgroups():
+        async with anyio.create_task_group() as tg:
+            await tg.start(node.serve)
+            try:
+                yield node
+            finally:
+                await node.aclose()
+                tg.cancel_scope.cancel()

@@ -70,6 +70,7 @@ class Outbox:
         self.writes = 0
         self.frames_written = 0
         self.bytes_written = 0
+        self._finished = anyio.Event()
 
     @property
     def pending_bytes(self) -> int:
@@ -117,6 +118,10 @@ class Outbox:
                 self._drained = anyio.Event()
             await self._drained.wait()
 
+    async def wait_finished(self) -> None:
+        """Return once the writer task has ended (flushed after close, or failed)."""
+        await self._finished.wait()
+
     async def run(self) -> None:
         """The writer task; returns after :meth:`close` and a final flush, or on failure."""
         stream = self._stream
@@ -151,7 +156,11 @@ class Outbox:
         finally:
             self._buf = []
             self._bytes = self._frames = self._inflight = 0
+            if not self.closing:
+                self.closing = True
+                self.close_reason = self.failed or "writer stopped"
             self._wake_all()
+            self._finished.set()
 
 
 class MemoryByteStream(ByteStream):

@@ -56,6 +56,7 @@ __all__ = [
     "encode",
     "encode_frame",
     "frame_prefix",
+    "may_hold_timestamp",
 ]
 
 PROTOCOL_VERSION = 1
@@ -151,14 +152,17 @@ def _name(value: object, key: str, limits: Limits, *, wildcard: bool) -> Name:
     org, ns, app, id_ = value
     for part in (org, ns, app):
         _text(part, key, limits.max_name_component)
-        if not part or "/" in part:
+        if not part or "/" in part or part != part.strip():
             raise MalformedFrameError(f"invalid name component {part!r}", field=key)
     if id_ is None:
         if not wildcard:
             raise MalformedFrameError("a full name with an instance id is required", field=key)
     elif type(id_) is not int or not 0 <= id_ <= MAX_ID:
         raise MalformedFrameError(f"invalid instance id {id_!r}", field=key)
-    return Name(org, ns, app, id_)
+    try:
+        return Name(org, ns, app, id_)
+    except ValueError as exc:  # same rules as above; kept as a safety net
+        raise MalformedFrameError(str(exc), field=key) from exc
 
 
 def _metadata(value: object, limits: Limits) -> dict[str, str] | None:
@@ -224,8 +228,10 @@ class Hello:
         tok = _text(d.get("tok"), "tok", limits.max_token_size)
         assert tok is not None
         caps = d.get("caps", {})
-        if type(caps) is not dict or len(caps) > limits.max_metadata_entries:
-            raise MalformedFrameError("expected a small map", field="caps")
+        if type(caps) is not dict:
+            raise MalformedFrameError("expected a map", field="caps")
+        if len(caps) > limits.max_metadata_entries:
+            raise LimitExceededError("capabilities", limits.max_metadata_entries, len(caps))
         for k, v in caps.items():
             _text(k, "caps", limits.max_name_component)
             if type(v) not in (str, int, bool) and v is not None:
@@ -544,11 +550,33 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise MalformedFrameError(f"ext type {code} is not allowed")
 
 
-def decode_frame(body: bytes | memoryview) -> dict[str, Any]:
+def _has_timestamp(value: object) -> bool:
+    if isinstance(value, msgpack.Timestamp):
+        return True
+    if isinstance(value, dict):
+        return any(_has_timestamp(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_timestamp(v) for v in value)
+    return False
+
+
+# msgpack decodes ext type -1 (timestamp) itself, without calling ext_hook;
+# these are its encodings, looked for before walking a decoded frame.
+_TIMESTAMP_MARKERS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+
+
+def may_hold_timestamp(data: bytes) -> bool:
+    """Whether ``data`` could encode a msgpack timestamp (cheap pre-check)."""
+    return any(m in data for m in _TIMESTAMP_MARKERS)
+
+
+def decode_frame(body: bytes | memoryview, *, check_ext: bool = True) -> dict[str, Any]:
     """Decode one frame body (without its length prefix) into a checked envelope map.
 
     Checks the version and that the type tag is a string; the fields of the
     type are checked by :func:`decode_message` (or by the node's hot path).
+    ``check_ext=False`` skips the timestamp scan when the caller knows the
+    bytes hold no timestamp marker (see :func:`may_hold_timestamp`).
 
     :raises ProtocolError: on any violation.
     """
@@ -558,6 +586,8 @@ def decode_frame(body: bytes | memoryview) -> dict[str, Any]:
         raise
     except Exception as exc:  # msgpack signals bad input with several types
         raise MalformedFrameError(str(exc) or type(exc).__name__) from exc
+    if check_ext and _has_timestamp(d):
+        raise MalformedFrameError("ext type -1 (timestamp) is not allowed")
     if type(d) is not dict:
         raise MalformedFrameError("a frame holds a map")
     version = d.get("v")
@@ -601,10 +631,12 @@ class FrameDecoder:
     returned objects are read-only views of immutable buffers.
     """
 
-    __slots__ = ("_chunks", "_have", "_need", "max_frame_size")
+    __slots__ = ("_chunks", "_have", "_need", "max_frame_size", "may_hold_timestamp")
 
     def __init__(self, max_frame_size: int = _DEFAULT_LIMITS.max_frame_size) -> None:
         self.max_frame_size = max_frame_size
+        #: Whether the frames of the last :meth:`feed` could hold a timestamp ext.
+        self.may_hold_timestamp = True
         self._chunks: list[bytes] = []  # an incomplete frame, in pieces
         self._have = 0
         self._need = 0  # total size of the incomplete frame, once its prefix is known
@@ -629,6 +661,7 @@ class FrameDecoder:
             data = b"".join(self._chunks)
             self._chunks = []
             self._have = self._need = 0
+        self.may_hold_timestamp = may_hold_timestamp(data)
         frames: list[memoryview] = []
         view = memoryview(data)
         size = len(data)

@@ -1,0 +1,56 @@
+"""Helpers shared by the tests: identities, app connections and deadline polling."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+
+from node_lite import (
+    Name,
+    Node,
+    NodeConnection,
+    SharedSecretProvider,
+    instance_id_for,
+    open_connection,
+)
+
+SECRET = "test-secret-that-is-long-enough-for-hmac-0123456789"
+_counter = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    """A name component unique to this worker, process and call."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    return f"{prefix}-{worker}-{os.getpid()}-{next(_counter)}"
+
+
+def identity(app: str, *, org: str = "org", ns: str = "ns",
+             secret: str = SECRET) -> tuple[SharedSecretProvider, Name]:
+    """A token provider and the full name it is allowed to use."""
+    provider = SharedSecretProvider(f"{org}/{ns}/{app}", secret)
+    return provider, Name(org, ns, app, instance_id_for(provider.subject))
+
+
+@asynccontextmanager
+async def app_connection(target: str | Node, app: str, **kwargs: object
+                         ) -> AsyncIterator[tuple[NodeConnection, Name]]:
+    """A wire-level app connection with a valid token for ``org/ns/<app>``."""
+    provider, name = identity(app)
+    async with open_connection(target, name=name, token=provider.get_token(),
+                               **kwargs) as conn:  # type: ignore[arg-type]
+        yield conn, name
+
+
+async def wait_until(predicate: Callable[[], bool], *, timeout: float = 5.0,
+                     message: str = "condition") -> None:
+    """Poll ``predicate`` until it holds, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
+        await anyio.sleep(0.005)

@@ -1,0 +1,176 @@
+"""Slow consumers, fast senders and the node's memory."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from node_lite import Limits, NodeConfig, SlowConsumerPolicy, open_node, wire
+from node_lite.wire import Hello, Publish
+from tests.helpers import SECRET, app_connection, identity, wait_until
+
+MiB = 1 << 20
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def raw_app(port: int, app: str) -> tuple[socket.socket, wire.Name]:
+    """A blocking socket that has completed the hello handshake."""
+    provider, name = identity(app)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(wire.encode_frame(Hello(token=provider.get_token(), name=name)))
+    decoder = wire.FrameDecoder()
+    sock.settimeout(5)
+    frames: list[memoryview] = []
+    while not frames:
+        frames = decoder.feed(sock.recv(65536))
+    ack = wire.decode_message(wire.decode_frame(frames[0][4:]))
+    assert ack.TYPE == "hello_ack", ack
+    return sock, name
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_node_memory_stays_bounded_under_a_fast_sender(backend: str, tmp_path: Path) -> None:
+    """A sender blasting at a consumer that never reads: the node stops reading the sender."""
+    config = tmp_path / "node.yaml"
+    config.write_text(f"""
+services:
+  slim/0:
+    dataplane:
+      servers: [{{endpoint: "127.0.0.1:0"}}]
+    auth: {{shared_secret: "{SECRET}"}}
+    limits: {{max_pending_bytes: 2097152, write_deadline: 60s}}
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "node_lite", "--config", str(config),
+                             "--backend", backend, "--log-level", "warn"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("node_lite ready"), line
+        port = int(line.split()[-1].rsplit(":", 1)[1])
+        consumer, consumer_name = raw_app(port, "sink")  # never reads from here on
+        sender, sender_name = raw_app(port, "blaster")
+        frame = wire.encode_frame(Publish(source=sender_name, destination=consumer_name,
+                                          payload=b"x" * 1024))
+        batch = frame * 256  # ~280 KiB per sendall
+        baseline = rss_bytes(proc.pid)
+        pushed = 0
+        sender.settimeout(1.0)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                sender.sendall(batch)
+            except TimeoutError:
+                break  # the node stopped reading us: backpressure reached the sender
+            pushed += len(batch)
+            if pushed > 512 * MiB:
+                break
+        growth = rss_bytes(proc.pid) - baseline
+        assert pushed < 64 * MiB, f"the node kept reading: {pushed / MiB:.0f} MiB accepted"
+        assert growth < 48 * MiB, f"node RSS grew by {growth / MiB:.0f} MiB"
+        consumer.close()
+        sender.close()
+        print(f"{backend}: pushed {pushed / MiB:.1f} MiB, node RSS +{growth / MiB:.1f} MiB")
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+async def blast(conn: object, name: wire.Name, dst: wire.Name, stop: anyio.Event) -> int:
+    sent = 0
+    frame = wire.encode_frame(Publish(source=name, destination=dst, payload=b"s" * 4096))
+    while not stop.is_set():
+        await conn.send(frame * 16)  # type: ignore[attr-defined]
+        sent += 16
+    return sent
+
+
+async def fast_pair_exchange(url: str, count: int) -> None:
+    async with app_connection(url, "fast-tx") as (tx, tx_name), \
+            app_connection(url, "fast-rx") as (rx, rx_name):
+        for i in range(count):
+            await tx.send(Publish(source=tx_name, destination=rx_name, message_id=i,
+                                  payload=b"f" * 64))
+        seen = 0
+        with anyio.fail_after(20):
+            while seen < count:
+                msg = await rx.receive()
+                if isinstance(msg, Publish):
+                    assert msg.message_id == seen
+                    seen += 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("policy", [SlowConsumerPolicy.WAIT, SlowConsumerPolicy.DROP])
+async def test_slow_consumer_does_not_slow_a_fast_one(policy: SlowConsumerPolicy) -> None:
+    limits = Limits(max_pending_bytes=MiB, slow_consumer=policy, write_deadline=60)
+    async with open_node(NodeConfig(shared_secret=SECRET, limits=limits)) as node:
+        async with app_connection(node.url, "slow") as (_slow, slow_name), \
+                app_connection(node.url, "busy") as (busy, busy_name), \
+                anyio.create_task_group() as tg:
+            stop = anyio.Event()
+            tg.start_soon(blast, busy, busy_name, slow_name, stop)
+
+            def slow_backlog() -> int:
+                per = node.statistics(per_connection=True).per_connection
+                return next(s.pending_bytes for s in per if s.name == str(slow_name))
+
+            await wait_until(lambda: slow_backlog() >= MiB, message="slow consumer full")
+            # While the slow consumer is stuck, a fast pair exchanges 3000 messages.
+            await fast_pair_exchange(node.url, 3000)
+            if policy is SlowConsumerPolicy.DROP:
+                assert node.statistics().drops.get("queue_full", 0) > 0
+            assert slow_backlog() < 2 * MiB  # bounded by the limit plus one read
+            stop.set()
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_write_deadline_cuts_a_stuck_consumer_and_frees_the_sender() -> None:
+    limits = Limits(max_pending_bytes=MiB, write_deadline=0.5)
+    async with open_node(NodeConfig(shared_secret=SECRET, limits=limits)) as node:
+        async with app_connection(node.url, "stuck") as (_stuck, stuck_name), \
+                app_connection(node.url, "sender") as (tx, tx_name), \
+                app_connection(node.url, "other") as (_rx, rx_name), \
+                anyio.create_task_group() as tg:
+            stop = anyio.Event()
+            tg.start_soon(blast, tx, tx_name, stuck_name, stop)
+            await wait_until(lambda: node.statistics().drops.get("slow_consumer", 0) == 1,
+                             timeout=15, message="stuck consumer cut")
+            assert str(stuck_name) not in {s.name for s in
+                                           node.statistics(per_connection=True).per_connection}
+            stop.set()
+            tg.cancel_scope.cancel()
+        # the sender is still connected and served after the cut
+        assert node.statistics().refused == 0
+        del rx_name
+
+
+@pytest.mark.anyio
+async def test_disconnect_policy_cuts_at_once() -> None:
+    limits = Limits(max_pending_bytes=MiB, slow_consumer=SlowConsumerPolicy.DISCONNECT,
+                    write_deadline=60)
+    async with open_node(NodeConfig(shared_secret=SECRET, limits=limits)) as node:
+        async with app_connection(node.url, "stuck") as (_stuck, stuck_name), \
+                app_connection(node.url, "sender") as (tx, tx_name), \
+                anyio.create_task_group() as tg:
+            stop = anyio.Event()
+            tg.start_soon(blast, tx, tx_name, stuck_name, stop)
+            await wait_until(lambda: node.statistics().errors_sent.get("slow_consumer", 0) == 1,
+                             message="slow consumer disconnected")
+            stop.set()
+            tg.cancel_scope.cancel()
