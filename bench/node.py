@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._harness import (  # noqa: E402
+from bench._harness import (
     emit,
     fmt_rate,
     median,
@@ -68,9 +68,11 @@ def _read_frame(sock: socket.socket, buf: bytearray) -> bytes:
 
 
 def _handshake(sock: socket.socket, hello: bytes, node: bool) -> bytearray:
-    sock.sendall(hello)
+    # The raw relay has no handshake: a hello sent through it would reach the
+    # peer as an extra frame (and the echo would answer it).
     buf = bytearray()
     if node:
+        sock.sendall(hello)
         _read_frame(sock, buf)  # hello_ack
     return buf
 
@@ -108,7 +110,8 @@ def role_relay(backend: str) -> None:
                     return
 
     async def main() -> None:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        multi = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        listener = multi.listeners[0]
         port = listener.extra(anyio.abc.SocketAttribute.local_port)
         emit("READY", {"port": port})
         async with listener:

@@ -28,7 +28,8 @@ from ._errors import AuthenticationError, ConfigError
 
 log = logging.getLogger("node_lite.auth")
 
-# Upstream refuses secrets under 32 bytes; we accept them with a warning (the tutorial uses "secret").
+# Upstream refuses secrets under 32 bytes; we accept them with a warning
+# (the tutorial uses "secret").
 MIN_SECRET_LENGTH = 32
 # Token lifetime and tolerated clock skew, as upstream.
 DEFAULT_VALIDITY = 3600.0

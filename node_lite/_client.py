@@ -15,14 +15,13 @@ from ._config import TlsConfig, split_endpoint
 from ._errors import (
     AuthenticationError,
     ConnectError,
-    LimitExceededError,
     NodeError,
     NoRouteError,
     ProtocolError,
 )
 from ._limits import Limits
 from ._names import Name
-from ._transport import Outbox, read_size
+from ._transport import Outbox, dial, read_size
 from ._util import collapse_excgroups
 from .wire import (
     Error,
@@ -138,24 +137,20 @@ async def _open_stream(target: str | Node, tls: TlsConfig | None) -> ByteStream:
     host, port, scheme = split_endpoint(target, "endpoint")
     ctx = (tls or TlsConfig()).client_context(scheme)
     try:
-        return await anyio.connect_tcp(host, port, tls=ctx is not None, ssl_context=ctx,
-                                       tls_hostname=host if ctx is not None else None)
+        return await dial(host, port, ctx)
     except (OSError, ssl.SSLError, anyio.BrokenResourceError) as exc:
         raise ConnectError(f"cannot connect to {target}: {exc}") from exc
 
 
-async def handshake(conn: NodeConnection, hello: Hello, *, timeout: float) -> HelloAck:
-    """Send ``hello`` and wait for the node's answer.
+async def handshake(conn: NodeConnection, hello: Hello) -> HelloAck:
+    """Send ``hello`` and wait for the node's answer (bound it with a cancel scope).
 
     :raises AuthenticationError: when the node refuses the token or the name.
     :raises ConnectError: when the node closes or answers something else.
     """
     await conn.send(hello)
     try:
-        with anyio.fail_after(timeout):
-            reply = await conn.receive()
-    except TimeoutError:
-        raise ConnectError(f"no answer to hello within {timeout:g} s") from None
+        reply = await conn.receive()
     except anyio.EndOfStream:
         raise ConnectError("the node closed the connection during the handshake") from None
     except ProtocolError as exc:
@@ -194,7 +189,10 @@ async def open_connection(
             async with anyio.create_task_group() as tg:
                 conn = NodeConnection(stream, tg, limits=limits)
                 try:
-                    await handshake(conn, Hello(token=token, name=name), timeout=hello_timeout)
+                    with anyio.move_on_after(hello_timeout) as scope:
+                        await handshake(conn, Hello(token=token, name=name))
+                    if scope.cancelled_caught:
+                        raise ConnectError(f"no answer to hello within {hello_timeout:g} s")
                     yield conn
                 finally:
                     await conn.aclose()

@@ -8,6 +8,12 @@
 #   another source is refused (forbidden_source).
 # * A publish is forwarded as the exact bytes received, except over links,
 #   where the ttl is decremented and the served origins are set.
+# * Flow cache: once a publish from an app has been fully checked and routed,
+#   the bytes of its routing header (v, t, src, dst, fan, canonical order) are
+#   remembered with the decision; later frames starting with those bytes are
+#   forwarded in runs without decoding, until the routing table changes.
+#   Receivers decode and check whole frames (repeated keys are refused, so a
+#   tail cannot override a checked header field).
 # * A frame never goes back out the connection it came in on.
 # * Writes go to sinks; a sink over its limit is handled by the slow-consumer
 #   policy here (drop or disconnect) or reported to the driver (wait).
@@ -84,6 +90,25 @@ class Sink(Protocol):
 
 
 _ROUTING = (ConnKind.APP, ConnKind.PEER)
+# Routing decisions cached per app connection (one per destination it sends to).
+MAX_FLOWS = 16
+
+
+def _map_header(n: int) -> bytes:
+    return bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+
+
+def _packb(*items: Any) -> bytes:
+    return b"".join(msgpack.packb(x, use_bin_type=True) for x in items)
+
+
+@dataclass(slots=True)
+class _Flow:
+    """A routing decision for frames whose body starts with ``prefix``."""
+
+    prefix: bytes
+    targets: tuple[_Conn, ...]
+    generation: int
 
 
 @dataclass(slots=True)
@@ -107,6 +132,7 @@ class _Conn:
     bytes_out: int = 0
     drops: Counter[str] = field(default_factory=Counter)
     strikes: deque[float] = field(default_factory=deque)
+    flows: list[_Flow] = field(default_factory=list)
     closed: bool = False
 
 
@@ -140,8 +166,10 @@ class NodeCore:
         verifier: TokenVerifier | None = None,
         peer_token: TokenProvider | None = None,
         rng: random.Random | None = None,
+        flow_cache: bool = True,
     ) -> None:
         self.node_id = node_id
+        self.flow_cache = flow_cache
         self.limits = limits or Limits()
         self.verifier = verifier
         self.peer_token = peer_token
@@ -152,6 +180,7 @@ class NodeCore:
         self.accepted = 0
         self.refused = 0
         self.closed_totals: Counter[str] = Counter()
+        self._known_names: set[tuple[Any, ...]] = set()
         self.congested: list[Sink] = []
 
     # -- connection lifecycle --------------------------------------------------------
@@ -219,23 +248,53 @@ class NodeCore:
         conn = self._conns.get(conn_id)
         if conn is None or conn.closed:
             return []
-        self.congested = congested = []
+        congested: list[Sink] = []
+        self.congested = congested
         conn.last_rx = now
         conn.bytes_in += len(data)
         try:
-            frames = conn.decoder.feed(data)
+            buf, bounds = conn.decoder.feed_spans(data)
         except FrameTooLargeError as exc:
             self._fail(conn, ErrorCode.FRAME_TOO_LARGE, str(exc))
             return []
-        conn.frames_in += len(frames)
+        count = len(bounds) - 1
+        if not count:
+            return congested
+        conn.frames_in += count
         check_ext = conn.decoder.may_hold_timestamp
-        for frame in frames:
+        view = memoryview(buf)
+        flows = conn.flows
+        table = self.table
+        i = 0
+        while i < count:
             if conn.closed:
                 break
+            start = bounds[i]
+            if flows:
+                # Fast path: a frame whose routing header matches a flow checked before.
+                for flow in flows:
+                    if buf.startswith(flow.prefix, start + 4):
+                        break
+                else:
+                    flow = None
+                if flow is not None and flow.generation == table.generation:
+                    prefix = flow.prefix
+                    j = i + 1
+                    while j < count and buf.startswith(prefix, bounds[j] + 4):
+                        j += 1
+                    run = view[start:bounds[j]]
+                    for target in flow.targets:
+                        if not target.closed:
+                            self._deliver_run(conn, target, run, j - i)
+                    i = j
+                    continue
+                if flow is not None:
+                    flows.remove(flow)
+            frame = view[start:bounds[i + 1]]
             try:
                 d = decode_frame(frame[4:], check_ext=check_ext)
                 if d["t"] == "pub" and conn.kind in _ROUTING:
-                    self._on_publish(conn, frame, d)
+                    self._on_publish(conn, frame, d, buf, start)
                 else:
                     self._on_control(conn, d, now)
             except UnknownMessageTypeError as exc:
@@ -246,6 +305,7 @@ class NodeCore:
                     self._fail(conn, exc.code, str(exc))
                     break
                 self._strike(conn, exc, now)
+            i += 1
         return congested
 
     def _strike(self, conn: _Conn, exc: ProtocolError, now: float) -> None:
@@ -388,8 +448,9 @@ class NodeCore:
 
     # -- publish ---------------------------------------------------------------------
 
-    def _on_publish(self, conn: _Conn, frame: memoryview, d: dict[str, Any]) -> None:
-        check_publish(d, self.limits)
+    def _on_publish(self, conn: _Conn, frame: memoryview, d: dict[str, Any],
+                    buf: bytes = b"", start: int = 0) -> None:
+        check_publish(d, self.limits, self._known_names)
         dst = d["dst"]
         service = (dst[0], dst[1], dst[2])
         if conn.kind is ConnKind.APP:
@@ -408,6 +469,8 @@ class NodeCore:
                 self._no_route(conn, d)
                 return
             self._forward(conn, target, frame, d, None)
+            if dst[3] is not None:  # anycast picks anew for every frame
+                self._remember_flow(conn, d, buf, start, {target: None})
             return
         targets = self.table.match_all_key(service, dst[3], conn.id, origins)
         if not targets:
@@ -415,11 +478,35 @@ class NodeCore:
             return
         for target, served in targets.items():
             self._forward(conn, target, frame, d, served)
+        self._remember_flow(conn, d, buf, start, targets)
+
+    def _remember_flow(self, conn: _Conn, d: dict[str, Any], buf: bytes, start: int,
+                       targets: dict[int, list[str] | None]) -> None:
+        """Cache the routing decision of a checked frame from an app, keyed by its header bytes.
+
+        Only when the frame starts with the canonical encoding of v, t, src,
+        dst and fan (what this package's encoder writes) and every target is
+        an app: frames over links are re-encoded one by one.
+        """
+        if conn.kind is not ConnKind.APP or not buf or not self.flow_cache:
+            return
+        conns = [self._conns.get(t) for t in targets]
+        if any(c is None or c.closed or c.kind is not ConnKind.APP for c in conns):
+            return
+        prefix = _map_header(len(d)) + _packb(
+            "v", d["v"], "t", "pub", "src", d["src"], "dst", d["dst"], "fan", d["fan"])
+        if not buf.startswith(prefix, start + 4):
+            return
+        flows = conn.flows
+        if len(flows) >= MAX_FLOWS:
+            flows.pop()
+        flows.insert(0, _Flow(prefix, tuple(c for c in conns if c is not None),
+                              self.table.generation))
 
     def _forward(self, src: _Conn, target_id: int, frame: memoryview, d: dict[str, Any],
                  served: list[str] | None) -> None:
         target = self._conns.get(target_id)
-        if target is None:
+        if target is None or target.closed:
             return
         if target.kind is ConnKind.PEER:
             ttl = d["ttl"] - 1
@@ -456,6 +543,25 @@ class NodeCore:
         target.frames_out += 1
         target.bytes_out += len(data)
         sink.write(data)
+
+    def _deliver_run(self, src: _Conn, target: _Conn, run: memoryview, frames: int) -> None:
+        sink = target.sink
+        if (sink.pending_bytes >= self.limits.max_pending_bytes
+                or sink.pending_frames >= self.limits.max_pending_frames):
+            policy = self.limits.slow_consumer
+            if policy is SlowConsumerPolicy.WAIT:
+                if sink not in self.congested:
+                    self.congested.append(sink)
+            elif policy is SlowConsumerPolicy.DISCONNECT:
+                self._fail(target, ErrorCode.SLOW_CONSUMER, "outbound backlog is full")
+                return
+            else:
+                self.drops["queue_full"] += frames
+                target.drops["queue_full"] += frames
+                return
+        target.frames_out += frames
+        target.bytes_out += len(run)
+        sink.write(run)
 
     def _no_route(self, conn: _Conn, d: dict[str, Any]) -> None:
         self.drops["no_route"] += 1

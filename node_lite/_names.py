@@ -40,7 +40,7 @@ class Name:
         """
         parts = text.strip().split("/")
         if len(parts) == 3:
-            return cls(*parts)
+            return cls(parts[0], parts[1], parts[2])
         if len(parts) == 4:
             raw = parts[3]
             if raw.lower() in ("ffffffffffffffff", "*"):

@@ -67,7 +67,9 @@ class RoutingTable:
         """
         return self.match_one_key(name.service, name.id, incoming)
 
-    def match_one_key(self, service: ServiceKey, id: int | None, incoming: int | None) -> int | None:
+    def match_one_key(
+        self, service: ServiceKey, id: int | None, incoming: int | None
+    ) -> int | None:
         svc = self._services.get(service)
         if svc is None:
             return None
@@ -249,14 +251,17 @@ class RoutingTable:
                     if not origins:
                         del svc.remote[i]
         for name, origin in update.remove:
-            svc = self._services.get(name.service)
-            links = svc.remote.get(name.id, {}).get(origin) if svc else None
-            if links is not None and links.pop(conn, None) is not None:
+            known = self._services.get(name.service)
+            if known is None:
+                continue
+            by_origin = known.remote.get(name.id, {})
+            found = by_origin.get(origin)
+            if found is not None and found.pop(conn, None) is not None:
                 changed.append((name.service, name.id))
-                if not links:
-                    del svc.remote[name.id][origin]  # type: ignore[union-attr]
-                    if not svc.remote[name.id]:  # type: ignore[union-attr]
-                        del svc.remote[name.id]  # type: ignore[union-attr]
+                if not found:
+                    del by_origin[origin]
+                    if not by_origin:
+                        del known.remote[name.id]
         for advert in update.add:
             if self.node_id in advert.path:
                 continue  # loop: this node is already on the path

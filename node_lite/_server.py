@@ -23,7 +23,7 @@ from ._config import ClientConfig, NodeConfig, ServerConfig, split_endpoint
 from ._core import ConnectionStatistics, ConnKind, NodeCore
 from ._errors import ConfigError
 from ._names import Name
-from ._transport import Outbox, memory_stream_pair, pause_reading, read_size
+from ._transport import Outbox, dial, memory_stream_pair, pause_reading, read_size
 from ._util import collapse_excgroups
 from .wire import ErrorCode
 
@@ -312,9 +312,7 @@ class Node:
             while not self._closing:
                 state.attempts += 1
                 try:
-                    stream: ByteStream = await anyio.connect_tcp(
-                        cfg.host, cfg.port, tls=ctx is not None, ssl_context=ctx,
-                        tls_hostname=cfg.host if ctx is not None else None)
+                    stream = await dial(cfg.host, cfg.port, ctx)
                 except (OSError, ssl.SSLError, anyio.BrokenResourceError) as exc:
                     state.failures += 1
                     log.debug("link to %s: connect failed: %s", cfg.endpoint, exc)

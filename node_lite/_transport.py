@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import ssl
 from collections import deque
 from typing import Any
 
@@ -18,6 +19,13 @@ _ASYNCIO_READ = 256 * 1024
 _TRIO_READ = 64 * 1024
 # Chunks buffered in one direction of an in-memory stream (each is one coalesced write).
 _MEMORY_CHUNKS = 16
+
+
+async def dial(host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> ByteStream:
+    """Open a TCP connection (TLS when a context is given)."""
+    if ssl_context is None:
+        return await anyio.connect_tcp(host, port)
+    return await anyio.connect_tcp(host, port, ssl_context=ssl_context, tls_hostname=host)
 
 
 def read_size(stream: Any) -> int:
@@ -140,7 +148,7 @@ class Outbox:
                 self._inflight = len(data)
                 self._bytes = self._frames = 0
                 with anyio.move_on_after(self._write_deadline) as scope:
-                    await stream.send(data)
+                    await stream.send(data)  # type: ignore[arg-type]  # memoryview is fine
                 if scope.cancelled_caught:
                     self.failed = "slow_consumer"
                     return

@@ -146,11 +146,12 @@ def _text(value: object, key: str, limit: int, *, optional: bool = False) -> str
     return value
 
 
-def _name(value: object, key: str, limits: Limits, *, wildcard: bool) -> Name:
+def _check_name(value: object, key: str, limits: Limits, *, wildcard: bool) -> None:
     if type(value) is not list or len(value) != 4:
         raise MalformedFrameError("expected [org, ns, app, id]", field=key)
-    org, ns, app, id_ = value
-    for part in (org, ns, app):
+    id_ = value[3]
+    for i in range(3):
+        part = value[i]
         _text(part, key, limits.max_name_component)
         if not part or "/" in part or part != part.strip():
             raise MalformedFrameError(f"invalid name component {part!r}", field=key)
@@ -159,8 +160,13 @@ def _name(value: object, key: str, limits: Limits, *, wildcard: bool) -> Name:
             raise MalformedFrameError("a full name with an instance id is required", field=key)
     elif type(id_) is not int or not 0 <= id_ <= MAX_ID:
         raise MalformedFrameError(f"invalid instance id {id_!r}", field=key)
+
+
+def _name(value: object, key: str, limits: Limits, *, wildcard: bool) -> Name:
+    _check_name(value, key, limits, wildcard=wildcard)
+    assert isinstance(value, list)
     try:
-        return Name(org, ns, app, id_)
+        return Name(*value)
     except ValueError as exc:  # same rules as above; kept as a safety net
         raise MalformedFrameError(str(exc), field=key) from exc
 
@@ -387,27 +393,51 @@ class Publish:
         )
 
 
-def check_publish(d: Mapping[str, Any], limits: Limits) -> None:
-    """Validate a decoded publish map in place (the node's hot path uses the map)."""
-    _name(d.get("src"), "src", limits, wildcard=False)
-    _name(d.get("dst"), "dst", limits, wildcard=True)
-    _int(d, "fan", 1, _U32)
-    _int(d, "ttl", 0, 255)
-    _int(d, "sid", 0, _U32, 0)
-    _int(d, "st", 0, 255, 0)
-    _int(d, "k", 0, 255, 0)
-    _int(d, "mid", 0, _U32, 0)
-    _text(d.get("pt"), "pt", limits.max_name_component, optional=True)
-    _metadata(d.get("meta"), limits)
-    _text(d.get("id"), "id", limits.max_token_size, optional=True)
-    _bool(d, "err")
-    orig = d.get("orig")
-    if orig is not None:
-        if type(orig) is not list or len(orig) > 256:
-            raise MalformedFrameError("expected a list of node ids", field="orig")
-        for o in orig:
-            _node_id(o, "orig", limits)
-    _bytes(d, "body")
+def check_publish(d: Mapping[str, Any], limits: Limits,
+                  known_names: set[tuple[Any, ...]] | None = None) -> None:
+    """Validate a decoded publish map in place (the node's hot path uses the map).
+
+    ``known_names`` caches names already found valid (as 4-tuples); checks
+    are inlined because this runs once per routed frame.
+    """
+    get = d.get
+    for key, wildcard in (("src", False), ("dst", True)):
+        name = get(key)
+        if known_names is not None and type(name) is list and len(name) == 4:
+            id_ = name[3]
+            if (id_ is not None or wildcard) and (type(id_) is int or id_ is None):
+                try:
+                    if (name[0], name[1], name[2], id_) in known_names:
+                        continue
+                except TypeError:
+                    pass
+            _check_name(name, key, limits, wildcard=wildcard)
+            if len(known_names) < 4096:
+                known_names.add((name[0], name[1], name[2], id_))
+        else:
+            _check_name(name, key, limits, wildcard=wildcard)
+    fan, ttl = get("fan"), get("ttl")
+    if type(fan) is not int or not 1 <= fan <= _U32:
+        raise MalformedFrameError(f"expected an integer in [1, {_U32}], got {fan!r}", field="fan")
+    if type(ttl) is not int or not 0 <= ttl <= 255:
+        raise MalformedFrameError(f"expected an integer in [0, 255], got {ttl!r}", field="ttl")
+    for key, hi in (("sid", _U32), ("mid", _U32), ("st", 255), ("k", 255)):
+        v = get(key, 0)
+        if type(v) is not int or not 0 <= v <= hi:
+            raise MalformedFrameError(f"expected an integer in [0, {hi}], got {v!r}", field=key)
+    if type(get("body", b"")) is not bytes:
+        raise MalformedFrameError("expected binary data", field="body")
+    if "pt" in d or "meta" in d or "id" in d or "err" in d or "orig" in d:
+        _text(get("pt"), "pt", limits.max_name_component, optional=True)
+        _metadata(get("meta"), limits)
+        _text(get("id"), "id", limits.max_token_size, optional=True)
+        _bool(d, "err")
+        orig = get("orig")
+        if orig is not None:
+            if type(orig) is not list or len(orig) > 256:
+                raise MalformedFrameError("expected a list of node ids", field="orig")
+            for o in orig:
+                _node_id(o, "orig", limits)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -567,7 +597,19 @@ _TIMESTAMP_MARKERS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
 
 def may_hold_timestamp(data: bytes) -> bool:
     """Whether ``data`` could encode a msgpack timestamp (cheap pre-check)."""
-    return any(m in data for m in _TIMESTAMP_MARKERS)
+    return b"\xff" in data and any(m in data for m in _TIMESTAMP_MARKERS)
+
+
+def _map_size(body: bytes | memoryview) -> int:
+    """Entry count announced by the map header at the start of ``body`` (-1 if none)."""
+    first = body[0]
+    if 0x80 <= first <= 0x8F:
+        return first & 0x0F
+    if first == 0xDE and len(body) >= 3:
+        return int(body[1]) << 8 | body[2]
+    if first == 0xDF and len(body) >= 5:
+        return int.from_bytes(bytes(body[1:5]), "big")
+    return -1
 
 
 def decode_frame(body: bytes | memoryview, *, check_ext: bool = True) -> dict[str, Any]:
@@ -590,6 +632,9 @@ def decode_frame(body: bytes | memoryview, *, check_ext: bool = True) -> dict[st
         raise MalformedFrameError("ext type -1 (timestamp) is not allowed")
     if type(d) is not dict:
         raise MalformedFrameError("a frame holds a map")
+    if len(d) != _map_size(body):
+        # A repeated key would let a later value override the one a node checked.
+        raise MalformedFrameError("repeated key in the frame's map")
     version = d.get("v")
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise UnsupportedVersionError(version)
@@ -613,13 +658,14 @@ def decode_message(d: Mapping[str, Any], limits: Limits = _DEFAULT_LIMITS) -> Me
 
 def encode(message: Message) -> bytes:
     """Encode a message as a frame body (no length prefix)."""
-    return msgpack.packb(message.to_dict(), use_bin_type=True)
+    body: bytes = msgpack.packb(message.to_dict(), use_bin_type=True)
+    return body
 
 
 def encode_frame(message: Message | Mapping[str, Any]) -> bytes:
     """Encode a message, or an envelope map, as a complete frame with its length prefix."""
     d = message if isinstance(message, Mapping) else message.to_dict()
-    body = msgpack.packb(d, use_bin_type=True)
+    body: bytes = msgpack.packb(d, use_bin_type=True)
     return _PREFIX.pack(len(body)) + body
 
 
@@ -651,19 +697,29 @@ class FrameDecoder:
 
         :raises FrameTooLargeError: as soon as a prefix announces too large a frame.
         """
+        buf, bounds = self.feed_spans(data)
+        view = memoryview(buf)
+        return [view[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+    def feed_spans(self, data: bytes) -> tuple[bytes, list[int]]:
+        """Like :meth:`feed`, but return a buffer and frame boundaries.
+
+        Frame ``i`` is ``buf[bounds[i]:bounds[i + 1]]``; frames are contiguous,
+        so a relay can forward a run of them as one slice.
+        """
         if self._chunks:
             self._chunks.append(data)
             self._have += len(data)
             if self._need == 0 and self._have >= 4:
                 self._need = self._frame_size(b"".join(self._chunks)[:4], 0)
             if self._need == 0 or self._have < self._need:
-                return []
+                return b"", [0]
             data = b"".join(self._chunks)
             self._chunks = []
             self._have = self._need = 0
         self.may_hold_timestamp = may_hold_timestamp(data)
-        frames: list[memoryview] = []
-        view = memoryview(data)
+        bounds = [0]
+        append = bounds.append
         size = len(data)
         pos = 0
         limit = self.max_frame_size
@@ -674,16 +730,15 @@ class FrameDecoder:
                 raise FrameTooLargeError(length, limit)
             end = pos + 4 + length
             if end > size:
-                self._need = end - pos
                 break
-            frames.append(view[pos:end])
+            append(end)
             pos = end
         if pos < size:
             rest = data[pos:]
             self._chunks = [rest]
             self._have = len(rest)
             self._need = self._frame_size(rest, 0) if len(rest) >= 4 else 0
-        return frames
+        return data, bounds
 
     def _frame_size(self, head: bytes, pos: int) -> int:
         length: int = _PREFIX.unpack_from(head, pos)[0]

@@ -77,9 +77,10 @@ async def test_anycast_spreads_and_unicast_sticks() -> None:
     async with open_node(secured(), rng=random.Random(1)) as node:
         svc = unique("svc")
         async with app_connection(node.url, "src") as (src, src_name), \
-                app_connection(node.url, svc) as (r1, n1), \
-                app_connection(node.url, svc) as (r2, n2):
-            assert n1 != n2 and n1.without_id() == n2.without_id()
+                app_connection(node.url, svc) as (_r1, n1), \
+                app_connection(node.url, svc) as (_r2, n2):
+            assert n1 != n2
+            assert n1.without_id() == n2.without_id()
             for i in range(40):
                 await src.send(Publish(source=src_name, destination=n1.without_id(),
                                        message_id=i, payload=b"x"))
@@ -126,7 +127,8 @@ async def test_no_echo_on_channel() -> None:
             await a.send(Publish(source=a_name, destination=a_name, payload=b"self"))
             with anyio.fail_after(5):
                 err = await a.receive()
-            assert isinstance(err, Error) and err.code == "no_route"
+            assert isinstance(err, Error)
+            assert err.code == "no_route"
 
 
 async def test_no_route_error_names_destination() -> None:
@@ -146,11 +148,12 @@ async def test_no_route_error_names_destination() -> None:
 async def test_forged_source_is_refused_and_not_delivered() -> None:
     async with open_node(secured()) as node:
         async with app_connection(node.url, "a") as (a, _), \
-                app_connection(node.url, "b") as (b, b_name):
+                app_connection(node.url, "b") as (_b, b_name):
             await a.send(Publish(source=b_name, destination=b_name, message_id=3, payload=b"f"))
             with anyio.fail_after(5):
                 err = await a.receive()
-            assert isinstance(err, Error) and err.code == "forbidden_source"
+            assert isinstance(err, Error)
+            assert err.code == "forbidden_source"
             assert node.statistics().drops["forbidden_source"] == 1
 
 
@@ -190,7 +193,8 @@ async def test_missing_hello_is_refused() -> None:
                         break
                     frames += [bytes(f) for f in decoder.feed(data)]
             (err,) = [decode_message(decode_frame(f[4:])) for f in frames]
-            assert isinstance(err, Error) and err.code == "unauthenticated"
+            assert isinstance(err, Error)
+            assert err.code == "unauthenticated"
 
 
 async def test_silent_connection_is_closed_at_hello_timeout() -> None:
@@ -210,7 +214,8 @@ async def test_development_mode_accepts_any_token() -> None:
     async with open_node() as node:
         name = Name("org", "ns", unique("dev"), 12345)
         async with open_connection(node.url, name=name, token="anything") as conn:
-            assert conn.hello_ack is not None and conn.hello_ack.node_id == "slim/0"
+            assert conn.hello_ack is not None
+            assert conn.hello_ack.node_id == "slim/0"
 
 
 async def test_unknown_endpoint_is_a_connect_error() -> None:
@@ -262,7 +267,8 @@ async def test_statistics_count_a_scripted_exchange() -> None:
             assert sa.subscriptions == sb.subscriptions == 1
             stats = node.statistics()
             assert stats.connections == {"app": 2}
-            assert stats.accepted == 2 and stats.routes == 2
+            assert stats.accepted == 2
+            assert stats.routes == 2
 
 
 async def test_hello_must_come_first_over_memory_transport() -> None:
