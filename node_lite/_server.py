@@ -143,6 +143,8 @@ class Node:
             for server in cfg.servers:
                 await self._listen(tg, server)
             tg.start_soon(self._timer_loop)
+            if math.isfinite(cfg.limits.write_deadline):
+                tg.start_soon(self._write_watchdog)
             for link in cfg.links:
                 self.add_link(link)
             task_status.started(self)
@@ -277,6 +279,15 @@ class Node:
             with anyio.move_on_after(delay):
                 await wake.wait()
             self.core.handle_timer(time.time())
+
+    async def _write_watchdog(self) -> None:
+        """Cut consumers whose socket has not taken a write for ``write_deadline``."""
+        period = max(0.02, self.config.limits.write_deadline / 4)
+        while True:
+            await anyio.sleep(period)
+            now = anyio.current_time()
+            for outbox in list(self._outboxes.values()):
+                outbox.check_deadline(now)
 
     def _poke_timer(self) -> None:
         if self._timer_wake is not None:

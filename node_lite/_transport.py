@@ -56,8 +56,8 @@ class Outbox:
 
     :meth:`write` never blocks; everything queued is joined into one
     ``send()`` because each anyio send costs a scheduler round trip. A send
-    that makes no progress within ``write_deadline`` marks the consumer slow
-    and ends the writer.
+    still blocked after ``write_deadline`` (see :meth:`check_deadline`) marks
+    the consumer slow and ends the writer.
     """
 
     def __init__(self, stream: ByteStream, *, write_deadline: float = math.inf,
@@ -79,6 +79,8 @@ class Outbox:
         self.frames_written = 0
         self.bytes_written = 0
         self._finished = anyio.Event()
+        self._scope = anyio.CancelScope()
+        self._send_started: float | None = None
 
     @property
     def pending_bytes(self) -> int:
@@ -130,35 +132,48 @@ class Outbox:
         """Return once the writer task has ended (flushed after close, or failed)."""
         await self._finished.wait()
 
+    def check_deadline(self, now: float) -> bool:
+        """Cut the writer if its current send started more than ``write_deadline`` ago.
+
+        Called periodically by the owner (one watchdog for many outboxes is
+        cheaper than a timer per send). Returns whether it was cut.
+        """
+        started = self._send_started
+        if started is not None and now - started > self._write_deadline and self.failed is None:
+            self.failed = "slow_consumer"
+            self._scope.cancel()
+            return True
+        return False
+
     async def run(self) -> None:
         """The writer task; returns after :meth:`close` and a final flush, or on failure."""
         stream = self._stream
+        current_time = anyio.current_time
         try:
-            while True:
-                if not self._buf:
-                    if self.closing:
-                        return
-                    self._wake = anyio.Event()
-                    await self._wake.wait()
-                    continue
-                buf = self._buf
-                data = buf[0] if len(buf) == 1 else b"".join(buf)
-                self.frames_written += self._frames
-                self._buf = []
-                self._inflight = len(data)
-                self._bytes = self._frames = 0
-                with anyio.move_on_after(self._write_deadline) as scope:
+            with self._scope:
+                while True:
+                    if not self._buf:
+                        if self.closing:
+                            return
+                        self._wake = anyio.Event()
+                        await self._wake.wait()
+                        continue
+                    buf = self._buf
+                    data = buf[0] if len(buf) == 1 else b"".join(buf)
+                    self.frames_written += self._frames
+                    self._buf = []
+                    self._inflight = len(data)
+                    self._bytes = self._frames = 0
+                    self._send_started = current_time()
                     await stream.send(data)  # type: ignore[arg-type]  # memoryview is fine
-                if scope.cancelled_caught:
-                    self.failed = "slow_consumer"
-                    return
-                self.writes += 1
-                self.bytes_written += self._inflight
-                self._inflight = 0
-                drained = self._drained
-                if drained is not None and self.pending_bytes <= self._low_water:
-                    self._drained = None
-                    drained.set()
+                    self._send_started = None
+                    self.writes += 1
+                    self.bytes_written += self._inflight
+                    self._inflight = 0
+                    drained = self._drained
+                    if drained is not None and self.pending_bytes <= self._low_water:
+                        self._drained = None
+                        drained.set()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self.failed = f"write failed: {type(exc).__name__}"
         finally:

@@ -707,25 +707,17 @@ class FrameDecoder:
         Frame ``i`` is ``buf[bounds[i]:bounds[i + 1]]``; frames are contiguous,
         so a relay can forward a run of them as one slice.
         """
-        if self._chunks:
-            self._chunks.append(data)
-            self._have += len(data)
-            if self._need == 0 and self._have >= 4:
-                self._need = self._frame_size(b"".join(self._chunks)[:4], 0)
-            if self._need == 0 or self._have < self._need:
-                return b"", [0]
-            data = b"".join(self._chunks)
-            self._chunks = []
-            self._have = self._need = 0
-        self.may_hold_timestamp = may_hold_timestamp(data)
+        buf = self.prepare(data)
+        if buf is None:
+            return b"", [0]
         bounds = [0]
         append = bounds.append
-        size = len(data)
+        size = len(buf)
         pos = 0
         limit = self.max_frame_size
         unpack_from = _PREFIX.unpack_from
         while size - pos >= 4:
-            length = unpack_from(data, pos)[0]
+            length = unpack_from(buf, pos)[0]
             if length > limit:
                 raise FrameTooLargeError(length, limit)
             end = pos + 4 + length
@@ -733,12 +725,42 @@ class FrameDecoder:
                 break
             append(end)
             pos = end
-        if pos < size:
-            rest = data[pos:]
+        self.keep(buf, pos)
+        return buf, bounds
+
+    def prepare(self, data: bytes) -> bytes | None:
+        """Join ``data`` with a held incomplete frame.
+
+        Returns a buffer that starts at a frame boundary, or ``None`` while the
+        held frame is still incomplete. The caller walks the frames (checking
+        each length against ``max_frame_size``) and hands the incomplete tail
+        back with :meth:`keep`. Sets :attr:`may_hold_timestamp` for the buffer.
+
+        :raises FrameTooLargeError: when a held prefix announces too large a frame.
+        """
+        if self._chunks:
+            self._chunks.append(data)
+            self._have += len(data)
+            if self._need == 0 and self._have >= 4:
+                self._need = self._frame_size(b"".join(self._chunks)[:4], 0)
+            if self._need == 0 or self._have < self._need:
+                return None
+            data = b"".join(self._chunks)
+            self._chunks = []
+            self._have = self._need = 0
+        self.may_hold_timestamp = may_hold_timestamp(data)
+        return data
+
+    def keep(self, buf: bytes, pos: int) -> None:
+        """Hold ``buf[pos:]`` (an incomplete frame) until more bytes arrive.
+
+        :raises FrameTooLargeError: when its prefix announces too large a frame.
+        """
+        if pos < len(buf):
+            rest = buf[pos:]
             self._chunks = [rest]
             self._have = len(rest)
             self._need = self._frame_size(rest, 0) if len(rest) >= 4 else 0
-        return data, bounds
 
     def _frame_size(self, head: bytes, pos: int) -> int:
         length: int = _PREFIX.unpack_from(head, pos)[0]

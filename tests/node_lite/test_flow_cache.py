@@ -157,3 +157,15 @@ def test_a_known_flow_with_a_broken_tail_is_refused_by_the_receiver() -> None:
     core2, sinks2 = make_core(True)
     core2.data_received(1, broken, NOW)
     assert len(sinks2[1].frames()) == 1  # hello_ack only
+
+
+def test_a_short_frame_never_matches_a_flow_with_the_next_frames_bytes() -> None:
+    core, sinks = make_core(True)
+    good = encode_frame(Publish(source=APPS[0], destination=APPS[1], payload=b"ok"))
+    core.data_received(1, good, NOW)  # installs the flow
+    header = good[4:30]
+    short = len(header[:10]).to_bytes(4, "big") + header[:10]  # a frame cut inside the prefix
+    core.data_received(1, short + header[10:] + good, NOW)
+    # the short frame is malformed (slow path); the garbage after it is not a frame start
+    delivered = sinks[1].frames()[1:]
+    assert all(f == good for f in delivered)
