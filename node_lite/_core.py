@@ -293,12 +293,24 @@ class NodeCore:
                     start = pos
                     pos = end
                     run = 1
-                    while size - pos >= 4:
+                    # Frames of a flow usually share their size: compare the
+                    # length prefix and the routing header in one call.
+                    step = end - start
+                    head = buf[start:start + 4] + prefix
+                    while True:
+                        if size - pos >= step and buf.startswith(head, pos):
+                            pos += step
+                            run += 1
+                            continue
+                        if size - pos < 4:
+                            break
                         length = unpack_from(buf, pos)[0]
                         end = pos + 4 + length
                         if length > limit or end > size \
                                 or not buf.startswith(prefix, pos + 4, end):
                             break
+                        step = end - pos
+                        head = buf[pos:pos + 4] + prefix
                         pos = end
                         run += 1
                     frames += run - 1

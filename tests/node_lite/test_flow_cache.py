@@ -72,9 +72,11 @@ actions = st.lists(
 def frame_for(sender: int, kind: str, arg: int, seq: int) -> bytes:
     src = APPS[sender]
     if kind == "uni":
-        return encode_frame(Publish(source=src, destination=APPS[arg], message_id=seq))
+        return encode_frame(Publish(source=src, destination=APPS[arg], message_id=seq,
+                                    payload=b"u" * (seq % 3) * 40))
     if kind == "chan":
-        return encode_frame(Publish(source=src, destination=CHAN, fanout=2, message_id=seq))
+        return encode_frame(Publish(source=src, destination=CHAN, fanout=2, message_id=seq,
+                                    payload=b"c" * (seq % 2) * 300))
     if kind == "any":
         return encode_frame(Publish(source=src, destination=APPS[arg].without_id(),
                                     message_id=seq))

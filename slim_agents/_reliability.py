@@ -1,0 +1,287 @@
+# Reliable delivery for one stream of one sender (sans-IO: `now` in, decisions out).
+#
+# Invariants:
+# * A sender numbers its messages 1, 2, 3, ... per stream and keeps each one
+#   until every recipient acknowledged it, a recipient is dropped, or its
+#   retries run out. The window bounds how many are kept.
+# * A receiver delivers each message id exactly once, in order. A message
+#   ahead of the next expected id is held (bounded); the missing ids are
+#   requested again after `timeout`, at most `max_retries` times, then
+#   declared lost so that later messages are not held forever.
+# * Acknowledgements are ranges of ids the receiver holds or delivered, so one
+#   ack frame covers a whole batch.
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from node_lite import Name
+
+T = TypeVar("T")
+# Producer buffer as upstream (512 messages), plus a byte bound.
+DEFAULT_WINDOW = 512
+DEFAULT_WINDOW_BYTES = 8 << 20
+# Messages held ahead of a gap per sender.
+DEFAULT_MAX_HELD = 1024
+# Ids beyond this distance ahead of the next expected one are refused outright.
+MAX_AHEAD = 1 << 16
+MAX_MID = 0xFFFF_FFFF
+
+
+def to_ranges(mids: Iterable[int]) -> list[list[int]]:
+    """Compress ids into sorted inclusive ``[lo, hi]`` ranges."""
+    out: list[list[int]] = []
+    for mid in sorted(set(mids)):
+        if out and mid == out[-1][1] + 1:
+            out[-1][1] = mid
+        else:
+            out.append([mid, mid])
+    return out
+
+
+def iter_ranges(ranges: Iterable[Iterable[int]], limit: int = 1 << 20) -> Iterator[int]:
+    """The ids of ``[lo, hi]`` ranges (at most ``limit`` of them)."""
+    count = 0
+    for lo, hi in ranges:
+        for mid in range(lo, hi + 1):
+            count += 1
+            if count > limit:
+                return
+            yield mid
+
+
+@dataclass(slots=True)
+class Pending(Generic[T]):
+    """A sent message waiting for acknowledgements."""
+
+    mid: int
+    record: T
+    size: int
+    recipients: tuple[Name, ...]
+    waiting: set[Name]
+    deadline: float
+    attempts: int = 0
+    failed: dict[Name, str] = field(default_factory=dict)
+
+    @property
+    def delivered(self) -> tuple[Name, ...]:
+        return tuple(r for r in self.recipients if r not in self.waiting and r not in self.failed)
+
+
+class SendStream(Generic[T]):
+    """The sender side of a reliable stream."""
+
+    def __init__(self, *, timeout: float, max_retries: int, window: int = DEFAULT_WINDOW,
+                 window_bytes: int = DEFAULT_WINDOW_BYTES) -> None:
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.window = window
+        self.window_bytes = window_bytes
+        self.next_mid = 1
+        self.pending: dict[int, Pending[T]] = {}
+        self.pending_bytes = 0
+        self._timers: deque[tuple[float, int, int]] = deque()  # deadline, mid, attempt
+        self.retransmissions = 0
+
+    def has_room(self) -> bool:
+        return len(self.pending) < self.window and self.pending_bytes < self.window_bytes
+
+    def allocate(self) -> int:
+        """The id of the next message."""
+        mid = self.next_mid
+        if mid > MAX_MID:
+            raise OverflowError("a stream carries at most 2**32 - 1 messages")
+        self.next_mid += 1
+        return mid
+
+    def track(self, mid: int, record: T, size: int, recipients: Iterable[Name],
+              now: float) -> Pending[T] | None:
+        """Remember a sent message until its recipients acknowledge it.
+
+        Returns ``None`` when there is nobody to wait for.
+        """
+        names = tuple(recipients)
+        if not names:
+            return None
+        p = Pending(mid, record, size, names, set(names), now + self.timeout)
+        self.pending[mid] = p
+        self.pending_bytes += size
+        self._timers.append((p.deadline, mid, 0))
+        return p
+
+    def ack(self, recipient: Name, mids: Iterable[int]) -> list[Pending[T]]:
+        """Record acknowledgements; returns the messages now complete."""
+        done = []
+        pending = self.pending
+        for mid in mids:
+            p = pending.get(mid)
+            if p is not None and recipient in p.waiting:
+                p.waiting.discard(recipient)
+                if not p.waiting:
+                    done.append(self._finish(mid))
+        return done
+
+    def reject(self, recipient: Name, mid: int, reason: str) -> list[Pending[T]]:
+        """A recipient permanently refused a message (no retry can help)."""
+        p = self.pending.get(mid)
+        if p is None or recipient not in p.waiting:
+            return []
+        p.waiting.discard(recipient)
+        p.failed[recipient] = reason
+        return [self._finish(mid)] if not p.waiting else []
+
+    def drop_recipient(self, recipient: Name, reason: str) -> list[Pending[T]]:
+        """Stop waiting for a recipient (it left); returns the messages now complete."""
+        done = []
+        for mid, p in list(self.pending.items()):
+            if recipient in p.waiting:
+                p.waiting.discard(recipient)
+                p.failed[recipient] = reason
+                if not p.waiting:
+                    done.append(self._finish(mid))
+        return done
+
+    def _finish(self, mid: int) -> Pending[T]:
+        p = self.pending.pop(mid)
+        self.pending_bytes -= p.size
+        return p
+
+    def get_timer(self) -> float | None:
+        while self._timers:
+            deadline, mid, attempt = self._timers[0]
+            p = self.pending.get(mid)
+            if p is not None and p.attempts == attempt:
+                return deadline
+            self._timers.popleft()  # stale: acked or rescheduled
+        return None
+
+    def due(self, now: float) -> tuple[list[Pending[T]], list[Pending[T]]]:
+        """Messages to send again (to ``p.waiting``) and messages that ran out of retries."""
+        resend: list[Pending[T]] = []
+        expired: list[Pending[T]] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, mid, attempt = timers.popleft()
+            p = self.pending.get(mid)
+            if p is None or p.attempts != attempt:
+                continue
+            if p.attempts >= self.max_retries:
+                for r in p.waiting:
+                    p.failed[r] = "timeout"
+                p.waiting.clear()
+                expired.append(self._finish(mid))
+                continue
+            p.attempts += 1
+            p.deadline = now + self.timeout
+            timers.append((p.deadline, mid, p.attempts))
+            self.retransmissions += 1
+            resend.append(p)
+        return resend, expired
+
+    def lookup(self, mid: int) -> Pending[T] | None:
+        return self.pending.get(mid)
+
+
+class ReceiveStream(Generic[T]):
+    """The receiver side of one sender's reliable stream."""
+
+    def __init__(self, *, timeout: float, max_retries: int, first: int = 1,
+                 max_held: int = DEFAULT_MAX_HELD) -> None:
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.next = first
+        self.max_held = max_held
+        self.held: dict[int, T] = {}
+        self.missing: dict[int, list[float]] = {}  # mid -> [attempts, deadline]
+        self.to_ack: list[int] = []
+        self.new_gaps: list[int] = []
+        self.lost_ids: set[int] = set()
+        self.duplicates = 0
+        self.lost_count = 0
+
+    def receive(self, mid: int, item: T, now: float) -> list[T] | None:
+        """Accept a message; returns the items now deliverable in order.
+
+        ``None`` means the message was refused (too far ahead or the hold
+        buffer is full): it is not acknowledged, so the sender will retry.
+        """
+        nxt = self.next
+        if mid < nxt or mid in self.held or mid in self.lost_ids:
+            self.duplicates += 1
+            self.to_ack.append(mid)
+            return []
+        if mid == nxt:
+            self.to_ack.append(mid)
+            out = [item]
+            self.next = nxt + 1
+            if self.held or self.lost_ids:
+                self._advance(out)
+            self.missing.pop(mid, None)
+            return out
+        if mid - nxt > MAX_AHEAD or len(self.held) >= self.max_held:
+            return None
+        self.held[mid] = item
+        self.to_ack.append(mid)
+        self.missing.pop(mid, None)
+        for gap in range(nxt, mid):
+            if gap not in self.held and gap not in self.missing:
+                self.missing[gap] = [0, now + self.timeout]
+                self.new_gaps.append(gap)
+        return []
+
+    def take_acks(self) -> list[int]:
+        acks, self.to_ack = self.to_ack, []
+        return acks
+
+    def take_new_gaps(self) -> list[int]:
+        gaps, self.new_gaps = self.new_gaps, []
+        return [g for g in gaps if g in self.missing]
+
+    def get_timer(self) -> float | None:
+        return min((d for _, d in self.missing.values()), default=None)
+
+    def due(self, now: float) -> tuple[list[int], list[int], list[T]]:
+        """Ids to request again, ids given up as lost, and items released by giving up."""
+        again: list[int] = []
+        lost: list[int] = []
+        for mid, state in list(self.missing.items()):
+            if state[1] > now:
+                continue
+            if state[0] >= self.max_retries:
+                lost.append(mid)
+            else:
+                state[0] += 1
+                state[1] = now + self.timeout
+                again.append(mid)
+        released = self.give_up(lost) if lost else []
+        return again, lost, released
+
+    def give_up(self, mids: Iterable[int]) -> list[T]:
+        """Declare ids lost (the sender no longer has them); returns items released."""
+        gone = {m for m in mids if m >= self.next and m not in self.held}
+        out: list[T] = []
+        for mid in gone:
+            self.missing.pop(mid, None)
+        self.lost_count += len(gone)
+        self.lost_ids |= gone
+        self._advance(out)
+        return out
+
+    def _advance(self, out: list[T]) -> None:
+        nxt = self.next
+        held, lost = self.held, self.lost_ids
+        while True:
+            if nxt in held:
+                out.append(held.pop(nxt))
+            elif nxt in lost:
+                lost.discard(nxt)
+            else:
+                break
+            nxt += 1
+        self.next = nxt
+
+    def statistics(self) -> dict[str, Any]:
+        return {"next": self.next, "held": len(self.held), "missing": len(self.missing),
+                "duplicates": self.duplicates, "lost": self.lost_count}
