@@ -183,6 +183,8 @@ class NodeCore:
         self.closed_totals: Counter[str] = Counter()
         self._known_names: set[tuple[Any, ...]] = set()
         self.congested: list[Sink] = []
+        #: Sinks written during the last data_received (the driver may flush them directly).
+        self.touched: list[Sink] = []
 
     # -- connection lifecycle --------------------------------------------------------
 
@@ -251,6 +253,7 @@ class NodeCore:
             return []
         congested: list[Sink] = []
         self.congested = congested
+        self.touched = []
         conn.last_rx = now
         conn.bytes_in += len(data)
         decoder = conn.decoder
@@ -581,7 +584,7 @@ class NodeCore:
                 return
         target.frames_out += 1
         target.bytes_out += len(data)
-        sink.write(data)
+        self._write_sink(sink, data)
 
     def _deliver_run(self, src: _Conn, target: _Conn, run: memoryview, frames: int) -> None:
         sink = target.sink
@@ -600,7 +603,7 @@ class NodeCore:
                 return
         target.frames_out += frames
         target.bytes_out += len(run)
-        sink.write(run)
+        self._write_sink(sink, run)
 
     def _no_route(self, conn: _Conn, d: dict[str, Any]) -> None:
         self.drops["no_route"] += 1
@@ -616,7 +619,13 @@ class NodeCore:
         if not conn.closed:
             conn.frames_out += 1
             conn.bytes_out += len(data)
-            conn.sink.write(data)
+            self._write_sink(conn.sink, data)
+
+    def _write_sink(self, sink: Sink, data: bytes | memoryview) -> None:
+        touched = self.touched
+        if sink not in touched:
+            touched.append(sink)
+        sink.write(data)
 
     def _error(self, conn: _Conn, code: str, message: str, *, ref: int | None = None,
                name: Name | None = None, session_id: int | None = None) -> None:

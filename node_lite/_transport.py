@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import math
+import select
 import ssl
 from collections import deque
 from typing import Any
 
 import anyio
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 # asyncio hands over up to 256 KiB per transport read and copies when a read
@@ -19,6 +20,8 @@ _ASYNCIO_READ = 256 * 1024
 _TRIO_READ = 64 * 1024
 # Chunks buffered in one direction of an in-memory stream (each is one coalesced write).
 _MEMORY_CHUNKS = 16
+# Largest batch the reading task sends itself instead of waking the writer.
+DIRECT_SEND_MAX = 16 * 1024
 
 
 async def dial(host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> ByteStream:
@@ -26,6 +29,22 @@ async def dial(host: str, port: int, ssl_context: ssl.SSLContext | None = None) 
     if ssl_context is None:
         return await anyio.connect_tcp(host, port)
     return await anyio.connect_tcp(host, port, ssl_context=ssl_context, tls_hostname=host)
+
+
+def _writable(stream: Any) -> bool:
+    """Whether a send of a small batch on ``stream`` would complete without waiting."""
+    if isinstance(stream, MemoryByteStream):
+        return stream.can_send()
+    inner = stream
+    while hasattr(inner, "transport_stream"):
+        inner = inner.transport_stream
+    try:
+        sock = inner.extra(SocketAttribute.raw_socket)
+    except Exception:  # not a socket stream: let the writer task handle it
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 def read_size(stream: Any) -> int:
@@ -51,6 +70,20 @@ def pause_reading(stream: Any) -> None:
             pass
 
 
+class WriteBatch:
+    """Set while a reader processes a batch: outboxes then leave their writer asleep.
+
+    The reader sends small batches itself afterwards, saving a task switch
+    per hop. Safe to share between readers: it is only set around
+    synchronous code.
+    """
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = False
+
+
 class Outbox:
     """Bounded outbound queue of one connection, written by one task that coalesces.
 
@@ -61,8 +94,9 @@ class Outbox:
     """
 
     def __init__(self, stream: ByteStream, *, write_deadline: float = math.inf,
-                 low_water: int = 256 * 1024) -> None:
+                 low_water: int = 256 * 1024, batch: WriteBatch | None = None) -> None:
         self._stream = stream
+        self._batch = batch
         self._buf: list[bytes | memoryview] = []
         self._bytes = 0
         self._frames = 0
@@ -81,6 +115,7 @@ class Outbox:
         self._finished = anyio.Event()
         self._scope = anyio.CancelScope()
         self._send_started: float | None = None
+        self._busy = False  # a direct send is in progress
 
     @property
     def pending_bytes(self) -> int:
@@ -95,13 +130,61 @@ class Outbox:
         return self.closing or self.failed is not None
 
     def write(self, data: bytes | memoryview) -> None:
+        """Queue bytes for the writer (never blocks)."""
         if self.closing or self.failed is not None:
             return
         self._buf.append(data)
         self._bytes += len(data)
         self._frames += 1
         wake = self._wake
-        if wake is not None:
+        if wake is not None and not self._busy:
+            batch = self._batch
+            if batch is None or not batch.active:
+                self._wake = None
+                wake.set()
+
+    def can_send_direct(self) -> bool:
+        """Whether the caller may send the queued bytes itself without risk of blocking.
+
+        True when the writer is idle, the batch is small and the socket (or
+        in-memory stream) can take it now.
+        """
+        if self._wake is None or self._busy or not self._buf or self.closing:
+            return False
+        if self._bytes > DIRECT_SEND_MAX:
+            return False
+        return _writable(self._stream)
+
+    async def send_direct(self) -> None:
+        """Send the queued batch from the calling task (after :meth:`can_send_direct`)."""
+        buf = self._buf
+        data = buf[0] if len(buf) == 1 else b"".join(buf)
+        self.frames_written += self._frames
+        self._buf = []
+        self._inflight = len(data)
+        self._bytes = self._frames = 0
+        self._busy = True
+        self._send_started = anyio.current_time()
+        try:
+            await self._stream.send(data)  # type: ignore[arg-type]  # memoryview is fine
+            self.writes += 1
+            self.bytes_written += len(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self.failed = f"write failed: {type(exc).__name__}"
+            self._scope.cancel()
+        finally:
+            self._busy = False
+            self._send_started = None
+            self._inflight = 0
+        if self._buf or self.closing or self.failed:
+            wake, self._wake = self._wake, None
+            if wake is not None:
+                wake.set()
+
+    def wake_writer(self) -> None:
+        """Hand bytes queued during a batch to the writer task."""
+        wake = self._wake
+        if wake is not None and self._buf and not self._busy:
             self._wake = None
             wake.set()
 
@@ -152,8 +235,8 @@ class Outbox:
         try:
             with self._scope:
                 while True:
-                    if not self._buf:
-                        if self.closing:
+                    if not self._buf or self._busy:
+                        if self.closing and not self._busy:
                             return
                         self._wake = anyio.Event()
                         await self._wake.wait()
@@ -211,6 +294,10 @@ class MemoryByteStream(ByteStream):
         if self._send_closed:
             raise anyio.ClosedResourceError
         await self._send.send(bytes(item))
+
+    def can_send(self) -> bool:
+        stats = self._send.statistics()
+        return stats.current_buffer_used < stats.max_buffer_size and not self._send_closed
 
     async def send_eof(self) -> None:
         self._send_closed = True

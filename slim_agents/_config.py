@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import datetime
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from node_lite import ConfigError
+
+# Control messages are always reliable, as upstream: 1 s between tries, 10 tries.
+DEFAULT_CONTROL_INTERVAL = 1.0
+DEFAULT_CONTROL_RETRIES = 10
+# Messages waiting in a session's inbox for get_message().
+DEFAULT_MAX_INBOX = 10_000
+
+
+class SessionKind(enum.Enum):
+    """Point-to-point with one instance of a service, or a group on a channel."""
+
+    POINT_TO_POINT = "point_to_point"
+    GROUP = "group"
+
+
+def _seconds(value: float | datetime.timedelta | None, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SessionConfig:
+    """How a session behaves.
+
+    Reliable delivery (acknowledgements, retransmission, ordering, exactly
+    once) is on when both ``timeout`` (seconds per attempt) and
+    ``max_retries`` are set, as upstream; otherwise delivery is best effort.
+    ``metadata`` reaches the other side's ``session.metadata``.
+    """
+
+    kind: SessionKind = SessionKind.POINT_TO_POINT
+    timeout: float | None = None
+    max_retries: int | None = None
+    mls_enabled: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    window: int = 512
+    max_inbox: int = DEFAULT_MAX_INBOX
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, SessionKind):
+            raise ConfigError(f"kind must be a SessionKind, got {self.kind!r}")
+        object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))  # type: ignore[arg-type]
+        if self.max_retries is not None and (
+                isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int)
+                or not 0 <= self.max_retries <= 1000):
+            raise ConfigError(f"max_retries must be an integer in [0, 1000], got "
+                              f"{self.max_retries!r}")
+        if not isinstance(self.mls_enabled, bool):
+            raise ConfigError("mls_enabled must be a boolean")
+        if not isinstance(self.metadata, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise ConfigError("metadata must map strings to strings")
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+        for attr in ("window", "max_inbox"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{attr} must be a positive integer")
+
+    @property
+    def reliable(self) -> bool:
+        return self.timeout is not None and self.max_retries is not None
+
+    @property
+    def control_interval(self) -> float:
+        return self.timeout if self.timeout is not None else DEFAULT_CONTROL_INTERVAL
+
+    @property
+    def control_retries(self) -> int:
+        return self.max_retries if self.max_retries is not None else DEFAULT_CONTROL_RETRIES
+
+    @classmethod
+    def group(cls, **kwargs: object) -> SessionConfig:
+        return cls(kind=SessionKind.GROUP, **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def point_to_point(cls, **kwargs: object) -> SessionConfig:
+        return cls(kind=SessionKind.POINT_TO_POINT, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,1089 @@
+# One session (sans-IO): point-to-point or group, moderator or participant.
+#
+# Invariants:
+# * The moderator (the creator) alone changes membership, one operation at a
+#   time: discovery -> join -> group update (existing members ack) ->
+#   welcome (the new member acks). Members learn the roster only from the
+#   moderator's signed-by-token control messages.
+# * A point-to-point session is a group of two without a channel: data goes
+#   to the peer's full name, and either side's close ends both.
+# * Control messages are always retried (interval, retries) until answered;
+#   replies and acks carry the request's message id. Duplicate requests get
+#   the cached reply.
+# * Data is best effort, or reliable when configured (see _reliability): one
+#   stream per sender for messages to the group, one per (sender, recipient)
+#   for directed messages.
+# * Inputs are frames (decoded maps) and `now`; outputs go through the owner
+#   (frames to send, events); nothing here does I/O or reads a clock.
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from node_lite import AuthenticationError, Name, NoRouteError
+from node_lite.wire import decode_frame, encode_frame
+
+from ._config import SessionConfig, SessionKind
+from ._errors import (
+    DeliveryError,
+    DeliveryTimeoutError,
+    MessageLostError,
+    NotModeratorError,
+    ParticipantError,
+    SessionClosedError,
+    SessionRejectedError,
+    SessionTimeoutError,
+)
+from ._protocol import (
+    META_LEAVING,
+    META_PUBLISH_TO,
+    TRUE,
+    Kind,
+    Member,
+    ProtocolViolation,
+    SessionType,
+    build_frame,
+    decode_body,
+    encode_body,
+    int_of,
+    member_of,
+    members_of,
+    name_of,
+    ranges_of,
+)
+from ._reliability import ReceiveStream, SendStream, iter_ranges, to_ranges
+from ._reports import DeliveryReport, Message, MessageContext, Ticket
+
+if TYPE_CHECKING:
+    from ._app_core import AppCore
+
+Key = tuple[Any, ...]
+# Remembered answers to control requests, to answer retransmissions alike.
+ANSWER_CACHE = 256
+# Data frames a joining member keeps until its welcome arrives.
+EARLY_FRAMES = 1024
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"  # initiator of a point-to-point session, handshake running
+    JOINING = "joining"  # invited, waiting for the welcome
+    ESTABLISHED = "established"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+# -- events -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Established:
+    session: SessionCore
+
+
+@dataclass(slots=True)
+class InboxReady:
+    session: SessionCore
+
+
+@dataclass(slots=True)
+class Closed:
+    session: SessionCore
+    reason: str
+
+
+@dataclass(slots=True)
+class WindowOpen:
+    session: SessionCore
+
+
+@dataclass(slots=True)
+class RosterChanged:
+    session: SessionCore
+    added: tuple[Name, ...] = ()
+    removed: tuple[Name, ...] = ()
+
+
+@dataclass(slots=True)
+class TicketDone:
+    ticket: Ticket
+
+
+class WindowFull(Exception):
+    """The reliable send window is full: wait for WindowOpen, then publish again."""
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    payload: bytes
+    payload_type: str | None
+    metadata: Mapping[str, str] | None
+    ticket: Ticket
+    direct_to: Name | None = None
+
+
+@dataclass(slots=True)
+class _Control:
+    mid: int
+    frame: bytes
+    kind: int
+    waiting: set[Key] | None  # None: the first reply from anyone
+    targets: dict[Key, list[Any]]  # where to resend (name wire per waiting member)
+    deadline: float
+    on_reply: Callable[[Key, dict[str, Any], Member | None], None]
+    on_done: Callable[[], None]
+    on_fail: Callable[[BaseException, set[Key]], None]
+    attempts: int = 0
+    multicast: list[Any] | None = None  # resend once to this name instead of per member
+
+
+def _key(wire: list[Any]) -> Key:
+    return (wire[0], wire[1], wire[2], wire[3])
+
+
+class SessionCore:
+    """State of one session in one app."""
+
+    def __init__(self, owner: AppCore, sid: int, config: SessionConfig, *,
+                 initiator: bool, destination: Name, now: float) -> None:
+        self.owner = owner
+        self.sid = sid
+        self.config = config
+        self.kind = config.kind
+        self.initiator = initiator
+        self.group = config.kind is SessionKind.GROUP
+        self.st = SessionType.GROUP if self.group else SessionType.POINT_TO_POINT
+        self.local = owner.name
+        self.local_wire = owner.name.to_wire()
+        self.local_key = _key(self.local_wire)
+        # A group's destination is its channel; a point-to-point one is the peer (pinned later).
+        self.destination = destination
+        self.channel: Name | None = destination if self.group else None
+        self.moderator: Member | None = Member(owner.name, owner.subject) if initiator else None
+        self.members: dict[Key, Member] = {}
+        if initiator:
+            self.members[self.local_key] = Member(owner.name, owner.subject)
+        self.state = State.CONNECTING if initiator and not self.group else (
+            State.ESTABLISHED if initiator else State.JOINING)
+        self.metadata: Mapping[str, str] = dict(config.metadata)
+        self.close_reason: str | None = None
+        self.inbox: deque[Message | BaseException] = deque()
+        self.dropped = 0
+        self._controls: dict[int, _Control] = {}
+        self._answered: OrderedDict[tuple[Key, int], bytes] = OrderedDict()
+        self._ops: deque[tuple[Callable[[float], None], Ticket]] = deque()
+        self._op_running = False
+        self._close_ticket: Ticket | None = None
+        self._deadline: float | None = None  # joining: give up without a welcome
+        self._early: list[dict[str, Any]] = []
+        self._first_mid: dict[Key, int] = {}
+        reliable = config.reliable
+        self.reliable = reliable
+        t, r = (config.timeout or 1.0), (config.max_retries or 0)
+        self._send: SendStream[_Outgoing] | None = (
+            SendStream(timeout=t, max_retries=r, window=config.window) if reliable else None)
+        self._send_direct: dict[Key, SendStream[_Outgoing]] = {}
+        self._recv: dict[Key, ReceiveStream[Message]] = {}
+        self._recv_direct: dict[Key, ReceiveStream[Message]] = {}
+        self._dirty_recv: set[tuple[Key, bool]] = set()
+        self._next_mid = 1  # best-effort message ids
+        self._window_waiting = False
+        self.published = 0
+        self.received = 0
+        self.state_subscribed = False
+        if not initiator:
+            self._deadline = now + config.control_interval * (config.control_retries + 1)
+
+    # -- properties ----------------------------------------------------------------------
+
+    @property
+    def peer(self) -> Name | None:
+        """The other side of a point-to-point session, once known."""
+        if self.group:
+            return None
+        for key, m in self.members.items():
+            if key != self.local_key:
+                return m.name
+        return None
+
+    @property
+    def is_moderator(self) -> bool:
+        return self.moderator is not None and self.moderator.name == self.local
+
+    @property
+    def roster(self) -> list[Name]:
+        return [m.name for m in self.members.values()]
+
+    def _recipients(self) -> list[Key]:
+        return [k for k in self.members if k != self.local_key]
+
+    def _data_dst(self) -> tuple[list[Any], int]:
+        if self.group:
+            assert self.channel is not None
+            return self.channel.to_wire(), 2
+        peer = self.peer
+        assert peer is not None
+        return peer.to_wire(), 1
+
+    # -- sending helpers -------------------------------------------------------------------
+
+    def _frame(self, dst: list[Any], kind: int, mid: int, *, fanout: int = 1, body: bytes = b"",
+               metadata: Mapping[str, str] | None = None, payload_type: str | None = None,
+               control: bool = True, error: bool = False) -> bytes:
+        return build_frame(self.local_wire, dst, fanout=fanout, sid=self.sid, st=self.st,
+                           kind=kind, mid=mid, body=body, payload_type=payload_type,
+                           metadata=metadata, identity=self.owner.token() if control else None,
+                           error=error)
+
+    def _control(self, kind: int, dst: list[Any], body: Mapping[str, Any], now: float, *,
+                 waiting: Iterable[Key] | None, on_reply: Callable[..., None],
+                 on_done: Callable[[], None], on_fail: Callable[[BaseException, set[Key]], None],
+                 fanout: int = 1, metadata: Mapping[str, str] | None = None) -> None:
+        mid = self.owner.random_mid()
+        frame = self._frame(dst, kind, mid, fanout=fanout, body=encode_body(body),
+                            metadata=metadata)
+        wait = None if waiting is None else set(waiting)
+        targets = {k: self.members[k].name.to_wire() for k in (wait or ()) if k in self.members}
+        c = _Control(mid, frame, kind, wait, targets, now + self.config.control_interval,
+                     on_reply, on_done, on_fail, multicast=dst if fanout > 1 else None)
+        if wait is not None and not wait:
+            on_done()
+            return
+        self._controls[mid] = c
+        self.owner.send(frame)
+
+    def _reply(self, d: dict[str, Any], kind: int, body: Mapping[str, Any] | None = None, *,
+               error: bool = False, metadata: Mapping[str, str] | None = None) -> None:
+        frame = self._frame(d["src"], kind, d["mid"], body=encode_body(body or {}),
+                            error=error, metadata=metadata)
+        self._remember_answer(d, frame)
+        self.owner.send(frame)
+
+    def _remember_answer(self, d: dict[str, Any], frame: bytes) -> None:
+        self._answered[(_key(d["src"]), d["mid"])] = frame
+        while len(self._answered) > ANSWER_CACHE:
+            self._answered.popitem(last=False)
+
+    def _answered_before(self, d: dict[str, Any]) -> bool:
+        frame = self._answered.get((_key(d["src"]), d["mid"]))
+        if frame is not None:
+            self.owner.send(frame)
+            return True
+        return False
+
+    # -- public operations -----------------------------------------------------------------
+
+    def publish(self, payload: bytes, now: float, *, payload_type: str | None = None,
+                metadata: Mapping[str, str] | None = None, to: Name | None = None) -> Ticket:
+        """Send a message to the group (or the peer), or to one member with ``to``.
+
+        :raises SessionClosedError: when the session is closed.
+        :raises WindowFull: when the reliable window is full (retry after WindowOpen).
+        """
+        self._check_open()
+        if self.state is not State.ESTABLISHED:
+            raise SessionClosedError(self.sid, "not established")
+        ticket = Ticket("publish")
+        direct = None
+        if to is not None and self.group:
+            key = _key(to.to_wire())
+            if key not in self.members or key == self.local_key:
+                raise ParticipantError(f"{to} is not another member of this session",
+                                       session_id=self.sid)
+            direct = key
+        if direct is not None:
+            dst, fanout = list(direct), 1
+            meta = dict(metadata or {})
+            meta[META_PUBLISH_TO] = TRUE
+            recipients = [direct]
+            stream = self._send_direct.get(direct) if self.reliable else None
+            if self.reliable and stream is None:
+                assert self._send is not None
+                stream = self._send_direct[direct] = SendStream(
+                    timeout=self._send.timeout, max_retries=self._send.max_retries,
+                    window=self._send.window)
+        else:
+            dst, fanout = self._data_dst()
+            meta = dict(metadata) if metadata else None
+            recipients = self._recipients()
+            stream = self._send
+        if stream is not None and not stream.has_room():
+            self._window_waiting = True
+            raise WindowFull
+        if stream is not None:
+            mid = stream.allocate()
+        else:
+            mid = self._next_mid
+            self._next_mid += 1
+        self.owner.send(self._frame(dst, Kind.MSG, mid, fanout=fanout, body=payload,
+                                    metadata=meta, payload_type=payload_type, control=False))
+        self.published += 1
+        names = tuple(self.members[k].name for k in recipients)
+        if stream is None:
+            ticket.resolve(DeliveryReport(mid, names, reliable=False))
+            return ticket
+        record = _Outgoing(payload, payload_type, meta, ticket,
+                           direct_to=self.members[direct].name if direct else None)
+        if stream.track(mid, record, len(payload) + 64, names, now) is None:
+            ticket.resolve(DeliveryReport(mid, (), reliable=True))
+        return ticket
+
+    def invite(self, name: Name, now: float) -> Ticket:
+        """Add a participant (moderator of a group only); the ticket resolves once all share it."""
+        self._check_open()
+        if not self.group:
+            raise ParticipantError("cannot invite into a point-to-point session",
+                                   session_id=self.sid)
+        if not self.is_moderator:
+            raise NotModeratorError("only the moderator can invite", session_id=self.sid)
+        if name.without_id() == self.local.without_id() and name.id in (None, self.local.id):
+            raise ParticipantError("a session cannot invite itself", session_id=self.sid)
+        ticket = Ticket("invite")
+        self._queue(lambda t: self._invite_step_discover(name, ticket, t), ticket, now)
+        return ticket
+
+    def start_point_to_point(self, now: float) -> Ticket:
+        """Begin the handshake of a point-to-point session with ``destination``."""
+        ticket = Ticket("create")
+        self._queue(lambda t: self._invite_step_discover(self.destination, ticket, t), ticket,
+                    now)
+        return ticket
+
+    def remove(self, name: Name, now: float) -> Ticket:
+        """Remove a participant (moderator only); the ticket resolves when it has left."""
+        self._check_open()
+        if not self.group:
+            raise ParticipantError("cannot remove from a point-to-point session",
+                                   session_id=self.sid)
+        if not self.is_moderator:
+            raise NotModeratorError("only the moderator can remove", session_id=self.sid)
+        key = self._find_member(name)
+        if key is None:
+            raise ParticipantError(f"participant not found in group: {name}",
+                                   session_id=self.sid)
+        if key == self.local_key:
+            raise ParticipantError("the moderator cannot remove itself; close the session",
+                                   session_id=self.sid)
+        ticket = Ticket("remove")
+        self._queue(lambda t: self._remove_step_update(key, ticket, t, notify=True), ticket, now)
+        return ticket
+
+    def close(self, now: float) -> Ticket:
+        """Close the session: members are told; the ticket resolves when they answered."""
+        if self._close_ticket is not None:
+            return self._close_ticket
+        ticket = self._close_ticket = Ticket("close")
+        if self.state is State.CLOSED:
+            ticket.fail(SessionClosedError(self.sid, self.close_reason or "closed"))
+            return ticket
+        if self.state in (State.CONNECTING, State.JOINING):
+            self._finish_close("closed", now)
+            ticket.resolve(None)
+            return ticket
+        self.state = State.CLOSING
+        others = self._recipients()
+        if not others:
+            self._finish_close("closed", now)
+            ticket.resolve(None)
+            return ticket
+        if self.group and self.is_moderator:
+            assert self.channel is not None
+            self._control(Kind.GROUP_CLOSE, self.channel.to_wire(),
+                          {"roster": [m.to_wire() for m in self.members.values()]}, now,
+                          waiting=others, fanout=2, on_reply=lambda *a: None,
+                          on_done=lambda: self._closed_after_ack(ticket),
+                          on_fail=lambda e, w: self._closed_after_ack(ticket))
+            return ticket
+        # A point-to-point side, or a member leaving a group: tell the other side first.
+        target = others[0] if not self.group else (
+            _key(self.moderator.name.to_wire()) if self.moderator else others[0])
+        self._control(Kind.LEAVE_REQUEST, list(target), {}, now, waiting=[target],
+                      metadata={META_LEAVING: TRUE}, on_reply=lambda *a: None,
+                      on_done=lambda: self._closed_after_ack(ticket),
+                      on_fail=lambda e, w: self._closed_after_ack(ticket))
+        return ticket
+
+    def _closed_after_ack(self, ticket: Ticket) -> None:
+        self._finish_close("closed", None)
+        ticket.resolve(None)
+        self.owner.emit(TicketDone(ticket))
+
+    def _check_open(self) -> None:
+        if self.state in (State.CLOSING, State.CLOSED):
+            raise SessionClosedError(self.sid, self.close_reason or "closed")
+
+    def _find_member(self, name: Name) -> Key | None:
+        if name.id is not None:
+            key = _key(name.to_wire())
+            return key if key in self.members else None
+        matches = [k for k, m in self.members.items() if m.name.without_id() == name]
+        return matches[0] if len(matches) == 1 else None
+
+    # -- membership operations (moderator) -------------------------------------------------
+
+    def _queue(self, op: Callable[[float], None], ticket: Ticket, now: float) -> None:
+        self._ops.append((op, ticket))
+        if not self._op_running:
+            self._next_op(now)
+
+    def _next_op(self, now: float) -> None:
+        self._op_running = False
+        if self._ops and self.state not in (State.CLOSING, State.CLOSED):
+            self._op_running = True
+            op, _ = self._ops.popleft()
+            op(now)
+
+    def _op_done(self, ticket: Ticket, result: Any, now: float) -> None:
+        ticket.resolve(result)
+        self.owner.emit(TicketDone(ticket))
+        self._next_op(now)
+
+    def _op_failed(self, ticket: Ticket, error: BaseException, now: float) -> None:
+        ticket.fail(error)
+        self.owner.emit(TicketDone(ticket))
+        if not self.group and self.state is State.CONNECTING:
+            self._finish_close("handshake failed", now)
+            return
+        self._next_op(now)
+
+    def _invite_step_discover(self, name: Name, ticket: Ticket, now: float) -> None:
+        if self.state in (State.CLOSING, State.CLOSED):
+            self._op_failed(ticket, SessionClosedError(self.sid, "closed"), now)
+            return
+        if name.id is not None:
+            if _key(name.to_wire()) in self.members:
+                self._op_failed(ticket, ParticipantError(f"participant already in group: {name}",
+                                                         session_id=self.sid), now)
+                return
+            self._invite_step_join(name, ticket, now)
+            return
+        found: list[Name] = []
+
+        def on_reply(key: Key, d: dict[str, Any], member: Member | None) -> None:
+            if d.get("err"):
+                raise _Rejected(d)
+            found.append(name_of(d["src"], "src"))
+
+        def on_done() -> None:
+            self._invite_step_join(found[0], ticket, self._now)
+
+        self._control(Kind.DISCOVERY_REQUEST, name.to_wire(), {}, now, waiting=None,
+                      on_reply=on_reply, on_done=on_done,
+                      on_fail=lambda e, w: self._op_failed(ticket, e, self._now))
+
+    def _invite_step_join(self, target: Name, ticket: Ticket, now: float) -> None:
+        key = _key(target.to_wire())
+        if key in self.members:
+            self._op_failed(ticket, ParticipantError(f"participant already in group: {target}",
+                                                     session_id=self.sid), now)
+            return
+        body: dict[str, Any] = {"st": int(self.st), "mod": self.local_wire}
+        if self.channel is not None:
+            body["ch"] = self.channel.to_wire()
+        if self.config.reliable:
+            assert self.config.timeout is not None and self.config.max_retries is not None
+            body["rel"] = [int(self.config.timeout * 1000), self.config.max_retries]
+        if self.config.mls_enabled:
+            body["mls"] = {}
+        joined: list[Member] = []
+
+        def on_reply(k: Key, d: dict[str, Any], member: Member | None) -> None:
+            if d.get("err"):
+                raise _Rejected(d)
+            assert member is not None
+            joined.append(member)
+
+        def on_done() -> None:
+            self._invite_step_update(joined[0], ticket, self._now)
+
+        self._control(Kind.JOIN_REQUEST, target.to_wire(), body, now, waiting=None,
+                      metadata=self.config.metadata or None, on_reply=on_reply,
+                      on_done=on_done, on_fail=lambda e, w: self._op_failed(ticket, e, self._now))
+
+    def _invite_step_update(self, member: Member, ticket: Ticket, now: float) -> None:
+        existing = [k for k in self.members if k != self.local_key]
+        next_mids: dict[Key, int] = {}
+        if self._send is not None:
+            next_mids[self.local_key] = self._send.next_mid
+        if not existing:
+            self._invite_step_welcome(member, next_mids, ticket, now)
+            return
+        assert self.channel is not None
+        roster = [*self.members.values(), member]
+
+        def on_reply(k: Key, d: dict[str, Any], m: Member | None) -> None:
+            body = decode_body(d.get("body", b""))
+            if "next" in body:
+                next_mids[k] = int_of(body["next"], "next", 1)
+
+        def on_fail(error: BaseException, missing: set[Key]) -> None:
+            # Members that never acknowledged are gone: drop them, go on.
+            for k in missing:
+                self._drop_member(k, "unreachable", self._now)
+            self._invite_step_welcome(member, next_mids, ticket, self._now)
+
+        self._control(Kind.GROUP_UPDATE, self.channel.to_wire(),
+                      {"op": "add", "who": member.to_wire(),
+                       "roster": [m.to_wire() for m in roster]}, now,
+                      waiting=existing, fanout=2, on_reply=on_reply,
+                      on_done=lambda: self._invite_step_welcome(member, next_mids, ticket,
+                                                                self._now),
+                      on_fail=on_fail)
+
+    def _invite_step_welcome(self, member: Member, next_mids: dict[Key, int], ticket: Ticket,
+                             now: float) -> None:
+        key = _key(member.name.to_wire())
+        roster = [*self.members.values(), member]
+        body = {"roster": [m.to_wire() for m in roster],
+                "next": [[list(k), n] for k, n in next_mids.items()]}
+
+        def on_done() -> None:
+            self.members[key] = member
+            if not self.group:
+                self.destination = member.name
+                self.state = State.ESTABLISHED
+                self.owner.emit(Established(self))
+            else:
+                self.owner.emit(RosterChanged(self, added=(member.name,)))
+            self._op_done(ticket, member.name, self._now)
+
+        self._control(Kind.GROUP_WELCOME, member.name.to_wire(), body, now, waiting=None,
+                      on_reply=lambda k, d, m: self._check_ack(d), on_done=on_done,
+                      on_fail=lambda e, w: self._op_failed(ticket, e, self._now))
+
+    def _check_ack(self, d: dict[str, Any]) -> None:
+        if d.get("err") or d["k"] == Kind.GROUP_NACK:
+            raise _Rejected(d)
+
+    def _remove_step_update(self, key: Key, ticket: Ticket, now: float, *, notify: bool) -> None:
+        member = self.members.get(key)
+        if member is None:
+            self._op_done(ticket, None, now)
+            return
+        others = [k for k in self.members if k not in (self.local_key, key)]
+        roster = list(self.members.values())
+
+        def after_update() -> None:
+            self._drop_member(key, "removed", self._now)
+            if notify:
+                self._control(Kind.LEAVE_REQUEST, member.name.to_wire(), {}, self._now,
+                              waiting=[key], on_reply=lambda *a: None,
+                              on_done=lambda: self._op_done(ticket, member.name, self._now),
+                              on_fail=lambda e, w: self._op_done(ticket, member.name,
+                                                                 self._now))
+            else:
+                self._op_done(ticket, member.name, self._now)
+
+        def on_fail(error: BaseException, missing: set[Key]) -> None:
+            for k in missing:
+                if k != key:
+                    self._drop_member(k, "unreachable", self._now)
+            after_update()
+
+        waiting = others + ([key] if notify else [])
+        if not others:
+            after_update()
+            return
+        assert self.channel is not None
+        self._control(Kind.GROUP_UPDATE, self.channel.to_wire(),
+                      {"op": "remove", "who": member.to_wire(),
+                       "roster": [m.to_wire() for m in roster]}, now,
+                      waiting=waiting, fanout=2, on_reply=lambda *a: None,
+                      on_done=after_update, on_fail=on_fail)
+
+    def _drop_member(self, key: Key, reason: str, now: float) -> None:
+        member = self.members.pop(key, None)
+        if member is None:
+            return
+        self._recv.pop(key, None)
+        self._recv_direct.pop(key, None)
+        done = []
+        if self._send is not None:
+            done += self._send.drop_recipient(member.name, reason)
+        stream = self._send_direct.pop(key, None)
+        if stream is not None:
+            done += stream.drop_recipient(member.name, reason)
+        for c in self._controls.values():
+            if c.waiting is not None and key in c.waiting:
+                c.waiting.discard(key)
+        for p in done:
+            self._complete(p)
+        # A control that was waiting only for this member is now complete.
+        for mid, c in list(self._controls.items()):
+            if c.waiting is not None and not c.waiting:
+                del self._controls[mid]
+                c.on_done()
+        self.owner.emit(RosterChanged(self, removed=(member.name,)))
+        self._window_check()
+
+    # -- input -----------------------------------------------------------------------------
+
+    _now: float = 0.0
+
+    def handle_frame(self, d: dict[str, Any], now: float) -> None:
+        """Process one publish addressed to this session."""
+        self._now = now
+        kind = d["k"]
+        src_key = _key(d["src"])
+        if kind == Kind.MSG or kind == Kind.RTX_REPLY:
+            member = self.members.get(src_key)
+            if self.state is State.JOINING:
+                if len(self._early) < EARLY_FRAMES:
+                    self._early.append(d)
+                return
+            if member is None or self.state is State.CLOSED:
+                return  # not (or no longer) a member
+            if kind == Kind.RTX_REPLY and d.get("err"):
+                self._on_rtx_gone(src_key, d, now)
+                return
+            self._on_data(d, src_key, member, now)
+            return
+        if kind == Kind.MSG_ACK:
+            self._on_ack(src_key, d, now)
+            return
+        if kind == Kind.RTX_REQUEST:
+            self._on_rtx_request(src_key, d, now)
+            return
+        if kind in (Kind.DISCOVERY_REPLY, Kind.JOIN_REPLY, Kind.GROUP_ACK, Kind.GROUP_NACK,
+                    Kind.LEAVE_REPLY):
+            self._on_control_reply(src_key, d, now)
+            return
+        if kind in (Kind.GROUP_UPDATE, Kind.GROUP_WELCOME, Kind.GROUP_CLOSE,
+                    Kind.LEAVE_REQUEST):
+            if self._answered_before(d):
+                return
+            member = self._verify(d)
+            if member is None:
+                return
+            if kind == Kind.LEAVE_REQUEST:
+                self._on_leave_request(d, member, now)
+            elif not self._from_moderator(d):
+                self._reply(d, Kind.GROUP_NACK, {"code": "not_moderator"}, error=True)
+            elif kind == Kind.GROUP_WELCOME:
+                self._on_welcome(d, now)
+            elif kind == Kind.GROUP_UPDATE:
+                self._on_update(d, now)
+            else:
+                self._on_group_close(d, now)
+
+    def _verify(self, d: dict[str, Any]) -> Member | None:
+        try:
+            subject = self.owner.verify(d.get("id"), d["src"])
+        except AuthenticationError as exc:
+            self.owner.count("unauthenticated")
+            self._reply(d, Kind.GROUP_NACK, {"code": "unauthenticated", "msg": exc.reason},
+                        error=True)
+            return None
+        return Member(name_of(d["src"], "src"), subject)
+
+    def _from_moderator(self, d: dict[str, Any]) -> bool:
+        return self.moderator is not None and _key(d["src"]) == _key(
+            self.moderator.name.to_wire())
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _on_data(self, d: dict[str, Any], src_key: Key, member: Member, now: float) -> None:
+        meta = d.get("meta")
+        direct = bool(meta) and meta.get(META_PUBLISH_TO) == TRUE
+        if self.group and not direct:
+            dst = self.channel
+        else:
+            dst = self.local
+        ctx = MessageContext(source_name=member.name, destination_name=dst,
+                             payload_type=d.get("pt") or "msg", metadata=meta or {},
+                             session_id=self.sid, message_id=d["mid"], identity=member.subject,
+                             direct=direct)
+        message = Message(ctx, d.get("body", b""))
+        if not self.reliable:
+            if len(self.inbox) >= self.config.max_inbox:
+                self.dropped += 1
+                return
+            self._deliver([message])
+            return
+        if len(self.inbox) >= self.config.max_inbox:
+            self.dropped += 1
+            return  # not acknowledged: the sender will try again
+        streams = self._recv_direct if direct else self._recv
+        stream = streams.get(src_key)
+        if stream is None:
+            assert self._send is not None
+            first = 1 if direct else self._first_mid.pop(src_key, 1)
+            stream = streams[src_key] = ReceiveStream(
+                timeout=self._send.timeout, max_retries=self._send.max_retries, first=first)
+        items = stream.receive(d["mid"], message, now)
+        if items is None:
+            return
+        self._dirty_recv.add((src_key, direct))
+        self.owner.mark_dirty(self)
+        if items:
+            self._deliver(items)
+
+    def _deliver(self, items: list[Message] | list[Message | BaseException]) -> None:
+        self.inbox.extend(items)
+        self.received += len(items)
+        self.owner.emit(InboxReady(self))
+
+    def flush(self, now: float) -> None:
+        """Send the acknowledgements and retransmission requests of the last batch."""
+        dirty, self._dirty_recv = self._dirty_recv, set()
+        acks: dict[Key, dict[str, Any]] = {}
+        for key, direct in dirty:
+            stream = (self._recv_direct if direct else self._recv).get(key)
+            if stream is None:
+                continue
+            mids = stream.take_acks()
+            if mids:
+                acks.setdefault(key, {})["d" if direct else "a"] = to_ranges(mids)
+            gaps = stream.take_new_gaps()
+            if gaps:
+                self.owner.send(self._frame(list(key), Kind.RTX_REQUEST, 0,
+                                            body=encode_body({"m": gaps, "d": direct}),
+                                            control=False))
+        for key, body in acks.items():
+            self.owner.send(self._frame(list(key), Kind.MSG_ACK, 0, body=encode_body(body),
+                                        control=False))
+
+    def _on_ack(self, src_key: Key, d: dict[str, Any], now: float) -> None:
+        member = self.members.get(src_key)
+        if member is None:
+            return
+        body = decode_body(d.get("body", b""))
+        done = []
+        if self._send is not None:
+            done += self._send.ack(member.name, iter_ranges(ranges_of(body.get("a"), "a")))
+        direct = self._send_direct.get(src_key)
+        if direct is not None:
+            done += direct.ack(member.name, iter_ranges(ranges_of(body.get("d"), "d")))
+        for p in done:
+            self._complete(p)
+        if done:
+            self._window_check()
+
+    def _complete(self, p: Any) -> None:
+        record: _Outgoing = p.record
+        report = DeliveryReport(p.mid, p.delivered, dict(p.failed), reliable=True)
+        if p.failed:
+            timeout = all(why == "timeout" for why in p.failed.values())
+            record.ticket.fail((DeliveryTimeoutError if timeout else DeliveryError)(report))
+        else:
+            record.ticket.resolve(report)
+        self.owner.emit(TicketDone(record.ticket))
+
+    def _window_check(self) -> None:
+        if self._window_waiting:
+            streams = [self._send, *self._send_direct.values()]
+            if all(s is None or s.has_room() for s in streams):
+                self._window_waiting = False
+                self.owner.emit(WindowOpen(self))
+
+    def _on_rtx_request(self, src_key: Key, d: dict[str, Any], now: float) -> None:
+        member = self.members.get(src_key)
+        if member is None:
+            return
+        body = decode_body(d.get("body", b""))
+        direct = body.get("d") is True
+        mids = body.get("m")
+        if type(mids) is not list or len(mids) > 4096:
+            raise ProtocolViolation("rtx request: expected a list of ids")
+        stream = self._send_direct.get(src_key) if direct else self._send
+        gone = []
+        for mid in mids:
+            int_of(mid, "m", 1)
+            p = stream.lookup(mid) if stream is not None else None
+            if p is None or member.name not in p.recipients:
+                gone.append(mid)
+                continue
+            self._resend(p, [member.name], Kind.RTX_REPLY)
+        if gone:
+            self.owner.send(self._frame(list(src_key), Kind.RTX_REPLY, 0,
+                                        body=encode_body({"m": gone, "d": direct}),
+                                        control=False, error=True))
+
+    def _on_rtx_gone(self, src_key: Key, d: dict[str, Any], now: float) -> None:
+        body = decode_body(d.get("body", b""))
+        direct = body.get("d") is True
+        stream = (self._recv_direct if direct else self._recv).get(src_key)
+        mids = body.get("m")
+        if stream is None or type(mids) is not list:
+            return
+        released = stream.give_up(int_of(m, "m", 1) for m in mids)
+        member = self.members[src_key]
+        errors: list[Message | BaseException] = [
+            MessageLostError(member.name, m, session_id=self.sid) for m in mids]
+        self._deliver(errors + list(released))
+
+    def _resend(self, p: Any, names: Iterable[Name], kind: int) -> None:
+        record: _Outgoing = p.record
+        for name in names:
+            self.owner.send(self._frame(name.to_wire(), kind, p.mid, body=record.payload,
+                                        metadata=record.metadata,
+                                        payload_type=record.payload_type, control=False))
+
+    # -- control replies -------------------------------------------------------------------
+
+    def _on_control_reply(self, src_key: Key, d: dict[str, Any], now: float) -> None:
+        c = self._controls.get(d["mid"])
+        if c is None:
+            return  # late or duplicate answer
+        if c.waiting is not None and src_key not in c.waiting:
+            return
+        member = None
+        if d["k"] in (Kind.DISCOVERY_REPLY, Kind.JOIN_REPLY) and not d.get("err"):
+            try:
+                subject = self.owner.verify(d.get("id"), d["src"])
+            except AuthenticationError as exc:
+                del self._controls[c.mid]
+                c.on_fail(SessionRejectedError(name_of(d["src"], "src"), "unauthenticated",
+                                               exc.reason, session_id=self.sid), set())
+                return
+            member = Member(name_of(d["src"], "src"), subject)
+        try:
+            c.on_reply(src_key, d, member)
+        except _Rejected as rejected:
+            del self._controls[c.mid]
+            c.on_fail(rejected.error(self.sid), set())
+            return
+        if c.waiting is not None:
+            c.waiting.discard(src_key)
+            if c.waiting:
+                return
+        del self._controls[c.mid]
+        c.on_done()
+
+    def on_node_error(self, code: str, ref: int | None, name: Name | None, now: float) -> None:
+        """The node could not route a frame of this session."""
+        self._now = now
+        c = self._controls.get(ref) if ref is not None else None
+        if c is None or code != "no_route":
+            return
+        if c.waiting is None or (len(c.waiting) == 1 and c.multicast is None):
+            del self._controls[c.mid]
+            c.on_fail(NoRouteError(name, f"no matching found for {name}"), set(c.waiting or ()))
+
+    # -- participant side ------------------------------------------------------------------
+
+    def accept_join(self, d: dict[str, Any], body: dict[str, Any], moderator: Member,
+                    now: float) -> None:
+        """Answer the join request that created this (participant) session."""
+        self.moderator = moderator
+        self.metadata = dict(d.get("meta") or {})
+        if not self.group:
+            self.destination = moderator.name
+        if self.channel is not None:
+            self.owner.subscribe(self.channel)
+            self.state_subscribed = True
+        self._reply(d, Kind.JOIN_REPLY, {})
+
+    def _on_welcome(self, d: dict[str, Any], now: float) -> None:
+        body = decode_body(d.get("body", b""))
+        roster = members_of(body.get("roster"), "roster")
+        nexts = body.get("next", [])
+        if type(nexts) is not list:
+            raise ProtocolViolation("welcome: bad next map")
+        if self.state is State.JOINING:
+            self.members = {_key(m.name.to_wire()): m for m in roster}
+            for item in nexts:
+                if type(item) is list and len(item) == 2 and type(item[0]) is list:
+                    self._first_mid[_key(name_of(item[0], "next").to_wire())] = int_of(
+                        item[1], "next", 1)
+            self.state = State.ESTABLISHED
+            self._deadline = None
+            self._reply(d, Kind.GROUP_ACK, {})
+            self.owner.emit(Established(self))
+            early, self._early = self._early, []
+            for frame in early:
+                self.handle_frame(frame, now)
+            return
+        self._reply(d, Kind.GROUP_ACK, {})
+
+    def _on_update(self, d: dict[str, Any], now: float) -> None:
+        body = decode_body(d.get("body", b""))
+        op = body.get("op")
+        who = member_of(body.get("who"), "who")
+        key = _key(who.name.to_wire())
+        if op == "add":
+            if key not in self.members:
+                self.members[key] = who
+                self.owner.emit(RosterChanged(self, added=(who.name,)))
+            self._first_mid.pop(key, None)
+            reply = {"next": self._send.next_mid} if self._send is not None else {}
+            self._reply(d, Kind.GROUP_ACK, reply)
+        elif op == "remove":
+            self._reply(d, Kind.GROUP_ACK, {})
+            if key != self.local_key:
+                self._drop_member(key, "removed", now)
+        else:
+            raise ProtocolViolation(f"group update: unknown op {op!r}")
+
+    def _on_group_close(self, d: dict[str, Any], now: float) -> None:
+        self._reply(d, Kind.GROUP_ACK, {})
+        self._finish_close("closed by moderator", now)
+
+    def _on_leave_request(self, d: dict[str, Any], member: Member, now: float) -> None:
+        leaving = (d.get("meta") or {}).get(META_LEAVING) == TRUE
+        key = _key(d["src"])
+        if key not in self.members:
+            self._reply(d, Kind.LEAVE_REPLY, {})
+            return
+        if leaving and self.group and self.is_moderator:
+            # A member leaves on its own: confirm, then tell the others.
+            self._reply(d, Kind.LEAVE_REPLY, {})
+            ticket = Ticket("remove")
+            self._queue(lambda t: self._remove_step_update(key, ticket, t, notify=False), ticket,
+                        now)
+            return
+        if leaving and not self.group:
+            self._reply(d, Kind.LEAVE_REPLY, {})
+            self._finish_close("closed by peer", now)
+            return
+        if self._from_moderator(d):
+            self._reply(d, Kind.LEAVE_REPLY, {})
+            self._finish_close("removed", now)
+            return
+        self._reply(d, Kind.GROUP_NACK, {"code": "not_moderator"}, error=True)
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        times = [c.deadline for c in self._controls.values()]
+        if self._deadline is not None:
+            times.append(self._deadline)
+        if self._send is not None:
+            t = self._send.get_timer()
+            if t is not None:
+                times.append(t)
+        for s in self._send_direct.values():
+            t = s.get_timer()
+            if t is not None:
+                times.append(t)
+        for streams in (self._recv, self._recv_direct):
+            for r in streams.values():
+                if r.missing:
+                    t = r.get_timer()
+                    if t is not None:
+                        times.append(t)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        self._now = now
+        if self._deadline is not None and now >= self._deadline:
+            self._deadline = None
+            if self.state is State.JOINING:
+                self._finish_close("no welcome", now, announce=False)
+                return
+        for mid, c in list(self._controls.items()):
+            if c.deadline > now or mid not in self._controls:
+                continue
+            if c.attempts >= self.config.control_retries:
+                del self._controls[mid]
+                missing = set(c.waiting or ())
+                c.on_fail(SessionTimeoutError(
+                    f"no answer after {c.attempts + 1} attempts", session_id=self.sid), missing)
+                continue
+            c.attempts += 1
+            c.deadline = now + self.config.control_interval
+            if c.waiting is None or c.multicast is not None and len(c.waiting) > 2:
+                self.owner.send(c.frame)
+            else:
+                for k in c.waiting:
+                    dst = c.targets.get(k, list(k))
+                    self.owner.send(self._retarget(c.frame, dst))
+        streams: list[tuple[Key | None, SendStream[_Outgoing]]] = []
+        if self._send is not None:
+            streams.append((None, self._send))
+        streams.extend(self._send_direct.items())
+        for _, stream in streams:
+            resend, expired = stream.due(now)
+            for p in resend:
+                names = list(p.waiting)
+                if self.group and p.record.direct_to is None and len(names) > 2:
+                    dst, fanout = self._data_dst()
+                    rec = p.record
+                    self.owner.send(self._frame(dst, Kind.MSG, p.mid, fanout=fanout,
+                                                body=rec.payload, metadata=rec.metadata,
+                                                payload_type=rec.payload_type, control=False))
+                else:
+                    self._resend(p, names, Kind.MSG)
+            for p in expired:
+                self._complete(p)
+            if expired:
+                self._window_check()
+        for direct, recvs in ((False, self._recv), (True, self._recv_direct)):
+            for key, r in list(recvs.items()):
+                if not r.missing:
+                    continue
+                again, lost, released = r.due(now)
+                if again:
+                    self.owner.send(self._frame(list(key), Kind.RTX_REQUEST, 0,
+                                                body=encode_body({"m": again, "d": direct}),
+                                                control=False))
+                if lost or released:
+                    member = self.members.get(key)
+                    items: list[Message | BaseException] = []
+                    if member is not None:
+                        items += [MessageLostError(member.name, m, session_id=self.sid)
+                                  for m in lost]
+                    self._deliver(items + list(released))
+
+    def _retarget(self, frame: bytes, dst: list[Any]) -> bytes:
+        d = decode_frame(memoryview(frame)[4:])
+        d["dst"], d["fan"] = dst, 1
+        return encode_frame(d)
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def _finish_close(self, reason: str, now: float | None, *, announce: bool = True) -> None:
+        if self.state is State.CLOSED:
+            return
+        was_established = self.state in (State.ESTABLISHED, State.CLOSING)
+        self.state = State.CLOSED
+        self.close_reason = reason
+        error = SessionClosedError(self.sid, reason)
+        for c in list(self._controls.values()):
+            c.on_fail(error, set(c.waiting or ()))
+        self._controls.clear()
+        streams = [self._send, *self._send_direct.values()]
+        for stream in streams:
+            if stream is None:
+                continue
+            for mid in list(stream.pending):
+                p = stream.pending.pop(mid)
+                for r in p.waiting:
+                    p.failed[r] = reason
+                p.waiting.clear()
+                self._complete(p)
+        for _, ticket in self._ops:
+            if ticket.fail(error):
+                self.owner.emit(TicketDone(ticket))
+        self._ops.clear()
+        if self.channel is not None and self.state_subscribed:
+            self.owner.unsubscribe(self.channel)
+        self.owner.session_closed(self, reason, announce=announce and was_established)
+        self.owner.emit(Closed(self, reason))
+
+
+class _Rejected(Exception):
+    """A control reply that refuses (err flag or nack)."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        super().__init__()
+        self.d = d
+
+    def error(self, sid: int) -> SessionRejectedError:
+        try:
+            body = decode_body(self.d.get("body", b""))
+        except ProtocolViolation:
+            body = {}
+        code = body.get("code") if isinstance(body.get("code"), str) else "rejected"
+        msg = body.get("msg") if isinstance(body.get("msg"), str) else ""
+        try:
+            name = name_of(self.d["src"], "src")
+        except ProtocolViolation:
+            name = None
+        return SessionRejectedError(name, code, msg, session_id=sid)
+
+
+__all__ = ["Closed", "Established", "InboxReady", "RosterChanged", "SessionCore", "State",
+           "TicketDone", "WindowFull", "WindowOpen"]
