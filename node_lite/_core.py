@@ -41,6 +41,7 @@ from ._limits import Limits, SlowConsumerPolicy
 from ._names import Name, instance_id_for
 from ._routing import RoutingTable
 from .wire import (
+    _PREFIX,
     Error,
     ErrorCode,
     FrameDecoder,
@@ -58,7 +59,6 @@ from .wire import (
     encode_frame,
     frame_prefix,
 )
-from .wire import _PREFIX
 
 log = logging.getLogger("node_lite.node")
 
