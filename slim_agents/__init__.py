@@ -2,9 +2,65 @@
 
 from __future__ import annotations
 
+from node_lite import AuthenticationError as AuthenticationError
 from node_lite import ConfigError as ConfigError
+from node_lite import ConnectError as ConnectError
 from node_lite import Name as Name
+from node_lite import NodeError as NodeError
+from node_lite import NoRouteError as NoRouteError
+from node_lite import SharedSecretProvider as SharedSecretProvider
+from node_lite import SharedSecretVerifier as SharedSecretVerifier
 from node_lite import SlimError as SlimError
 from node_lite import open_node as open_node
 
-__all__ = ["ConfigError", "Name", "SlimError", "open_node"]
+from ._app import App as App
+from ._app import open_app as open_app
+from ._app_core import JoinInfo as JoinInfo
+from ._config import SessionConfig as SessionConfig
+from ._config import SessionKind as SessionKind
+from ._errors import DeliveryError as DeliveryError
+from ._errors import DeliveryTimeoutError as DeliveryTimeoutError
+from ._errors import MessageLostError as MessageLostError
+from ._errors import NotModeratorError as NotModeratorError
+from ._errors import ParticipantError as ParticipantError
+from ._errors import SessionClosedError as SessionClosedError
+from ._errors import SessionError as SessionError
+from ._errors import SessionRejectedError as SessionRejectedError
+from ._errors import SessionTimeoutError as SessionTimeoutError
+from ._reports import DeliveryReport as DeliveryReport
+from ._reports import Message as Message
+from ._reports import MessageContext as MessageContext
+from ._session import Handle as Handle
+from ._session import Session as Session
+
+__all__ = [
+    "App",
+    "AuthenticationError",
+    "ConfigError",
+    "ConnectError",
+    "DeliveryError",
+    "DeliveryReport",
+    "DeliveryTimeoutError",
+    "Handle",
+    "JoinInfo",
+    "Message",
+    "MessageContext",
+    "MessageLostError",
+    "Name",
+    "NoRouteError",
+    "NodeError",
+    "NotModeratorError",
+    "ParticipantError",
+    "Session",
+    "SessionClosedError",
+    "SessionConfig",
+    "SessionError",
+    "SessionKind",
+    "SessionRejectedError",
+    "SessionTimeoutError",
+    "SharedSecretProvider",
+    "SharedSecretVerifier",
+    "SlimError",
+    "open_app",
+    "open_node",
+]

@@ -57,13 +57,15 @@ class Ticket:
     The core resolves it; the anyio layer turns it into an awaitable handle.
     """
 
-    __slots__ = ("error", "kind", "result", "resolved")
+    __slots__ = ("error", "kind", "result", "resolved", "waiter")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.resolved = False
         self.result: Any = None
         self.error: BaseException | None = None
+        #: Opaque to the core: the driver parks its wake-up object here.
+        self.waiter: Any = None
 
     def resolve(self, result: Any = None) -> bool:
         if self.resolved:

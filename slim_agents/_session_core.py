@@ -633,7 +633,7 @@ class SessionCore:
                 if len(self._early) < EARLY_FRAMES:
                     self._early.append(d)
                 return
-            if member is None or self.state is State.CLOSED:
+            if member is None or self.state is State.CLOSED or src_key == self.local_key:
                 return  # not (or no longer) a member
             if kind == Kind.RTX_REPLY and d.get("err"):
                 self._on_rtx_gone(src_key, d, now)
@@ -808,11 +808,15 @@ class SessionCore:
         mids = body.get("m")
         if stream is None or type(mids) is not list:
             return
+        before = set(stream.missing) | {m for m in mids if isinstance(m, int)
+                                        and m >= stream.next and m not in stream.held}
         released = stream.give_up(int_of(m, "m", 1) for m in mids)
+        lost = sorted(m for m in mids if m in before)
         member = self.members[src_key]
         errors: list[Message | BaseException] = [
-            MessageLostError(member.name, m, session_id=self.sid) for m in mids]
-        self._deliver(errors + list(released))
+            MessageLostError(member.name, m, session_id=self.sid) for m in lost]
+        if errors or released:
+            self._deliver(errors + list(released))
 
     def _resend(self, p: Any, names: Iterable[Name], kind: int) -> None:
         record: _Outgoing = p.record

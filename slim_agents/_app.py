@@ -1,0 +1,413 @@
+# The anyio driver of an app: one connection to a node (redialled with
+# backoff), a read loop feeding AppCore, a timer task, and the wake-ups of
+# whoever waits on sessions, tickets and the send window.
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from node_lite import (
+    AuthenticationError,
+    ConfigError,
+    ConnectError,
+    Limits,
+    Name,
+    Node,
+    NodeConnection,
+    SharedSecretProvider,
+    SharedSecretVerifier,
+    TlsConfig,
+    TokenProvider,
+    TokenVerifier,
+    instance_id_for,
+    open_connection,
+)
+from node_lite._util import collapse_excgroups
+
+from ._app_core import AppCore, InvitePolicy
+from ._config import SessionConfig, SessionKind
+from ._reports import Ticket
+from ._session import Handle, Session
+from ._session_core import (
+    Closed,
+    Established,
+    InboxReady,
+    RosterChanged,
+    SessionCore,
+    TicketDone,
+    WindowOpen,
+)
+
+log = logging.getLogger("slim_agents.app")
+# Reconnect backoff: from 100 ms, doubling, at most 2 s (with jitter), as links do.
+RECONNECT_MIN = 0.1
+RECONNECT_MAX = 2.0
+# How long closing an app waits for its sessions to say goodbye.
+CLOSE_GRACE = 2.0
+# Sessions announced to this app and not yet taken by listen_for_session().
+MAX_LISTEN_QUEUE = 1024
+
+
+def _base_name(name: Name | str) -> Name:
+    n = Name.parse(name) if isinstance(name, str) else name
+    return n.without_id()
+
+
+class App:
+    """A SLIM application: a name, an identity, a connection to a node, and its sessions.
+
+    Use :func:`open_app`; the app lives for the duration of its ``async with`` block.
+    """
+
+    def __init__(self, name: Name | str, provider: TokenProvider,
+                 verifier: TokenVerifier | None, *, node: Node | str,
+                 tls: TlsConfig | None = None, limits: Limits | None = None,
+                 invite_policy: InvitePolicy | None = None, reconnect: bool = True,
+                 rng: random.Random | None = None) -> None:
+        base = _base_name(name)
+        self.provider = provider
+        self.name = base.with_id(instance_id_for(provider.subject))
+        self.limits = limits or Limits()
+        self.core = AppCore(self.name, provider, verifier, rng=rng, limits=self.limits,
+                            invite_policy=invite_policy)
+        self._target = node
+        self._tls = tls
+        self._reconnect = reconnect
+        self._conn: NodeConnection | None = None
+        self._tg: TaskGroup | None = None
+        self._sessions: dict[int, Session] = {}
+        self._listen: deque[Session] = deque()
+        self._listen_event: anyio.Event | None = None
+        self._timer_wake: anyio.Event | None = None
+        self._timer_at = math.inf
+        self._connected = anyio.Event()
+        self._closing = False
+        self.connects = 0
+        self.offline_drops = 0
+
+    # -- identity -----------------------------------------------------------------------
+
+    @property
+    def id(self) -> int:
+        assert self.name.id is not None
+        return self.name.id
+
+    @property
+    def id_str(self) -> str:
+        """``org/ns/app/<decimal id>``, as upstream prints it."""
+        return str(self.name)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    # -- running ------------------------------------------------------------------------
+
+    async def _run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await tg.start(self._connection_loop)
+            tg.start_soon(self._timer_loop)
+            task_status.started()
+
+    async def _connection_loop(self, *, task_status: TaskStatus[None]) -> None:
+        backoff = RECONNECT_MIN
+        first = True
+        while not self._closing:
+            try:
+                async with open_connection(self._target, name=self.name,
+                                           token=self.provider.get_token(), tls=self._tls,
+                                           limits=self.limits) as conn:
+                    self.connects += 1
+                    backoff = RECONNECT_MIN
+                    for frame in self.core.resubscribe():
+                        conn.outbox.write(frame)
+                    self._conn = conn
+                    self._connected.set()
+                    if first:
+                        first = False
+                        task_status.started()
+                    else:
+                        log.info("%s: reconnected", self.name)
+                    self._pump()
+                    await self._read_loop(conn)
+            except (ConnectError, AuthenticationError) as exc:
+                if first:
+                    raise
+                log.info("%s: reconnect failed: %s", self.name, exc)
+            finally:
+                self._conn = None
+                self._connected = anyio.Event()
+            if self._closing or not self._reconnect:
+                return
+            await anyio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, RECONNECT_MAX)
+
+    async def _read_loop(self, conn: NodeConnection) -> None:
+        core = self.core
+        while True:
+            try:
+                envelopes = await conn.receive_envelopes()
+            except anyio.EndOfStream:
+                return
+            except Exception as exc:  # a bad frame from the node: count it, keep reading
+                core.count(f"read_error:{type(exc).__name__}")
+                continue
+            if envelopes:
+                core.receive(envelopes, time.time())
+                self._pump()
+
+    async def _timer_loop(self) -> None:
+        core = self.core
+        while True:
+            deadline = core.get_timer()
+            self._timer_at = math.inf if deadline is None else deadline
+            self._timer_wake = wake = anyio.Event()
+            delay = math.inf if deadline is None else max(0.0, deadline - time.time())
+            with anyio.move_on_after(delay):
+                await wake.wait()
+            now = time.time()
+            if deadline is not None and now >= deadline:
+                core.handle_timer(now)
+                self._pump()
+
+    # -- pumping output and events --------------------------------------------------------
+
+    def _now(self) -> float:
+        return time.time()
+
+    def _after(self, session: SessionCore) -> None:
+        self.core.operate(session, time.time())
+        self._pump()
+
+    def _pump(self) -> None:
+        core = self.core
+        frames = core.take_frames()
+        if frames:
+            conn = self._conn
+            if conn is not None and not conn.outbox.is_closed:
+                conn.outbox.write(frames[0] if len(frames) == 1 else b"".join(frames))
+            else:
+                self.offline_drops += len(frames)
+        for event in core.dispatch_events():
+            if type(event) is TicketDone:
+                waiter = event.ticket.waiter
+                if waiter is not None:
+                    event.ticket.waiter = None
+                    waiter.set()
+            elif type(event) is InboxReady:
+                wrapper = self._sessions.get(event.session.sid)
+                if wrapper is not None:
+                    wrapper._wake_inbox()
+            elif type(event) is Established:
+                self._on_established(event.session)
+            elif type(event) is Closed:
+                wrapper = self._sessions.get(event.session.sid)
+                if wrapper is not None:
+                    wrapper._wake_inbox()
+                    wrapper._wake_window()
+                    wrapper._wake_roster()
+            elif type(event) is WindowOpen:
+                wrapper = self._sessions.get(event.session.sid)
+                if wrapper is not None:
+                    wrapper._wake_window()
+            elif type(event) is RosterChanged:
+                wrapper = self._sessions.get(event.session.sid)
+                if wrapper is not None:
+                    wrapper._wake_roster()
+        deadline = core.get_timer()
+        if deadline is not None and deadline < self._timer_at and self._timer_wake is not None:
+            self._timer_wake.set()
+
+    def _wrap(self, core: SessionCore) -> Session:
+        wrapper = self._sessions.get(core.sid)
+        if wrapper is None or wrapper._core is not core:
+            wrapper = self._sessions[core.sid] = Session(self, core)
+        return wrapper
+
+    def _on_established(self, core: SessionCore) -> None:
+        wrapper = self._wrap(core)
+        if core.initiator:
+            return
+        if len(self._listen) >= MAX_LISTEN_QUEUE:
+            log.warning("%s: listen queue full; closing session %d", self.name, core.sid)
+            core.close(time.time())
+            return
+        self._listen.append(wrapper)
+        e, self._listen_event = self._listen_event, None
+        if e is not None:
+            e.set()
+
+    async def _wait_writable(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.outbox.pending_bytes >= self.limits.max_pending_bytes:
+            await conn.outbox.wait_drained()
+
+    # -- sessions -----------------------------------------------------------------------
+
+    async def create_session(self, destination: Name | str,
+                             config: SessionConfig | None = None) -> Session:
+        """Create a session and wait until it is established.
+
+        For a point-to-point session ``destination`` is a service (``org/ns/app``;
+        one instance is discovered and the session stays with it) or a full
+        name. For a group it is the channel; members join with :meth:`Session.invite`.
+
+        :raises NoRouteError: when nobody serves ``destination``.
+        :raises SessionRejectedError: when the peer refuses (identity, policy).
+        :raises SessionTimeoutError: when the peer does not answer.
+        """
+        session, handle = await self.start_session(destination, config)
+        await handle
+        return session
+
+    async def start_session(self, destination: Name | str, config: SessionConfig | None = None
+                            ) -> tuple[Session, Handle[Any]]:
+        """Create a session; return it at once with a handle that completes when established."""
+        dest = Name.parse(destination) if isinstance(destination, str) else destination
+        config = config or SessionConfig()
+        if config.kind is SessionKind.GROUP and dest.id is not None:
+            raise ConfigError("a group channel is a name without an instance id")
+        core, ticket = self.core.create_session(dest, config, time.time())
+        wrapper = self._wrap(core)
+        self._pump()
+        return wrapper, Handle(self, ticket)
+
+    async def listen_for_session(self) -> Session:
+        """Wait for a session another app created with this one (bound it with a cancel scope)."""
+        while not self._listen:
+            if self._listen_event is None:
+                self._listen_event = anyio.Event()
+            await self._listen_event.wait()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self.core.session_listened()
+        return self._listen.popleft()
+
+    async def delete_session(self, session: Session) -> None:
+        """Close a session (see :meth:`Session.close`)."""
+        await session.close()
+
+    @property
+    def sessions(self) -> list[Session]:
+        return [s for s in self._sessions.values() if not s.is_closed]
+
+    # -- routing ------------------------------------------------------------------------
+
+    async def subscribe(self, name: Name | str) -> None:
+        """Receive frames addressed to ``name`` (kept across reconnects)."""
+        self.core.subscribe(Name.parse(name) if isinstance(name, str) else name)
+        self._pump()
+        await anyio.lowlevel.checkpoint()
+
+    async def unsubscribe(self, name: Name | str) -> None:
+        self.core.unsubscribe(Name.parse(name) if isinstance(name, str) else name)
+        self._pump()
+        await anyio.lowlevel.checkpoint()
+
+    async def set_route(self, name: Name | str) -> None:
+        """Accepted for compatibility: node_lite routes to names automatically."""
+        if isinstance(name, str):
+            Name.parse(name)
+        await anyio.lowlevel.checkpoint()
+
+    async def remove_route(self, name: Name | str) -> None:
+        """Accepted for compatibility (see :meth:`set_route`)."""
+        await self.set_route(name)
+
+    async def wait_connected(self) -> None:
+        """Return once connected to the node (after a reconnect, for instance)."""
+        while self._conn is None:
+            await self._connected.wait()
+
+    def statistics(self) -> dict[str, Any]:
+        stats = self.core.statistics()
+        stats.update(connects=self.connects, connected=self.connected,
+                     offline_drops=self.offline_drops,
+                     pending_bytes=self._conn.pending_bytes if self._conn else 0)
+        return stats
+
+    # -- closing ------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close every session (telling the others, briefly), then disconnect."""
+        if self._closing:
+            return
+        with anyio.CancelScope(shield=True):
+            tickets: list[Ticket] = []
+            now = time.time()
+            for wrapper in list(self._sessions.values()):
+                if not wrapper.is_closed:
+                    tickets.append(wrapper._core.close(now))
+            self._pump()
+            with anyio.move_on_after(CLOSE_GRACE):
+                for ticket in tickets:
+                    try:
+                        await Handle[Any](self, ticket)
+                    except Exception:  # noqa: S110 - closing anyway
+                        pass
+            self._closing = True
+            conn = self._conn
+            if conn is not None:
+                with anyio.move_on_after(1.0):
+                    await conn.aclose()
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+
+
+def _identity(name: Name, secret: str | None, provider: TokenProvider | None,
+              verifier: TokenVerifier | None) -> tuple[TokenProvider, TokenVerifier | None]:
+    if provider is None:
+        if secret is None:
+            raise ConfigError("give secret=... or provider=... (and verifier=...)")
+        provider = SharedSecretProvider(f"{name.org}/{name.ns}/{name.app}", secret)
+        if verifier is None:
+            # Tokens ride on many control messages: duplicates are caught by message id.
+            verifier = SharedSecretVerifier(secret, replay_cache=0)
+    return provider, verifier
+
+
+@asynccontextmanager
+async def open_app(
+    name: Name | str,
+    *,
+    node: Node | str,
+    secret: str | None = None,
+    provider: TokenProvider | None = None,
+    verifier: TokenVerifier | None = None,
+    tls: TlsConfig | None = None,
+    limits: Limits | None = None,
+    invite_policy: InvitePolicy | None = None,
+    reconnect: bool = True,
+) -> AsyncIterator[App]:
+    """Connect an app to a node for the duration of the block.
+
+    :param name: ``org/ns/app``; the instance id comes from the identity.
+    :param node: a :class:`node_lite.Node` of this process (in-memory
+        connection) or a URL such as ``http://127.0.0.1:46357``.
+    :param secret: shared secret for the identity token and for checking peers;
+        or pass ``provider`` and ``verifier`` (JWT and others).
+    :param invite_policy: decides on invitations (return True, or a reason to decline).
+    :raises ConnectError: when the node cannot be reached.
+    :raises AuthenticationError: when the node refuses the identity.
+    """
+    base = _base_name(name)
+    provider, verifier = _identity(base, secret, provider, verifier)
+    app = App(base, provider, verifier, node=node, tls=tls, limits=limits,
+              invite_policy=invite_policy, reconnect=reconnect)
+    with collapse_excgroups():
+        async with anyio.create_task_group() as tg:
+            await tg.start(app._run)
+            try:
+                yield app
+            finally:
+                await app.aclose()
+                tg.cancel_scope.cancel()

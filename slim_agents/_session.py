@@ -1,0 +1,294 @@
+# The anyio face of a session: awaitable operations over a SessionCore.
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+
+from node_lite import Name
+
+from ._config import SessionConfig, SessionKind
+from ._errors import SessionClosedError
+from ._reports import DeliveryReport, Message, MessageContext, Ticket
+from ._session_core import SessionCore, State, WindowFull
+
+if TYPE_CHECKING:
+    from ._app import App
+
+R = TypeVar("R")
+# get_message() yields to the event loop at least this often when messages are waiting.
+_YIELD_EVERY = 64
+
+
+class Handle(Generic[R]):
+    """Completion of an operation: ``await handle`` returns its result or raises its error.
+
+    It may be awaited any number of times; :attr:`done` tells without waiting.
+    """
+
+    __slots__ = ("_app", "_ticket")
+
+    def __init__(self, app: App, ticket: Ticket) -> None:
+        self._app = app
+        self._ticket = ticket
+
+    @property
+    def done(self) -> bool:
+        return self._ticket.resolved
+
+    def result(self) -> R:
+        """The result of a finished operation (raises its error; ``RuntimeError`` if pending)."""
+        t = self._ticket
+        if not t.resolved:
+            raise RuntimeError("the operation has not finished")
+        if t.error is not None:
+            raise t.error
+        result: R = t.result
+        return result
+
+    async def wait(self) -> R:
+        """Wait for the operation to finish (cancellable; the operation goes on)."""
+        t = self._ticket
+        if not t.resolved:
+            if t.waiter is None:
+                t.waiter = anyio.Event()
+            await t.waiter.wait()
+        else:
+            await anyio.lowlevel.checkpoint()
+        return self.result()
+
+    def __await__(self) -> Any:
+        return self.wait().__await__()
+
+    def __repr__(self) -> str:
+        return f"<Handle {self._ticket!r}>"
+
+
+class Session:
+    """A session seen from one app: point-to-point with a peer, or a group on a channel.
+
+    Obtained from :meth:`App.create_session` or :meth:`App.listen_for_session`.
+    """
+
+    def __init__(self, app: App, core: SessionCore) -> None:
+        self._app = app
+        self._core = core
+        self._inbox_event: anyio.Event | None = None
+        self._window_event: anyio.Event | None = None
+        self._roster_event: anyio.Event | None = None
+        self._gets = 0
+
+    # -- properties (names follow the seeds) ---------------------------------------------
+
+    @property
+    def id(self) -> int:
+        return self._core.sid
+
+    @property
+    def kind(self) -> SessionKind:
+        return self._core.kind
+
+    @property
+    def config(self) -> SessionConfig:
+        return self._core.config
+
+    @property
+    def src(self) -> Name:
+        """This app's full name."""
+        return self._core.local
+
+    @property
+    def dst(self) -> Name | None:
+        """The peer's full name (point-to-point) or the channel (group)."""
+        return self._core.channel if self._core.group else self._core.peer
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self._core.metadata
+
+    @property
+    def participants(self) -> list[Name]:
+        """Every member, this app included (the moderator first)."""
+        return self._core.roster
+
+    @property
+    def moderator(self) -> Name | None:
+        m = self._core.moderator
+        return m.name if m is not None else None
+
+    @property
+    def is_moderator(self) -> bool:
+        return self._core.is_moderator
+
+    @property
+    def is_closed(self) -> bool:
+        return self._core.state is State.CLOSED
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._core.close_reason
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def publish(self, payload: bytes, *, payload_type: str | None = None,
+                      metadata: Mapping[str, str] | None = None) -> Handle[DeliveryReport]:
+        """Send to the peer, or to every other member of a group.
+
+        Returns once the message is queued (waiting while the reliable window
+        is full). ``await`` the returned handle for the delivery report; it
+        raises :class:`DeliveryError` naming who did not get the message.
+
+        :raises SessionClosedError: if the session is closed.
+        """
+        return await self._publish(payload, payload_type, metadata, None)
+
+    async def publish_to(self, target: MessageContext | Name, payload: bytes, *,
+                         payload_type: str | None = None,
+                         metadata: Mapping[str, str] | None = None) -> Handle[DeliveryReport]:
+        """Send to one member (a reply to a received message's source, or a name).
+
+        In a point-to-point session this is :meth:`publish`.
+        """
+        name = target.source_name if isinstance(target, MessageContext) else target
+        return await self._publish(payload, payload_type, metadata, name)
+
+    async def _publish(self, payload: bytes, payload_type: str | None,
+                       metadata: Mapping[str, str] | None,
+                       to: Name | None) -> Handle[DeliveryReport]:
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+        app = self._app
+        core = self._core
+        while True:
+            await app._wait_writable()
+            try:
+                ticket = core.publish(bytes(payload), app._now(), payload_type=payload_type,
+                                      metadata=metadata, to=to)
+                break
+            except WindowFull:
+                if self._window_event is None:
+                    self._window_event = anyio.Event()
+                await self._window_event.wait()
+        app._after(core)
+        self._gets += 1
+        if self._gets % _YIELD_EVERY == 0:
+            await anyio.lowlevel.checkpoint()
+        return Handle(app, ticket)
+
+    # -- receiving -----------------------------------------------------------------------
+
+    async def get_message(self) -> Message:
+        """The next message, in order per sender in a reliable session.
+
+        Bound the wait with a cancel scope (``anyio.fail_after``).
+
+        :raises MessageLostError: in place of a message a reliable session gave up on
+            (call again for the next one).
+        :raises SessionClosedError: once the session is closed and no message is left.
+        """
+        core = self._core
+        while True:
+            if core.inbox:
+                item = core.inbox.popleft()
+                self._gets += 1
+                if self._gets % _YIELD_EVERY == 0:
+                    await anyio.lowlevel.checkpoint()
+                else:
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                if isinstance(item, BaseException):
+                    raise item
+                return item
+            if core.state is State.CLOSED:
+                raise SessionClosedError(core.sid, core.close_reason or "closed")
+            if self._inbox_event is None:
+                self._inbox_event = anyio.Event()
+            await self._inbox_event.wait()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                yield await self.get_message()
+            except SessionClosedError:
+                return
+
+    # -- membership ----------------------------------------------------------------------
+
+    async def invite(self, name: Name | str) -> Name:
+        """Add a participant (moderator only); returns its full name once every member has it.
+
+        :raises NotModeratorError, ParticipantError, SessionRejectedError,
+            SessionTimeoutError, NoRouteError: when the invite cannot complete.
+        """
+        target = Name.parse(name) if isinstance(name, str) else name
+        ticket = self._core.invite(target, self._app._now())
+        self._app._after(self._core)
+        added: Name = await Handle[Name](self._app, ticket)
+        return added
+
+    async def remove(self, name: Name | str) -> None:
+        """Remove a participant (moderator only); returns once it has left."""
+        target = Name.parse(name) if isinstance(name, str) else name
+        ticket = self._core.remove(target, self._app._now())
+        self._app._after(self._core)
+        await Handle[Any](self._app, ticket)
+
+    async def close(self) -> None:
+        """Close the session; members (or the peer) are told. Closing twice is harmless."""
+        if self._core.state is State.CLOSED and self._core._close_ticket is None:
+            return
+        ticket = self._core.close(self._app._now())
+        self._app._after(self._core)
+        try:
+            await Handle[Any](self._app, ticket)
+        except SessionClosedError:
+            pass
+
+    async def wait_closed(self) -> str:
+        """Wait until the session is closed (by anyone); returns the reason."""
+        while self._core.state is not State.CLOSED:
+            if self._inbox_event is None:
+                self._inbox_event = anyio.Event()
+            await self._inbox_event.wait()
+        return self._core.close_reason or "closed"
+
+    async def wait_participants(self, count: int) -> list[Name]:
+        """Wait until the roster has at least ``count`` members."""
+        while len(self._core.roster) < count:
+            if self._core.state is State.CLOSED:
+                raise SessionClosedError(self.id, self._core.close_reason or "closed")
+            if self._roster_event is None:
+                self._roster_event = anyio.Event()
+            await self._roster_event.wait()
+        return self.participants
+
+    # -- driver hooks --------------------------------------------------------------------
+
+    def _wake_inbox(self) -> None:
+        e, self._inbox_event = self._inbox_event, None
+        if e is not None:
+            e.set()
+
+    def _wake_window(self) -> None:
+        e, self._window_event = self._window_event, None
+        if e is not None:
+            e.set()
+
+    def _wake_roster(self) -> None:
+        e, self._roster_event = self._roster_event, None
+        if e is not None:
+            e.set()
+
+    def statistics(self) -> dict[str, Any]:
+        core = self._core
+        return {"id": core.sid, "state": core.state.value, "members": len(core.members),
+                "published": core.published, "received": core.received,
+                "inbox": len(core.inbox), "dropped": core.dropped,
+                "retransmissions": core._send.retransmissions if core._send else 0,
+                "acks_pending": len(core._send.pending) if core._send else 0}
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.kind.value} {self._core.state.value} dst={self.dst}>"

@@ -1,0 +1,256 @@
+"""Session flows on the sans-IO harness: handshakes, groups, errors, reliability."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node_lite import Name, NoRouteError
+from slim_agents._config import SessionConfig
+from slim_agents._errors import (
+    DeliveryTimeoutError,
+    NotModeratorError,
+    ParticipantError,
+    SessionClosedError,
+    SessionRejectedError,
+)
+from slim_agents._reports import Message
+from slim_agents._session_core import State
+from tests.slim_agents.harness import Faults, Net
+
+RELIABLE = {"timeout": 1.0, "max_retries": 5}
+CHAN = Name("org", "ns", "chan")
+
+
+def payloads(session) -> list[bytes]:  # type: ignore[no-untyped-def]
+    out = [m.payload for m in session.inbox if isinstance(m, Message)]
+    session.inbox.clear()
+    return out
+
+
+def p2p(net: Net, config: SessionConfig | None = None):  # type: ignore[no-untyped-def]
+    a, b = net.add_app("alice"), net.add_app("bob")
+    net.pump()
+    s, ticket = a.create_session(Name("org", "ns", "bob"), config or SessionConfig(**RELIABLE),
+                                 net.now)
+    net.pump()
+    assert ticket.resolved and ticket.error is None, ticket.error
+    (r,) = net.announced(b)
+    return a, b, s, r
+
+
+def send(app, session, payload: bytes, net: Net, **kw):  # type: ignore[no-untyped-def]
+    ticket = session.publish(payload, net.now, **kw)
+    app.operate(session, net.now)
+    return ticket
+
+
+def group(net: Net, n: int, config: SessionConfig | None = None):  # type: ignore[no-untyped-def]
+    mod = net.add_app("moderator")
+    members = [net.add_app(f"m{i}") for i in range(n)]
+    net.pump()
+    g, ticket = mod.create_session(CHAN, config or SessionConfig.group(**RELIABLE), net.now)
+    assert ticket.resolved
+    sessions = []
+    for m in members:
+        t = g.invite(m.name.without_id(), net.now)
+        mod.operate(g, net.now)
+        net.pump()
+        assert t.resolved and t.error is None, t.error
+        sessions.append(net.announced(m)[-1])
+        # every member, old and new, shares the roster after each invite
+        rosters = {frozenset(s.roster) for s in [g, *sessions]}
+        assert len(rosters) == 1, rosters
+    return mod, members, g, sessions
+
+
+def test_point_to_point_handshake_and_round_trip() -> None:
+    net = Net()
+    a, b, s, r = p2p(net)
+    assert s.sid == r.sid
+    assert s.peer == b.name and r.peer == a.name
+    assert s.state is r.state is State.ESTABLISHED
+    t = send(a, s, b"hello", net, payload_type="text", metadata={"k": "v"})
+    net.pump()
+    (msg,) = list(r.inbox)
+    assert msg.payload == b"hello"
+    assert (msg.context.payload_type, dict(msg.context.metadata)) == ("text", {"k": "v"})
+    assert msg.context.source_name == a.name and msg.context.session_id == s.sid
+    assert t.resolved and t.result.delivered == (b.name,)
+    # reply to the sender with publish_to semantics (p2p: the peer)
+    send(b, r, b"back", net, to=msg.context.source_name)
+    net.pump()
+    assert payloads(s) == [b"back"]
+
+
+def test_session_metadata_reaches_the_receiver() -> None:
+    net = Net()
+    _, _, _, r = p2p(net, SessionConfig(metadata={"a": "1", "k": "session"}))
+    assert dict(r.metadata) == {"a": "1", "k": "session"}
+
+
+def test_best_effort_reports_immediately() -> None:
+    net = Net()
+    a, b, s, r = p2p(net, SessionConfig())
+    t = send(a, s, b"x", net)
+    assert t.resolved and not t.result.reliable
+    net.pump()
+    assert payloads(r) == [b"x"]
+
+
+def test_group_invite_publish_publish_to_remove_close() -> None:
+    net = Net()
+    mod, members, g, sessions = group(net, 3)
+    assert len(g.roster) == 4
+    t = send(mod, g, b"to all", net)
+    net.pump()
+    assert t.result.ok and set(t.result.delivered) == {m.name for m in members}
+    assert all(payloads(s) == [b"to all"] for s in sessions)
+    # a member's publish reaches everyone else
+    send(members[0], sessions[0], b"from m0", net)
+    net.pump()
+    assert payloads(g) == [b"from m0"]
+    assert payloads(sessions[1]) == payloads(sessions[2]) == [b"from m0"]
+    assert payloads(sessions[0]) == []
+    # publish_to reaches one member
+    send(members[1], sessions[1], b"just m2", net, to=members[2].name)
+    net.pump()
+    assert payloads(sessions[2]) == [b"just m2"]
+    assert payloads(sessions[0]) == payloads(g) == []
+    # remove m1
+    t = g.remove(members[1].name, net.now)
+    mod.operate(g, net.now)
+    net.pump()
+    assert t.resolved and t.error is None
+    assert sessions[1].state is State.CLOSED and sessions[1].close_reason == "removed"
+    for s in (g, sessions[0], sessions[2]):
+        assert members[1].name not in s.roster and len(s.roster) == 3
+    # close: everyone is told
+    t = g.close(net.now)
+    mod.operate(g, net.now)
+    net.pump()
+    assert t.resolved
+    assert all(s.state is State.CLOSED for s in (g, sessions[0], sessions[2]))
+    assert sessions[0].close_reason == "closed by moderator"
+
+
+def test_member_leaving_updates_the_others() -> None:
+    net = Net()
+    mod, members, g, sessions = group(net, 3)
+    t = sessions[0].close(net.now)
+    members[0].operate(sessions[0], net.now)
+    net.pump()
+    assert t.resolved and sessions[0].state is State.CLOSED
+    assert all(members[0].name not in s.roster for s in (g, sessions[1], sessions[2]))
+
+
+def test_point_to_point_close_by_either_side_closes_both() -> None:
+    for closer in (0, 1):
+        net = Net()
+        a, b, s, r = p2p(net)
+        sides = [(a, s), (b, r)]
+        app, session = sides[closer]
+        session.close(net.now)
+        app.operate(session, net.now)
+        net.pump()
+        assert s.state is r.state is State.CLOSED
+        with pytest.raises(SessionClosedError, match="session closed"):
+            s.publish(b"late", net.now)
+
+
+def test_operation_errors_are_typed() -> None:
+    net = Net()
+    mod, members, g, sessions = group(net, 2)
+    with pytest.raises(NotModeratorError):
+        sessions[0].invite(Name("org", "ns", "x"), net.now)
+    with pytest.raises(ParticipantError):
+        g.remove(Name("org", "ns", "nobody", 1), net.now)
+    t = g.invite(members[0].name, net.now)
+    assert t.resolved and isinstance(t.error, ParticipantError)
+
+
+def test_no_route_fails_fast() -> None:
+    net = Net()
+    a = net.add_app("alice")
+    net.pump()
+    _, t = a.create_session(Name("org", "ns", "nobody"), SessionConfig(**RELIABLE), net.now)
+    net.pump()
+    assert t.resolved and isinstance(t.error, NoRouteError)
+
+
+def test_wrong_secret_is_refused_and_the_sender_told() -> None:
+    net = Net(node_secret=None)
+    a = net.add_app("alice")
+    net.add_app("bob", secret="another-secret-that-is-long-enough-012345678")
+    net.pump()
+    _, t = a.create_session(Name("org", "ns", "bob"), SessionConfig(**RELIABLE), net.now)
+    net.pump()
+    assert isinstance(t.error, SessionRejectedError) and t.error.code == "unauthenticated"
+
+
+def test_invite_policy_can_decline() -> None:
+    net = Net()
+    mod = net.add_app("moderator")
+    net.add_app("picky", policy=lambda info: "not today")
+    net.pump()
+    g, _ = mod.create_session(CHAN, SessionConfig.group(**RELIABLE), net.now)
+    t = g.invite(Name("org", "ns", "picky"), net.now)
+    mod.operate(g, net.now)
+    net.pump()
+    assert isinstance(t.error, SessionRejectedError) and t.error.code == "declined"
+    assert len(g.roster) == 1
+
+
+def test_peer_gone_gives_a_delivery_failure_report() -> None:
+    net = Net()
+    a, b, s, r = p2p(net)
+    conn = net.conn_of(b)
+    net.node.connection_lost(conn)  # bob's connection is gone
+    del net.apps[conn], net.sinks[conn]
+    t = send(a, s, b"into the void", net)
+    net.settle(30)
+    assert isinstance(t.error, DeliveryTimeoutError)
+    assert dict(t.error.failed) == {b.name: "timeout"}
+
+
+def check_exactly_once_in_order(received: list[bytes], sent: list[bytes]) -> None:
+    assert received == sent
+
+
+@settings(max_examples=int(__import__("os").environ.get("SLIM_FUZZ_EXAMPLES", 60)), deadline=None)
+@given(seed=st.integers(0, 10_000), drop=st.floats(0, 0.3), dup=st.floats(0, 0.3),
+       reorder=st.floats(0, 0.3), n=st.integers(1, 40))
+def test_reliable_p2p_is_exactly_once_in_order_under_faults(seed: int, drop: float,
+                                                          dup: float, reorder: float,
+                                                          n: int) -> None:
+    net = Net(seed=seed)
+    a, b, s, r = p2p(net, SessionConfig(timeout=1.0, max_retries=30))
+    net.faults = Faults(seed=seed, drop=drop, dup=dup, reorder=reorder)
+    sent = [f"m{i}".encode() for i in range(n)]
+    tickets = [send(a, s, p, net) for p in sent]
+    net.settle(120)
+    assert payloads(r) == sent
+    assert all(t.resolved and t.error is None for t in tickets), [t.error for t in tickets]
+
+
+@settings(max_examples=int(__import__("os").environ.get("SLIM_FUZZ_EXAMPLES", 30)), deadline=None)
+@given(seed=st.integers(0, 10_000), drop=st.floats(0, 0.2), dup=st.floats(0, 0.2),
+       reorder=st.floats(0, 0.2))
+def test_reliable_group_is_exactly_once_in_order_per_sender_under_faults(
+        seed: int, drop: float, dup: float, reorder: float) -> None:
+    net = Net(seed=seed)
+    mod, members, g, sessions = group(net, 3, SessionConfig.group(timeout=1.0, max_retries=30))
+    net.faults = Faults(seed=seed, drop=drop, dup=dup, reorder=reorder)
+    everyone = [(mod, g), *zip(members, sessions, strict=True)]
+    sent: dict[int, list[bytes]] = {}
+    for i, (app, session) in enumerate(everyone):
+        sent[i] = [f"{i}:{k}".encode() for k in range(8)]
+        for p in sent[i]:
+            send(app, session, p, net)
+    net.settle(120)
+    for j, (_, session) in enumerate(everyone):
+        got = payloads(session)
+        for i in sent:
+            if i != j:
+                assert [p for p in got if p.startswith(f"{i}:".encode())] == sent[i]
