@@ -33,6 +33,9 @@ from ._errors import ProtocolError as ProtocolError
 from ._errors import SlimError as SlimError
 from ._errors import UnknownMessageTypeError as UnknownMessageTypeError
 from ._errors import UnsupportedVersionError as UnsupportedVersionError
+from ._faults import FaultPlan as FaultPlan
+from ._faults import FaultProxy as FaultProxy
+from ._faults import open_fault_proxy as open_fault_proxy
 from ._limits import Limits as Limits
 from ._limits import SlowConsumerPolicy as SlowConsumerPolicy
 from ._names import Name as Name
@@ -55,6 +58,8 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "ConnectionStatistics",
+    "FaultPlan",
+    "FaultProxy",
     "FrameTooLargeError",
     "Identity",
     "LimitExceededError",
@@ -87,6 +92,7 @@ __all__ = [
     "instance_id_for",
     "load_config",
     "open_connection",
+    "open_fault_proxy",
     "open_node",
     "open_node_process",
     "wire",

@@ -90,6 +90,7 @@ class App:
         self._timer_wake: anyio.Event | None = None
         self._timer_at = math.inf
         self._connected = anyio.Event()
+        self._offline = anyio.Event()
         self._closing = False
         self.connects = 0
         self.offline_drops = 0
@@ -132,6 +133,7 @@ class App:
                     for frame in self.core.resubscribe():
                         conn.outbox.write(frame)
                     self._conn = conn
+                    self._offline = anyio.Event()
                     self._connected.set()
                     if first:
                         first = False
@@ -147,6 +149,7 @@ class App:
             finally:
                 self._conn = None
                 self._connected = anyio.Event()
+                self._offline.set()
             if self._closing or not self._reconnect:
                 return
             await anyio.sleep(backoff * (0.5 + random.random()))
@@ -344,16 +347,33 @@ class App:
         with anyio.CancelScope(shield=True):
             tickets: list[Ticket] = []
             now = time.time()
+            if self.connected:
+                for wrapper in list(self._sessions.values()):
+                    if not wrapper.is_closed:
+                        tickets.append(wrapper._core.close(now))
+                self._pump()
+            if tickets:
+                with anyio.move_on_after(CLOSE_GRACE):
+                    async with anyio.create_task_group() as tg:
+                        async def goodbyes() -> None:
+                            for ticket in tickets:
+                                try:
+                                    await Handle[Any](self, ticket)
+                                except Exception:  # noqa: S110 - closing anyway
+                                    pass
+                            tg.cancel_scope.cancel()
+
+                        async def connection_lost() -> None:
+                            await self._offline.wait()
+                            tg.cancel_scope.cancel()
+
+                        tg.start_soon(goodbyes)
+                        tg.start_soon(connection_lost)
+            # Whatever could not say goodbye (offline, or no answer) ends here.
             for wrapper in list(self._sessions.values()):
                 if not wrapper.is_closed:
-                    tickets.append(wrapper._core.close(now))
+                    wrapper._core._finish_close("app closed", time.time())
             self._pump()
-            with anyio.move_on_after(CLOSE_GRACE):
-                for ticket in tickets:
-                    try:
-                        await Handle[Any](self, ticket)
-                    except Exception:  # noqa: S110 - closing anyway
-                        pass
             self._closing = True
             conn = self._conn
             if conn is not None:
