@@ -36,6 +36,11 @@ from ._errors import UnsupportedVersionError as UnsupportedVersionError
 from ._faults import FaultPlan as FaultPlan
 from ._faults import FaultProxy as FaultProxy
 from ._faults import open_fault_proxy as open_fault_proxy
+from ._jwt import JwtProvider as JwtProvider
+from ._jwt import JwtVerifier as JwtVerifier
+from ._jwt import StaticJwtProvider as StaticJwtProvider
+from ._jwt import jwks_from_public_keys as jwks_from_public_keys
+from ._jwt import load_trust_bundle as load_trust_bundle
 from ._limits import Limits as Limits
 from ._limits import SlowConsumerPolicy as SlowConsumerPolicy
 from ._names import Name as Name
@@ -62,6 +67,8 @@ __all__ = [
     "FaultProxy",
     "FrameTooLargeError",
     "Identity",
+    "JwtProvider",
+    "JwtVerifier",
     "LimitExceededError",
     "Limits",
     "LinkStatistics",
@@ -82,6 +89,7 @@ __all__ = [
     "SharedSecretVerifier",
     "SlimError",
     "SlowConsumerPolicy",
+    "StaticJwtProvider",
     "TlsConfig",
     "TokenProvider",
     "TokenVerifier",
@@ -90,7 +98,9 @@ __all__ = [
     "config_from_mapping",
     "error_from_frame",
     "instance_id_for",
+    "jwks_from_public_keys",
     "load_config",
+    "load_trust_bundle",
     "open_connection",
     "open_fault_proxy",
     "open_node",

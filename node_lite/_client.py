@@ -21,7 +21,7 @@ from ._errors import (
 )
 from ._limits import Limits
 from ._names import Name
-from ._transport import Outbox, dial, read_size
+from ._transport import Outbox, WriteBatch, dial, read_size
 from ._util import collapse_excgroups
 from .wire import (
     Error,
@@ -58,7 +58,8 @@ class NodeConnection:
     def __init__(self, stream: ByteStream, tg: TaskGroup, *, limits: Limits) -> None:
         self._stream = stream
         self._limits = limits
-        self._outbox = Outbox(stream)
+        self._batch = WriteBatch()
+        self._outbox = Outbox(stream, batch=self._batch)
         self._decoder = FrameDecoder(limits.max_frame_size)
         self._ready: deque[dict[str, Any]] = deque()
         self._read_size = read_size(stream)
@@ -72,6 +73,24 @@ class NodeConnection:
     @property
     def outbox(self) -> Outbox:
         return self._outbox
+
+    def write_deferred(self, data: bytes) -> None:
+        """Queue bytes without waking the writer; call :meth:`flush` next."""
+        batch = self._batch
+        batch.active = True
+        try:
+            self._outbox.write(data)
+        finally:
+            batch.active = False
+
+    async def flush(self) -> None:
+        """Send what :meth:`write_deferred` queued: from this task when the socket
+        can take it now (one task switch less), else by waking the writer."""
+        box = self._outbox
+        if box.can_send_direct():
+            await box.send_direct()
+        else:
+            box.wake_writer()
 
     def send_nowait(self, message: Message | Mapping[str, Any] | bytes) -> None:
         """Queue a message (or an already encoded frame) without waiting.
@@ -111,7 +130,9 @@ class NodeConnection:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
                 ssl.SSLError) as exc:
             raise anyio.EndOfStream from exc
-        return [decode_frame(f[4:]) for f in self._decoder.feed(data)]
+        frames = self._decoder.feed(data)
+        check_ext = self._decoder.may_hold_timestamp
+        return [decode_frame(f[4:], check_ext=check_ext) for f in frames]
 
     async def receive(self) -> Message:
         """The next typed message from the node.

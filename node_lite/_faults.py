@@ -77,7 +77,7 @@ class FaultProxy:
             pair.scope.cancel()
         self.stats.resets += 1
 
-    async def _serve(self, listener: anyio.abc.Listener[ByteStream]) -> None:
+    async def _serve(self, listener: anyio.abc.SocketListener) -> None:
         async with listener:
             while True:
                 client = await listener.accept()
@@ -184,6 +184,7 @@ async def open_fault_proxy(upstream: str, *, seed: int = 0) -> AsyncIterator[Fau
     proxy = FaultProxy(host, port, seed=seed)
     multi = await anyio.create_tcp_listener(local_host="127.0.0.1")
     listener = multi.listeners[0]
+    assert isinstance(listener, anyio.abc.SocketListener)
     proxy.port = listener.extra(SocketAttribute.local_port)
     with collapse_excgroups():
         async with anyio.create_task_group() as tg:

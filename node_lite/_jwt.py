@@ -695,8 +695,9 @@ def load_trust_bundle(
         subjects ``spiffe://<domain>/...``; otherwise one domain's keys could
         sign tokens for another domain's identities.
     :returns: ``{"keys": [...]}`` with the keys of every domain.
-    :raises ConfigError: when the file cannot be read, or for any invalid
-        domain entry or key (the message names the domain).
+    :raises ConfigError: when the file cannot be read, for any invalid
+        domain entry or key (the message names the domain), or when PyJWT
+        is missing (keys are checked with it).
     """
     _require_pyjwt()
     if isinstance(source, Mapping):
@@ -743,7 +744,8 @@ def jwks_from_public_keys(
     :param key_ids: a ``kid`` per key (None for none).
     :param algorithms: an ``alg`` per key (None for none), restricting the key.
     :returns: ``{"keys": [...]}``.
-    :raises ConfigError: for unsupported keys or mismatched list lengths.
+    :raises ConfigError: for unsupported keys or mismatched list lengths, or
+        when PyJWT is missing.
     """
     _require_pyjwt()
     from jwt.algorithms import Algorithm, ECAlgorithm, OKPAlgorithm, RSAAlgorithm

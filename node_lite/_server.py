@@ -253,12 +253,17 @@ class Node:
                         break
                     finally:
                         batch.active = False
-                    for sink in core.touched:
+                    touched, core.touched = core.touched, []
+                    for sink in touched:
                         # Small batches to an idle, writable consumer go out from here:
                         # one task switch less per hop.
-                        if sink.can_send_direct():  # type: ignore[attr-defined]
-                            await sink.send_direct()  # type: ignore[attr-defined]
-                        else:
+                        try:
+                            if sink.can_send_direct():  # type: ignore[attr-defined]
+                                await sink.send_direct()  # type: ignore[attr-defined]
+                            else:
+                                sink.wake_writer()  # type: ignore[attr-defined]
+                        except Exception:
+                            log.exception("conn %d: flushing a consumer failed", conn_id)
                             sink.wake_writer()  # type: ignore[attr-defined]
                     if congested:
                         await self._wait_congested(congested)

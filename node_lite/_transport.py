@@ -40,11 +40,14 @@ def _writable(stream: Any) -> bool:
         inner = inner.transport_stream
     try:
         sock = inner.extra(SocketAttribute.raw_socket)
-    except Exception:  # not a socket stream: let the writer task handle it
-        return False
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLOUT)
-    return bool(poller.poll(0))
+        fd = sock.fileno()
+        if fd < 0:
+            return False  # closed under us: the writer task will notice
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return bool(poller.poll(0))
+    except (anyio.TypedAttributeLookupError, OSError, ValueError):
+        return False  # not a socket, or gone: let the writer task handle it
 
 
 def read_size(stream: Any) -> int:
@@ -126,6 +129,11 @@ class Outbox:
         return self._frames
 
     @property
+    def idle(self) -> bool:
+        """The writer is parked and nothing but the latest writes is queued."""
+        return self._wake is not None and not self._busy and self._frames <= 1
+
+    @property
     def is_closed(self) -> bool:
         return self.closing or self.failed is not None
 
@@ -149,7 +157,8 @@ class Outbox:
         True when the writer is idle, the batch is small and the socket (or
         in-memory stream) can take it now.
         """
-        if self._wake is None or self._busy or not self._buf or self.closing:
+        if self._wake is None or self._busy or not self._buf or self.closing \
+                or self.failed is not None:
             return False
         if self._bytes > DIRECT_SEND_MAX:
             return False

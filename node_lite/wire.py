@@ -664,7 +664,8 @@ def encode(message: Message) -> bytes:
 
 def encode_frame(message: Message | Mapping[str, Any]) -> bytes:
     """Encode a message, or an envelope map, as a complete frame with its length prefix."""
-    d = message if isinstance(message, Mapping) else message.to_dict()
+    d = message if type(message) is dict or isinstance(message, Mapping) \
+        else message.to_dict()
     body: bytes = msgpack.packb(d, use_bin_type=True)
     return _PREFIX.pack(len(body)) + body
 

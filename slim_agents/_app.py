@@ -55,6 +55,8 @@ RECONNECT_MAX = 2.0
 CLOSE_GRACE = 2.0
 # Sessions announced to this app and not yet taken by listen_for_session().
 MAX_LISTEN_QUEUE = 1024
+# Longest pause of the read loop for one full session inbox.
+INBOX_PAUSE = 1.0
 
 
 def _base_name(name: Name | str) -> Name:
@@ -92,6 +94,8 @@ class App:
         self._connected = anyio.Event()
         self._offline = anyio.Event()
         self._closing = False
+        self._deferred = False
+        self._last_publish = 0.0
         self.connects = 0
         self.offline_drops = 0
 
@@ -167,7 +171,17 @@ class App:
                 continue
             if envelopes:
                 core.receive(envelopes, time.time())
-                self._pump()
+                self._pump(defer=True)
+                await self._flush()
+                for full in core.take_congested():
+                    # Backpressure: stop reading until the application drains this
+                    # session (the node then slows the senders down). Not when its
+                    # publisher waits for acks (they come through this loop), and
+                    # not for long: a stuck consumer must not stall other sessions.
+                    wrapper = self._sessions.get(full.sid)
+                    if wrapper is not None and wrapper._window_event is None:
+                        with anyio.move_on_after(INBOX_PAUSE):
+                            await wrapper._wait_inbox_room()
 
     async def _timer_loop(self) -> None:
         core = self.core
@@ -181,26 +195,58 @@ class App:
             now = time.time()
             if deadline is not None and now >= deadline:
                 core.handle_timer(now)
-                self._pump()
+                self._pump(defer=True)
+                await self._flush()
 
     # -- pumping output and events --------------------------------------------------------
 
     def _now(self) -> float:
         return time.time()
 
-    def _after(self, session: SessionCore) -> None:
-        self.core.operate(session, time.time())
-        self._pump()
-
-    def _pump(self) -> None:
+    def _after(self, session: SessionCore, *, defer: bool = False) -> None:
         core = self.core
-        frames = core.take_frames()
+        core.operate(session, time.time())
+        if core._events or core._ready:
+            self._pump(defer=defer)
+        else:
+            self._send_frames(defer=defer)
+            deadline = core.get_timer()
+            if deadline is not None and deadline < self._timer_at and \
+                    self._timer_wake is not None:
+                self._timer_wake.set()
+
+    def _send_frames(self, *, defer: bool = False) -> None:
+        frames = self.core.take_frames()
         if frames:
             conn = self._conn
             if conn is not None and not conn.outbox.is_closed:
-                conn.outbox.write(frames[0] if len(frames) == 1 else b"".join(frames))
+                data = frames[0] if len(frames) == 1 else b"".join(frames)
+                if defer:
+                    conn.write_deferred(data)
+                    self._deferred = True
+                else:
+                    conn.outbox.write(data)
             else:
                 self.offline_drops += len(frames)
+
+    def _wake_writer(self) -> None:
+        if self._deferred:
+            self._deferred = False
+            conn = self._conn
+            if conn is not None:
+                conn.outbox.wake_writer()
+
+    async def _flush(self) -> None:
+        """Send deferred frames (see NodeConnection.flush)."""
+        if self._deferred:
+            self._deferred = False
+            conn = self._conn
+            if conn is not None:
+                await conn.flush()
+
+    def _pump(self, *, defer: bool = False) -> None:
+        core = self.core
+        self._send_frames(defer=defer)
         for event in core.dispatch_events():
             if type(event) is TicketDone:
                 waiter = event.ticket.waiter
@@ -219,6 +265,7 @@ class App:
                     wrapper._wake_inbox()
                     wrapper._wake_window()
                     wrapper._wake_roster()
+                    wrapper._wake_room()
             elif type(event) is WindowOpen:
                 wrapper = self._sessions.get(event.session.sid)
                 if wrapper is not None:
@@ -359,7 +406,7 @@ class App:
                             for ticket in tickets:
                                 try:
                                     await Handle[Any](self, ticket)
-                                except Exception:  # noqa: S110 - closing anyway
+                                except Exception:
                                     pass
                             tg.cancel_scope.cancel()
 

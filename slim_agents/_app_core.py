@@ -45,7 +45,7 @@ from ._protocol import (
     reliability_of,
 )
 from ._reports import Ticket
-from ._session_core import Closed, Established, SessionCore
+from ._session_core import Closed, Established, InboxReady, SessionCore
 
 # Sessions announced but not yet taken by listen_for_session().
 MAX_PENDING_SESSIONS = 1024
@@ -92,7 +92,11 @@ class AppCore:
         self._out: list[bytes] = []
         self._events: deque[Any] = deque()
         self._dirty: dict[int, SessionCore] = {}
+        self._congested: dict[int, SessionCore] = {}
+        self._touched: dict[int, SessionCore] = {}
+        self._ready: dict[int, SessionCore] = {}
         self._timers: list[tuple[float, int]] = []
+        self._deadlines: dict[int, float] = {}
         self._subs: Counter[Name] = Counter()
         self._rid = 0
         self._known: set[tuple[Any, ...]] = set()
@@ -119,6 +123,21 @@ class AppCore:
 
     def mark_dirty(self, session: SessionCore) -> None:
         self._dirty[session.sid] = session
+
+    def inbox_ready(self, session: SessionCore) -> None:
+        """A session got messages; one InboxReady per session and batch is emitted."""
+        self._ready[session.sid] = session
+
+    def congested(self, session: SessionCore) -> None:
+        """A session's inbox is full: the driver should pause reading."""
+        self._congested[session.sid] = session
+
+    def take_congested(self) -> list[SessionCore]:
+        if not self._congested:
+            return []
+        out = [s for s in self._congested.values() if s.inbox_full]
+        self._congested = {}
+        return out
 
     def subscribe(self, name: Name) -> None:
         self._subs[name] += 1
@@ -174,6 +193,9 @@ class AppCore:
         return out
 
     def next_events(self) -> list[Any]:
+        if self._ready:
+            self._events.extend(InboxReady(s) for s in self._ready.values())
+            self._ready = {}
         events = list(self._events)
         self._events.clear()
         return events
@@ -230,6 +252,9 @@ class AppCore:
             except (ProtocolError, ProtocolViolation, SessionError) as exc:
                 self.counters["malformed"] += 1
                 self.counters[f"malformed:{type(exc).__name__}"] += 1
+        touched, self._touched = self._touched, {}
+        for session in touched.values():
+            self._touch(session)
         self.flush(now)
 
     def flush(self, now: float) -> None:
@@ -244,7 +269,7 @@ class AppCore:
         session = self.sessions.get(d.get("sid", 0))
         if session is not None:
             session.handle_frame(d, now)
-            self._touch(session)
+            self._touched[session.sid] = session
             return
         kind = d.get("k", 0)
         if kind == Kind.DISCOVERY_REQUEST:
@@ -343,35 +368,41 @@ class AppCore:
         self.pending_sessions = max(0, self.pending_sessions - 1)
 
     def _touch(self, session: SessionCore) -> None:
+        # One live deadline per session; heap entries that disagree with it are stale.
         t = session.get_timer()
-        if t is not None:
-            heapq.heappush(self._timers, (t, session.sid))
+        sid = session.sid
+        current = self._deadlines.get(sid)
+        if t is None:
+            if current is not None:
+                del self._deadlines[sid]
+            return
+        if current == t:
+            return
+        self._deadlines[sid] = t
+        if current is None or t < current:
+            heapq.heappush(self._timers, (t, sid))
 
     def get_timer(self) -> float | None:
         timers = self._timers
+        deadlines = self._deadlines
         while timers:
             t, sid = timers[0]
-            session = self.sessions.get(sid)
-            if session is not None:
-                real = session.get_timer()
-                if real is not None and real <= t:
-                    return real
-                heapq.heappop(timers)
-                if real is not None:
-                    heapq.heappush(timers, (real, sid))
-                continue
+            d = deadlines.get(sid)
+            if d == t and sid in self.sessions:
+                return t
             heapq.heappop(timers)
+            if d is not None and d > t and sid in self.sessions:
+                heapq.heappush(timers, (d, sid))  # the deadline moved later
         return None
 
     def handle_timer(self, now: float) -> None:
         self._now = now
-        due: dict[int, SessionCore] = {}
-        while self._timers and self._timers[0][0] <= now:
+        due: list[SessionCore] = []
+        while (t := self.get_timer()) is not None and t <= now:
             _, sid = heapq.heappop(self._timers)
-            session = self.sessions.get(sid)
-            if session is not None:
-                due[sid] = session
-        for session in due.values():
+            del self._deadlines[sid]
+            due.append(self.sessions[sid])
+        for session in due:
             session.handle_timer(now)
             self._touch(session)
         self.flush(now)

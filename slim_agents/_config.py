@@ -49,13 +49,13 @@ class SessionConfig:
     max_retries: int | None = None
     mls_enabled: bool = False
     metadata: Mapping[str, str] = field(default_factory=dict)
-    window: int = 512
+    window: int = 2048
     max_inbox: int = DEFAULT_MAX_INBOX
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, SessionKind):
             raise ConfigError(f"kind must be a SessionKind, got {self.kind!r}")
-        object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))  # type: ignore[arg-type]
+        object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))
         if self.max_retries is not None and (
                 isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int)
                 or not 0 <= self.max_retries <= 1000):

@@ -20,8 +20,9 @@ from typing import Any, Generic, TypeVar
 from node_lite import Name
 
 T = TypeVar("T")
-# Producer buffer as upstream (512 messages), plus a byte bound.
-DEFAULT_WINDOW = 512
+# Messages in flight per stream (upstream keeps 512; more keeps a fast link busy
+# while acks travel), plus a byte bound.
+DEFAULT_WINDOW = 2048
 DEFAULT_WINDOW_BYTES = 8 << 20
 # Messages held ahead of a gap per sender.
 DEFAULT_MAX_HELD = 1024

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from node_lite import Name
 
 
-@dataclass(frozen=True, slots=True)
-class MessageContext:
+class MessageContext(NamedTuple):
     """Who sent a received message and how (what ``get_message`` returns with the payload)."""
 
     source_name: Name
@@ -24,26 +23,22 @@ class MessageContext:
     direct: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A received message: its context and payload."""
+class Message(NamedTuple):
+    """A received message: ``ctx, payload = await session.get_message()``."""
 
     context: MessageContext
     payload: bytes
 
-    def __iter__(self) -> Any:
-        # ``ctx, payload = await session.get_message()`` works, as in the seeds.
-        yield self.context
-        yield self.payload
+
+_NO_FAILURES: Mapping[Name, str] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class DeliveryReport:
+class DeliveryReport(NamedTuple):
     """Outcome of one publish: who acknowledged it and who did not (and why)."""
 
     message_id: int
     delivered: tuple[Name, ...]
-    failed: Mapping[Name, str] = field(default_factory=dict)
+    failed: Mapping[Name, str] = _NO_FAILURES
     reliable: bool = True
 
     @property
@@ -57,7 +52,7 @@ class Ticket:
     The core resolves it; the anyio layer turns it into an awaitable handle.
     """
 
-    __slots__ = ("error", "kind", "result", "resolved", "waiter")
+    __slots__ = ("error", "kind", "resolved", "result", "waiter")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 # get_message() yields to the event loop at least this often when messages are waiting.
-_YIELD_EVERY = 64
+_YIELD_EVERY = 1024
+# A publish this long after the previous one is sent at once by the caller;
+# closer ones are left to the writer, which joins them into one write.
+_BURST_GAP = 200e-6
 
 
 class Handle(Generic[R]):
@@ -77,6 +80,7 @@ class Session:
         self._inbox_event: anyio.Event | None = None
         self._window_event: anyio.Event | None = None
         self._roster_event: anyio.Event | None = None
+        self._room_event: anyio.Event | None = None
         self._gets = 0
 
     # -- properties (names follow the seeds) ---------------------------------------------
@@ -161,7 +165,9 @@ class Session:
         app = self._app
         core = self._core
         while True:
-            await app._wait_writable()
+            conn = app._conn
+            if conn is not None and conn.outbox.pending_bytes >= app.limits.max_pending_bytes:
+                await conn.outbox.wait_drained()
             try:
                 ticket = core.publish(bytes(payload), app._now(), payload_type=payload_type,
                                       metadata=metadata, to=to)
@@ -170,10 +176,20 @@ class Session:
                 if self._window_event is None:
                     self._window_event = anyio.Event()
                 await self._window_event.wait()
-        app._after(core)
-        self._gets += 1
-        if self._gets % _YIELD_EVERY == 0:
-            await anyio.lowlevel.checkpoint()
+        now = anyio.current_time()
+        if now - app._last_publish > _BURST_GAP:
+            # Not part of a burst (request/reply): send from here, one task switch less.
+            app._last_publish = now
+            app._after(core, defer=True)
+            await app._flush()
+        else:
+            app._last_publish = now
+            app._after(core)
+            self._gets += 1
+            if self._gets % _YIELD_EVERY == 0:
+                # A real checkpoint now and then lets the writer and others run;
+                # in between, a publish that did not wait costs no scheduling.
+                await anyio.lowlevel.checkpoint()
         return Handle(app, ticket)
 
     # -- receiving -----------------------------------------------------------------------
@@ -191,11 +207,13 @@ class Session:
         while True:
             if core.inbox:
                 item = core.inbox.popleft()
+                if self._room_event is not None and \
+                        len(core.inbox) <= core.config.max_inbox // 2:
+                    self._room_event.set()
+                    self._room_event = None
                 self._gets += 1
                 if self._gets % _YIELD_EVERY == 0:
                     await anyio.lowlevel.checkpoint()
-                else:
-                    await anyio.lowlevel.checkpoint_if_cancelled()
                 if isinstance(item, BaseException):
                     raise item
                 return item
@@ -267,8 +285,20 @@ class Session:
 
     # -- driver hooks --------------------------------------------------------------------
 
+    async def _wait_inbox_room(self) -> None:
+        core = self._core
+        while len(core.inbox) > core.config.max_inbox // 2 and core.state is not State.CLOSED:
+            if self._room_event is None:
+                self._room_event = anyio.Event()
+            await self._room_event.wait()
+
     def _wake_inbox(self) -> None:
         e, self._inbox_event = self._inbox_event, None
+        if e is not None:
+            e.set()
+
+    def _wake_room(self) -> None:
+        e, self._room_event = self._room_event, None
         if e is not None:
             e.set()
 

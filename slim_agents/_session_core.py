@@ -21,6 +21,7 @@ import enum
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from node_lite import AuthenticationError, Name, NoRouteError
@@ -41,6 +42,7 @@ from ._protocol import (
     META_LEAVING,
     META_PUBLISH_TO,
     TRUE,
+    DataTemplate,
     Kind,
     Member,
     ProtocolViolation,
@@ -65,6 +67,8 @@ Key = tuple[Any, ...]
 ANSWER_CACHE = 256
 # Data frames a joining member keeps until its welcome arrives.
 EARLY_FRAMES = 1024
+_NO_METADATA: Mapping[str, str] = MappingProxyType({})
+_NO_FAILURES: Mapping[Name, str] = MappingProxyType({})
 
 
 class State(enum.Enum):
@@ -175,6 +179,7 @@ class SessionCore:
         self._answered: OrderedDict[tuple[Key, int], bytes] = OrderedDict()
         self._ops: deque[tuple[Callable[[float], None], Ticket]] = deque()
         self._op_running = False
+        self._running: Ticket | None = None
         self._close_ticket: Ticket | None = None
         self._deadline: float | None = None  # joining: give up without a welcome
         self._early: list[dict[str, Any]] = []
@@ -193,6 +198,8 @@ class SessionCore:
         self.published = 0
         self.received = 0
         self.state_subscribed = False
+        self._names_cache: tuple[Name, ...] | None = None
+        self._template: DataTemplate | None = None
         if not initiator:
             self._deadline = now + config.control_interval * (config.control_retries + 1)
 
@@ -241,6 +248,8 @@ class SessionCore:
                  waiting: Iterable[Key] | None, on_reply: Callable[..., None],
                  on_done: Callable[[], None], on_fail: Callable[[BaseException, set[Key]], None],
                  fanout: int = 1, metadata: Mapping[str, str] | None = None) -> None:
+        if self.state is State.CLOSED:
+            return  # an operation continuing after the session closed: nothing to send
         mid = self.owner.random_mid()
         frame = self._frame(dst, kind, mid, fanout=fanout, body=encode_body(body),
                             metadata=metadata)
@@ -275,6 +284,17 @@ class SessionCore:
 
     # -- public operations -----------------------------------------------------------------
 
+    def _roster_changed(self) -> None:
+        self._names_cache = None
+        self._template = None
+
+    def _recipient_names(self) -> tuple[Name, ...]:
+        names = self._names_cache
+        if names is None:
+            names = self._names_cache = tuple(
+                m.name for k, m in self.members.items() if k != self.local_key)
+        return names
+
     def publish(self, payload: bytes, now: float, *, payload_type: str | None = None,
                 metadata: Mapping[str, str] | None = None, to: Name | None = None) -> Ticket:
         """Send a message to the group (or the peer), or to one member with ``to``.
@@ -282,33 +302,52 @@ class SessionCore:
         :raises SessionClosedError: when the session is closed.
         :raises WindowFull: when the reliable window is full (retry after WindowOpen).
         """
-        self._check_open()
         if self.state is not State.ESTABLISHED:
+            self._check_open()
             raise SessionClosedError(self.sid, "not established")
-        ticket = Ticket("publish")
-        direct = None
         if to is not None and self.group:
-            key = _key(to.to_wire())
-            if key not in self.members or key == self.local_key:
-                raise ParticipantError(f"{to} is not another member of this session",
-                                       session_id=self.sid)
-            direct = key
-        if direct is not None:
-            dst, fanout = list(direct), 1
-            meta = dict(metadata or {})
-            meta[META_PUBLISH_TO] = TRUE
-            recipients = [direct]
-            stream = self._send_direct.get(direct) if self.reliable else None
-            if self.reliable and stream is None:
-                assert self._send is not None
-                stream = self._send_direct[direct] = SendStream(
-                    timeout=self._send.timeout, max_retries=self._send.max_retries,
-                    window=self._send.window)
+            return self._publish_direct(payload, now, payload_type, metadata, to)
+        stream = self._send
+        if stream is not None:
+            if not stream.has_room():
+                self._window_waiting = True
+                raise WindowFull
+            mid = stream.allocate()
         else:
+            mid = self._next_mid
+            self._next_mid += 1
+        template = self._template
+        if template is None:
             dst, fanout = self._data_dst()
-            meta = dict(metadata) if metadata else None
-            recipients = self._recipients()
-            stream = self._send
+            template = self._template = DataTemplate(
+                self.local_wire, dst, fanout=fanout, sid=self.sid, st=self.st, kind=Kind.MSG)
+        self.owner.send(template.frame(mid, payload, payload_type, metadata))
+        self.published += 1
+        names = self._recipient_names()
+        ticket = Ticket("publish")
+        if stream is None:
+            ticket.resolve(DeliveryReport(mid, names, reliable=False))
+            return ticket
+        meta = dict(metadata) if metadata else None
+        if stream.track(mid, _Outgoing(payload, payload_type, meta, ticket), len(payload) + 64,
+                        names, now) is None:
+            ticket.resolve(DeliveryReport(mid, (), reliable=True))
+        return ticket
+
+    def _publish_direct(self, payload: bytes, now: float, payload_type: str | None,
+                        metadata: Mapping[str, str] | None, to: Name) -> Ticket:
+        key = _key(to.to_wire())
+        if key not in self.members or key == self.local_key:
+            raise ParticipantError(f"{to} is not another member of this session",
+                                   session_id=self.sid)
+        meta = dict(metadata or {})
+        meta[META_PUBLISH_TO] = TRUE
+        stream = self._send_direct.get(key) if self.reliable else None
+        if self.reliable and stream is None:
+            assert self._send is not None
+            stream = self._send_direct[key] = SendStream(
+                timeout=self._send.timeout, max_retries=self._send.max_retries,
+                window=self._send.window)
         if stream is not None and not stream.has_room():
             self._window_waiting = True
             raise WindowFull
@@ -317,17 +356,16 @@ class SessionCore:
         else:
             mid = self._next_mid
             self._next_mid += 1
-        self.owner.send(self._frame(dst, Kind.MSG, mid, fanout=fanout, body=payload,
+        self.owner.send(self._frame(list(key), Kind.MSG, mid, fanout=1, body=payload,
                                     metadata=meta, payload_type=payload_type, control=False))
         self.published += 1
-        names = tuple(self.members[k].name for k in recipients)
+        name = self.members[key].name
+        ticket = Ticket("publish")
         if stream is None:
-            ticket.resolve(DeliveryReport(mid, names, reliable=False))
+            ticket.resolve(DeliveryReport(mid, (name,), reliable=False))
             return ticket
-        record = _Outgoing(payload, payload_type, meta, ticket,
-                           direct_to=self.members[direct].name if direct else None)
-        if stream.track(mid, record, len(payload) + 64, names, now) is None:
-            ticket.resolve(DeliveryReport(mid, (), reliable=True))
+        stream.track(mid, _Outgoing(payload, payload_type, meta, ticket, direct_to=name),
+                     len(payload) + 64, (name,), now)
         return ticket
 
     def invite(self, name: Name, now: float) -> Ticket:
@@ -406,9 +444,7 @@ class SessionCore:
         return ticket
 
     def _closed_after_ack(self, ticket: Ticket) -> None:
-        self._finish_close("closed", None)
-        ticket.resolve(None)
-        self.owner.emit(TicketDone(ticket))
+        self._finish_close("closed", None)  # resolves the close ticket
 
     def _check_open(self) -> None:
         if self.state in (State.CLOSING, State.CLOSED):
@@ -430,17 +466,23 @@ class SessionCore:
 
     def _next_op(self, now: float) -> None:
         self._op_running = False
+        self._running = None
         if self._ops and self.state not in (State.CLOSING, State.CLOSED):
             self._op_running = True
-            op, _ = self._ops.popleft()
+            op, ticket = self._ops.popleft()
+            self._running = ticket
             op(now)
 
     def _op_done(self, ticket: Ticket, result: Any, now: float) -> None:
+        if self.state is State.CLOSED:
+            return
         ticket.resolve(result)
         self.owner.emit(TicketDone(ticket))
         self._next_op(now)
 
     def _op_failed(self, ticket: Ticket, error: BaseException, now: float) -> None:
+        if self.state is State.CLOSED:
+            return
         ticket.fail(error)
         self.owner.emit(TicketDone(ticket))
         if not self.group and self.state is State.CONNECTING:
@@ -483,7 +525,8 @@ class SessionCore:
         if self.channel is not None:
             body["ch"] = self.channel.to_wire()
         if self.config.reliable:
-            assert self.config.timeout is not None and self.config.max_retries is not None
+            assert self.config.timeout is not None
+            assert self.config.max_retries is not None
             body["rel"] = [int(self.config.timeout * 1000), self.config.max_retries]
         if self.config.mls_enabled:
             body["mls"] = {}
@@ -541,6 +584,7 @@ class SessionCore:
 
         def on_done() -> None:
             self.members[key] = member
+            self._roster_changed()
             if not self.group:
                 self.destination = member.name
                 self.state = State.ESTABLISHED
@@ -597,6 +641,7 @@ class SessionCore:
         member = self.members.pop(key, None)
         if member is None:
             return
+        self._roster_changed()
         self._recv.pop(key, None)
         self._recv_direct.pop(key, None)
         done = []
@@ -612,8 +657,8 @@ class SessionCore:
             self._complete(p)
         # A control that was waiting only for this member is now complete.
         for mid, c in list(self._controls.items()):
-            if c.waiting is not None and not c.waiting:
-                del self._controls[mid]
+            if c.waiting is not None and not c.waiting and \
+                    self._controls.pop(mid, None) is not None:
                 c.on_done()
         self.owner.emit(RosterChanged(self, removed=(member.name,)))
         self._window_check()
@@ -686,25 +731,28 @@ class SessionCore:
 
     def _on_data(self, d: dict[str, Any], src_key: Key, member: Member, now: float) -> None:
         meta = d.get("meta")
-        direct = bool(meta) and meta.get(META_PUBLISH_TO) == TRUE
-        if self.group and not direct:
-            dst = self.channel
+        if meta:
+            direct = meta.get(META_PUBLISH_TO) == TRUE
         else:
-            dst = self.local
-        ctx = MessageContext(source_name=member.name, destination_name=dst,
-                             payload_type=d.get("pt") or "msg", metadata=meta or {},
-                             session_id=self.sid, message_id=d["mid"], identity=member.subject,
-                             direct=direct)
+            direct = False
+            meta = _NO_METADATA
+        dst = self.channel if self.group and not direct else self.local
+        ctx = MessageContext(member.name, dst, d.get("pt") or "msg", meta, self.sid, d["mid"],
+                             member.subject, 0, direct)
         message = Message(ctx, d.get("body", b""))
-        if not self.reliable:
-            if len(self.inbox) >= self.config.max_inbox:
-                self.dropped += 1
-                return
-            self._deliver([message])
-            return
-        if len(self.inbox) >= self.config.max_inbox:
+        inbox = self.inbox
+        if len(inbox) >= 2 * self.config.max_inbox:
+            # Hard cap (the reader stopped waiting for the application): best
+            # effort drops; reliable leaves the message unacknowledged, so it is resent.
             self.dropped += 1
-            return  # not acknowledged: the sender will try again
+            return
+        if not self.reliable:
+            inbox.append(message)
+            self.received += 1
+            self.owner.inbox_ready(self)
+            if len(inbox) >= self.config.max_inbox:
+                self.owner.congested(self)
+            return
         streams = self._recv_direct if direct else self._recv
         stream = streams.get(src_key)
         if stream is None:
@@ -721,9 +769,17 @@ class SessionCore:
             self._deliver(items)
 
     def _deliver(self, items: list[Message] | list[Message | BaseException]) -> None:
+        # Past max_inbox the driver pauses reading from the node until the
+        # application catches up (bounded in time, see App._read_loop).
         self.inbox.extend(items)
         self.received += len(items)
-        self.owner.emit(InboxReady(self))
+        self.owner.inbox_ready(self)
+        if len(self.inbox) >= self.config.max_inbox:
+            self.owner.congested(self)
+
+    @property
+    def inbox_full(self) -> bool:
+        return len(self.inbox) >= self.config.max_inbox
 
     def flush(self, now: float) -> None:
         """Send the acknowledgements and retransmission requests of the last batch."""
@@ -763,13 +819,15 @@ class SessionCore:
 
     def _complete(self, p: Any) -> None:
         record: _Outgoing = p.record
-        report = DeliveryReport(p.mid, p.delivered, dict(p.failed), reliable=True)
+        ticket = record.ticket
         if p.failed:
+            report = DeliveryReport(p.mid, p.delivered, dict(p.failed), True)
             timeout = all(why == "timeout" for why in p.failed.values())
-            record.ticket.fail((DeliveryTimeoutError if timeout else DeliveryError)(report))
+            ticket.fail((DeliveryTimeoutError if timeout else DeliveryError)(report))
         else:
-            record.ticket.resolve(report)
-        self.owner.emit(TicketDone(record.ticket))
+            ticket.resolve(DeliveryReport(p.mid, p.recipients, _NO_FAILURES, True))
+        if ticket.waiter is not None:  # only a handle someone awaits needs a wake-up
+            self.owner.emit(TicketDone(ticket))
 
     def _window_check(self) -> None:
         if self._window_waiting:
@@ -888,6 +946,7 @@ class SessionCore:
             raise ProtocolViolation("welcome: bad next map")
         if self.state is State.JOINING:
             self.members = {_key(m.name.to_wire()): m for m in roster}
+            self._roster_changed()
             for item in nexts:
                 if type(item) is list and len(item) == 2 and type(item[0]) is list:
                     self._first_mid[_key(name_of(item[0], "next").to_wire())] = int_of(
@@ -910,6 +969,7 @@ class SessionCore:
         if op == "add":
             if key not in self.members:
                 self.members[key] = who
+                self._roster_changed()
                 self.owner.emit(RosterChanged(self, added=(who.name,)))
             self._first_mid.pop(key, None)
             reply = {"next": self._send.next_mid} if self._send is not None else {}
@@ -951,24 +1011,27 @@ class SessionCore:
     # -- timers ----------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        times = [c.deadline for c in self._controls.values()]
-        if self._deadline is not None:
-            times.append(self._deadline)
-        if self._send is not None:
-            t = self._send.get_timer()
-            if t is not None:
-                times.append(t)
-        for s in self._send_direct.values():
-            t = s.get_timer()
-            if t is not None:
-                times.append(t)
+        best = self._deadline
+        for c in self._controls.values():
+            if best is None or c.deadline < best:
+                best = c.deadline
+        send = self._send
+        if send is not None and send.pending:
+            t = send.get_timer()
+            if t is not None and (best is None or t < best):
+                best = t
+        for stream in self._send_direct.values():
+            if stream.pending:
+                t = stream.get_timer()
+                if t is not None and (best is None or t < best):
+                    best = t
         for streams in (self._recv, self._recv_direct):
             for r in streams.values():
                 if r.missing:
                     t = r.get_timer()
-                    if t is not None:
-                        times.append(t)
-        return min(times) if times else None
+                    if t is not None and (best is None or t < best):
+                        best = t
+        return best
 
     def handle_timer(self, now: float) -> None:
         self._now = now
@@ -988,7 +1051,7 @@ class SessionCore:
                 continue
             c.attempts += 1
             c.deadline = now + self.config.control_interval
-            if c.waiting is None or c.multicast is not None and len(c.waiting) > 2:
+            if c.waiting is None or (c.multicast is not None and len(c.waiting) > 2):
                 self.owner.send(c.frame)
             else:
                 for k in c.waiting:
@@ -1045,9 +1108,15 @@ class SessionCore:
         self.state = State.CLOSED
         self.close_reason = reason
         error = SessionClosedError(self.sid, reason)
-        for c in list(self._controls.values()):
-            c.on_fail(error, set(c.waiting or ()))
-        self._controls.clear()
+        # Pending control messages are dropped without running their follow-ups
+        # (an operation must not go on in a closed session); their tickets fail here.
+        self._controls = {}
+        running, self._running = self._running, None
+        if running is not None and running.fail(error):
+            self.owner.emit(TicketDone(running))
+        close_ticket = self._close_ticket
+        if close_ticket is not None and close_ticket.resolve(None):
+            self.owner.emit(TicketDone(close_ticket))
         streams = [self._send, *self._send_direct.values()]
         for stream in streams:
             if stream is None:
@@ -1080,8 +1149,9 @@ class _Rejected(Exception):
             body = decode_body(self.d.get("body", b""))
         except ProtocolViolation:
             body = {}
-        code = body.get("code") if isinstance(body.get("code"), str) else "rejected"
-        msg = body.get("msg") if isinstance(body.get("msg"), str) else ""
+        raw_code, raw_msg = body.get("code"), body.get("msg")
+        code = raw_code if isinstance(raw_code, str) else "rejected"
+        msg = raw_msg if isinstance(raw_msg, str) else ""
         try:
             name = name_of(self.d["src"], "src")
         except ProtocolViolation:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from node_lite import Limits, NodeConfig, SlowConsumerPolicy, open_node, wire
@@ -94,7 +95,10 @@ async def blast(conn: object, name: wire.Name, dst: wire.Name, stop: anyio.Event
     sent = 0
     frame = wire.encode_frame(Publish(source=name, destination=dst, payload=b"s" * 4096))
     while not stop.is_set():
-        await conn.send(frame * 16)  # type: ignore[attr-defined]
+        try:
+            await conn.send(frame * 16)  # type: ignore[attr-defined]
+        except anyio.ClosedResourceError:
+            break  # the node closed us (shutdown, slow consumer cut)
         sent += 16
     return sent
 
@@ -174,3 +178,80 @@ async def test_disconnect_policy_cuts_at_once() -> None:
                              message="slow consumer disconnected")
             stop.set()
             tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_consumers_vanishing_mid_write_never_take_the_node_down() -> None:
+    async with open_node(NodeConfig(shared_secret=SECRET)) as node:
+        async with app_connection(node.url, "sender") as (tx, tx_name), \
+                anyio.create_task_group() as tg:
+            stop = anyio.Event()
+            for _ in range(30):
+                async with app_connection(node.url, "victim") as (_victim, victim_name):
+                    tg.start_soon(blast, tx, tx_name, victim_name, stop)
+                    await wait_until(lambda: node.statistics().frames_out > 0)
+                    await anyio.lowlevel.checkpoint()
+                stop.set()
+                stop = anyio.Event()
+            stop.set()
+            tg.cancel_scope.cancel()
+        # still serving
+        async with app_connection(node.url, "a") as (a, a_name), \
+                app_connection(node.url, "b") as (b, b_name):
+            await a.send(Publish(source=a_name, destination=b_name, payload=b"alive"))
+            with anyio.fail_after(5):
+                while not isinstance(msg := await b.receive(), Publish):
+                    pass
+            assert msg.payload == b"alive"
+
+
+@pytest.mark.anyio
+async def test_node_shuts_down_cleanly_under_load() -> None:
+    for _ in range(5):
+        async with open_node(NodeConfig(shared_secret=SECRET)) as node:
+            async with app_connection(node.url, "sender") as (tx, tx_name), \
+                    app_connection(node.url, "sink") as (_rx, rx_name), \
+                    anyio.create_task_group() as tg:
+                stop = anyio.Event()
+                tg.start_soon(blast, tx, tx_name, rx_name, stop)
+                await wait_until(lambda: node.statistics().frames_out > 100)
+                await node.aclose()  # while frames are flowing
+                stop.set()
+                tg.cancel_scope.cancel()
+
+
+def test_consumers_resetting_mid_write_never_take_the_node_down(tmp_path: Path) -> None:
+    """Consumers that reset (RST) while the node writes to them, again and again."""
+    import struct
+
+    proc = subprocess.Popen([sys.executable, "-m", "node_lite", "--endpoint", "127.0.0.1:0",
+                             "--log-level", "error"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().split()[-1].rsplit(":", 1)[1])
+        sender, sender_name = raw_app(port, "blaster")
+        sender.settimeout(0.2)
+        for i in range(40):
+            victim, victim_name = raw_app(port, f"victim{i}")
+            frame = wire.encode_frame(Publish(source=sender_name, destination=victim_name,
+                                              payload=b"v" * 512))
+            try:
+                sender.sendall(frame * 200)
+            except TimeoutError:
+                pass
+            # abortive close: the node's next write to it fails with a reset
+            victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            victim.close()
+            try:
+                sender.sendall(frame * 50)
+            except (TimeoutError, OSError):
+                pass
+        assert proc.poll() is None, "the node died"
+        fresh, _ = raw_app(port, "fresh")  # and it still serves
+        fresh.close()
+        sender.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()

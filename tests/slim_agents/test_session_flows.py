@@ -92,7 +92,7 @@ def test_session_metadata_reaches_the_receiver() -> None:
 
 def test_best_effort_reports_immediately() -> None:
     net = Net()
-    a, b, s, r = p2p(net, SessionConfig())
+    a, _b, s, r = p2p(net, SessionConfig())
     t = send(a, s, b"x", net)
     assert t.resolved and not t.result.reliable
     net.pump()
@@ -137,7 +137,7 @@ def test_group_invite_publish_publish_to_remove_close() -> None:
 
 def test_member_leaving_updates_the_others() -> None:
     net = Net()
-    mod, members, g, sessions = group(net, 3)
+    _mod, members, g, sessions = group(net, 3)
     t = sessions[0].close(net.now)
     members[0].operate(sessions[0], net.now)
     net.pump()
@@ -161,7 +161,7 @@ def test_point_to_point_close_by_either_side_closes_both() -> None:
 
 def test_operation_errors_are_typed() -> None:
     net = Net()
-    mod, members, g, sessions = group(net, 2)
+    _mod, members, g, sessions = group(net, 2)
     with pytest.raises(NotModeratorError):
         sessions[0].invite(Name("org", "ns", "x"), net.now)
     with pytest.raises(ParticipantError):
@@ -204,7 +204,7 @@ def test_invite_policy_can_decline() -> None:
 
 def test_peer_gone_gives_a_delivery_failure_report() -> None:
     net = Net()
-    a, b, s, r = p2p(net)
+    a, b, s, _r = p2p(net)
     conn = net.conn_of(b)
     net.node.connection_lost(conn)  # bob's connection is gone
     del net.apps[conn], net.sinks[conn]
@@ -225,7 +225,7 @@ def test_reliable_p2p_is_exactly_once_in_order_under_faults(seed: int, drop: flo
                                                           dup: float, reorder: float,
                                                           n: int) -> None:
     net = Net(seed=seed)
-    a, b, s, r = p2p(net, SessionConfig(timeout=1.0, max_retries=30))
+    a, _b, s, r = p2p(net, SessionConfig(timeout=1.0, max_retries=30))
     net.faults = Faults(seed=seed, drop=drop, dup=dup, reorder=reorder)
     sent = [f"m{i}".encode() for i in range(n)]
     tickets = [send(a, s, p, net) for p in sent]
@@ -254,3 +254,22 @@ def test_reliable_group_is_exactly_once_in_order_per_sender_under_faults(
         for i in sent:
             if i != j:
                 assert [p for p in got if p.startswith(f"{i}:".encode())] == sent[i]
+
+
+def test_closing_while_an_operation_waits_on_a_silent_member() -> None:
+    net = Net()
+    mod, members, g, _sessions = group(net, 3)
+    silent = net.conn_of(members[0])
+    net.node.connection_lost(silent)  # m0 vanishes without a word
+    del net.apps[silent], net.sinks[silent]
+    removal = g.remove(members[1].name, net.now)
+    invite = g.invite(Name("org", "ns", "late"), net.now)  # queued behind the removal
+    mod.operate(g, net.now)
+    net.pump()
+    assert not removal.resolved  # waiting for m0's ack
+    g._finish_close("app closed", net.now)  # as App.aclose does when giving up
+    assert isinstance(removal.error, SessionClosedError)
+    assert isinstance(invite.error, SessionClosedError)
+    assert g.state is State.CLOSED
+    net.settle(30)  # nothing left running
+    assert g.get_timer() is None
