@@ -5,12 +5,17 @@ from __future__ import annotations
 from node_lite import AuthenticationError as AuthenticationError
 from node_lite import ConfigError as ConfigError
 from node_lite import ConnectError as ConnectError
+from node_lite import JwtProvider as JwtProvider
+from node_lite import JwtVerifier as JwtVerifier
 from node_lite import Name as Name
 from node_lite import NodeError as NodeError
 from node_lite import NoRouteError as NoRouteError
 from node_lite import SharedSecretProvider as SharedSecretProvider
 from node_lite import SharedSecretVerifier as SharedSecretVerifier
 from node_lite import SlimError as SlimError
+from node_lite import StaticJwtProvider as StaticJwtProvider
+from node_lite import jwks_from_public_keys as jwks_from_public_keys
+from node_lite import load_trust_bundle as load_trust_bundle
 from node_lite import open_node as open_node
 
 from ._app import App as App
@@ -43,6 +48,8 @@ __all__ = [
     "DeliveryTimeoutError",
     "Handle",
     "JoinInfo",
+    "JwtProvider",
+    "JwtVerifier",
     "Message",
     "MessageContext",
     "MessageLostError",
@@ -61,6 +68,9 @@ __all__ = [
     "SharedSecretProvider",
     "SharedSecretVerifier",
     "SlimError",
+    "StaticJwtProvider",
+    "jwks_from_public_keys",
+    "load_trust_bundle",
     "open_app",
     "open_node",
 ]
