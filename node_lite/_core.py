@@ -42,6 +42,8 @@ from ._names import Name, instance_id_for
 from ._routing import RoutingTable
 from .wire import (
     _PREFIX,
+    Command,
+    CommandResult,
     Error,
     ErrorCode,
     FrameDecoder,
@@ -182,6 +184,10 @@ class NodeCore:
         self.refused = 0
         self.closed_totals: Counter[str] = Counter()
         self._known_names: set[tuple[Any, ...]] = set()
+        self._commands: dict[tuple[int, int], Any] = {}
+        self._command_ids = 0
+        #: (tag, CommandResult) pairs from apps, taken by the driver.
+        self.command_results: list[tuple[Any, CommandResult]] = []
         self.congested: list[Sink] = []
         #: Sinks written during the last data_received (the driver may flush them directly).
         self.touched: list[Sink] = []
@@ -206,6 +212,9 @@ class NodeCore:
         if conn is None:
             return
         conn.closed = True
+        for key in [k for k in self._commands if k[0] == conn_id]:
+            self.command_results.append((self._commands.pop(key), CommandResult(
+                request_id=key[1], ok=False, error="the app disconnected")))
         totals = self.closed_totals
         totals["frames_in"] += conn.frames_in
         totals["frames_out"] += conn.frames_out
@@ -390,6 +399,12 @@ class NodeCore:
             if conn.kind is not ConnKind.PEER:
                 raise MalformedFrameError("route updates are only accepted on links", field="t")
             self._send_updates(self.table.apply_update(conn.id, msg))
+        elif isinstance(msg, CommandResult):
+            if conn.kind is not ConnKind.APP:
+                raise MalformedFrameError("command results come from apps", field="t")
+            pending = self._commands.pop((conn.id, msg.request_id), None)
+            if pending is not None:
+                self.command_results.append((pending, msg))
         elif isinstance(msg, Error):
             log.info("conn %d reported %s: %s", conn.id, msg.code, msg.message)
         elif msg.TYPE in ("pong", "sub_ack"):
@@ -665,6 +680,24 @@ class NodeCore:
 
     def remove_route(self, name: Name, conn_id: int) -> bool:
         return self.table.remove_route(name, conn_id)
+
+    def command_app(self, target: Name, op: str, args: dict[str, Any], tag: Any) -> bool:
+        """Send a management command to the app connected here as ``target``.
+
+        Its result later appears in :attr:`command_results` as ``(tag, result)``.
+        :returns: False when no app of that name is connected to this node.
+        """
+        wire = target.to_wire()
+        for conn in self._conns.values():
+            if conn.kind is ConnKind.APP and not conn.closed and (
+                    conn.name_wire == wire or (target.id is None and conn.name is not None
+                    and conn.name.same_service(target))):
+                self._command_ids = self._command_ids % 0xFFFF_FFFF + 1
+                rid = self._command_ids
+                self._commands[(conn.id, rid)] = tag
+                self._write(conn, encode_frame(Command(request_id=rid, op=op, args=args)))
+                return True
+        return False
 
     def connection_kind(self, conn_id: int) -> ConnKind | None:
         conn = self._conns.get(conn_id)

@@ -21,7 +21,7 @@ from anyio.streams.tls import TLSStream
 from ._auth import SharedSecretProvider, SharedSecretVerifier, TokenProvider, TokenVerifier
 from ._config import ClientConfig, NodeConfig, ServerConfig, split_endpoint
 from ._core import ConnectionStatistics, ConnKind, NodeCore
-from ._errors import ConfigError
+from ._errors import ConfigError, ProtocolError
 from ._names import Name
 from ._transport import (
     Outbox,
@@ -32,7 +32,16 @@ from ._transport import (
     read_size,
 )
 from ._util import collapse_excgroups
-from .wire import ErrorCode
+from .wire import (
+    Command,
+    CommandResult,
+    ErrorCode,
+    FrameDecoder,
+    Register,
+    decode_frame,
+    decode_message,
+    encode_frame,
+)
 
 log = logging.getLogger("node_lite.node")
 # Reconnect backoff for links: from 100 ms, doubling, capped at 2 s (with jitter).
@@ -155,6 +164,8 @@ class Node:
                 tg.start_soon(self._write_watchdog)
             for link in cfg.links:
                 self.add_link(link)
+            for controller in cfg.controller_clients:
+                tg.start_soon(self._controller_loop, controller)
             task_status.started(self)
         self._tg = None
 
@@ -253,6 +264,8 @@ class Node:
                         break
                     finally:
                         batch.active = False
+                    if core.command_results:
+                        self._relay_command_results()
                     touched, core.touched = core.touched, []
                     for sink in touched:
                         # Small batches to an idle, writable consumer go out from here:
@@ -275,6 +288,8 @@ class Node:
                 log.warning("conn %d cut: slow consumer (no write progress in %g s)",
                             conn_id, limits.write_deadline)
             core.connection_lost(conn_id)
+            if core.command_results:
+                self._relay_command_results()
             self._outboxes.pop(conn_id, None)
             if link is not None:
                 link.conn_id = None
@@ -282,6 +297,61 @@ class Node:
                 await anyio.aclose_forcefully(stream)
             if self._idle is not None and not self._outboxes:
                 self._idle.set()
+
+    def _relay_command_results(self) -> None:
+        results, self.core.command_results = self.core.command_results, []
+        for (outbox, rid), res in results:
+            outbox.write(encode_frame(CommandResult(request_id=rid, ok=res.ok, error=res.error,
+                                                    result=res.result)))
+
+    async def _controller_loop(self, cfg: ClientConfig) -> None:
+        """Register with a controller and carry out its commands through local apps."""
+        backoff = LINK_BACKOFF_MIN
+        while not self._closing:
+            try:
+                stream = await dial(cfg.host, cfg.port, cfg.ssl_context())
+            except (OSError, ssl.SSLError) as exc:
+                log.debug("controller %s: connect failed: %s", cfg.endpoint, exc)
+                await anyio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, LINK_BACKOFF_MAX)
+                continue
+            backoff = LINK_BACKOFF_MIN
+            outbox = Outbox(stream)
+            token = self.core.peer_token.get_token() if self.core.peer_token else ""
+            outbox.write(encode_frame(Register(node_id=self.node_id,
+                                               endpoints=tuple(self.endpoints), token=token)))
+            log.info("registered with controller %s", cfg.endpoint)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(outbox.run)
+                    decoder = FrameDecoder()
+                    while True:
+                        try:
+                            data = await stream.receive(read_size(stream))
+                        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                            break
+                        for frame in decoder.feed(data):
+                            msg = decode_message(decode_frame(frame[4:]))
+                            if isinstance(msg, Command) and msg.target is not None:
+                                if not self.core.command_app(msg.target, msg.op, msg.args,
+                                                             (outbox, msg.request_id)):
+                                    outbox.write(encode_frame(CommandResult(
+                                        request_id=msg.request_id, ok=False,
+                                        error="not_here")))
+                                self._wake_touched()
+                    tg.cancel_scope.cancel()
+            except ProtocolError as exc:
+                log.warning("controller %s sent a bad frame: %s", cfg.endpoint, exc)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.aclose_forcefully(stream)
+            if not self._closing:
+                await anyio.sleep(backoff * (0.5 + random.random()))
+
+    def _wake_touched(self) -> None:
+        touched, self.core.touched = self.core.touched, []
+        for sink in touched:
+            sink.wake_writer()  # type: ignore[attr-defined]
 
     async def _wait_congested(self, congested: list[Any]) -> None:
         """Stop reading the sender until the consumers it fills have drained."""

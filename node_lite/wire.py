@@ -35,6 +35,8 @@ from ._names import MAX_ID, Name
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "Command",
+    "CommandResult",
     "Error",
     "ErrorCode",
     "FrameDecoder",
@@ -45,6 +47,7 @@ __all__ = [
     "Ping",
     "Pong",
     "Publish",
+    "Register",
     "RouteAdvert",
     "RouteUpdate",
     "SessionType",
@@ -561,15 +564,119 @@ class RouteUpdate:
         return cls(full=_bool(d, "full"), add=tuple(add), remove=tuple(remove))
 
 
+def _args(value: object, key: str, limits: Limits) -> dict[str, Any]:
+    """A small map of scalars and lists of strings (command arguments and results)."""
+    if value is None:
+        return {}
+    if type(value) is not dict:
+        raise MalformedFrameError("expected a map", field=key)
+    if len(value) > limits.max_metadata_entries:
+        raise LimitExceededError(f"field {key!r} entries", limits.max_metadata_entries,
+                                 len(value))
+    for k, v in value.items():
+        _text(k, key, limits.max_name_component)
+        if type(v) is list:
+            if len(v) > 4096:
+                raise LimitExceededError(f"field {key!r} list", 4096, len(v))
+            for item in v:
+                _text(item, key, limits.max_metadata_value)
+        elif type(v) is str:
+            _text(v, key, limits.max_metadata_value)
+        elif v is not None and type(v) not in (int, bool):
+            raise MalformedFrameError("values are strings, integers, booleans or lists "
+                                      "of strings", field=key)
+    return value
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Command:
+    """A management operation: controller -> node (``target`` names the app), node -> app.
+
+    Operations are strings such as ``create_channel``; ``args`` is a small map.
+    """
+
+    TYPE: ClassVar[str] = "cmd"
+    request_id: int
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+    target: Name | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": self.TYPE, "rid": self.request_id,
+                             "op": self.op, "args": self.args}
+        if self.target is not None:
+            d["target"] = self.target.to_wire()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Command:
+        op = _text(d.get("op"), "op", 64)
+        assert op is not None
+        target = d.get("target")
+        return cls(request_id=_int(d, "rid", 0, _U32), op=op,
+                   args=_args(d.get("args"), "args", limits),
+                   target=_name(target, "target", limits, wildcard=True)
+                   if target is not None else None)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CommandResult:
+    """The outcome of a :class:`Command` (same ``request_id``)."""
+
+    TYPE: ClassVar[str] = "cmd_res"
+    request_id: int
+    ok: bool = True
+    error: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": self.TYPE, "rid": self.request_id,
+                             "ok": self.ok, "result": self.result}
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> CommandResult:
+        return cls(request_id=_int(d, "rid", 0, _U32), ok=_bool(d, "ok"),
+                   error=_text(d.get("error"), "error", limits.max_metadata_value,
+                               optional=True),
+                   result=_args(d.get("result"), "result", limits))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Register:
+    """A node announcing itself to a controller (first frame on the southbound link)."""
+
+    TYPE: ClassVar[str] = "register"
+    node_id: str
+    endpoints: tuple[str, ...] = ()
+    token: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "node": self.node_id,
+                "endpoints": list(self.endpoints), "tok": self.token}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Register:
+        eps = d.get("endpoints", [])
+        if type(eps) is not list or len(eps) > 64:
+            raise MalformedFrameError("expected a list of endpoints", field="endpoints")
+        tok = _text(d.get("tok", ""), "tok", limits.max_token_size)
+        assert tok is not None
+        return cls(node_id=_node_id(d.get("node"), "node", limits),
+                   endpoints=tuple(_node_id(e, "endpoints", limits) for e in eps), token=tok)
+
+
 Message: TypeAlias = (
     Hello | HelloAck | Subscribe | Unsubscribe | SubscribeAck | Publish | Error | Ping | Pong
-    | RouteUpdate
+    | RouteUpdate | Command | CommandResult | Register
 )
 
 _TYPES: dict[str, Any] = {
     cls.TYPE: cls
     for cls in (Hello, HelloAck, Subscribe, Unsubscribe, SubscribeAck, Publish, Error, Ping,
-                Pong, RouteUpdate)
+                Pong, RouteUpdate, Command, CommandResult, Register)
 }
 
 

@@ -25,6 +25,7 @@ from node_lite import (
     NodeConnection,
     SharedSecretProvider,
     SharedSecretVerifier,
+    SlimError,
     TlsConfig,
     TokenProvider,
     TokenVerifier,
@@ -32,9 +33,11 @@ from node_lite import (
     open_connection,
 )
 from node_lite._util import collapse_excgroups
+from node_lite.wire import Command, CommandResult, encode_frame
 
 from ._app_core import AppCore, InvitePolicy
 from ._config import SessionConfig, SessionKind
+from ._errors import ParticipantError, SessionError
 from ._reports import Ticket
 from ._session import Handle, Session
 from ._session_core import (
@@ -74,7 +77,7 @@ class App:
                  verifier: TokenVerifier | None, *, node: Node | str,
                  tls: TlsConfig | None = None, limits: Limits | None = None,
                  invite_policy: InvitePolicy | None = None, reconnect: bool = True,
-                 rng: random.Random | None = None) -> None:
+                 accept_commands: bool = True, rng: random.Random | None = None) -> None:
         base = _base_name(name)
         self.provider = provider
         self.name = base.with_id(instance_id_for(provider.subject))
@@ -84,6 +87,7 @@ class App:
         self._target = node
         self._tls = tls
         self._reconnect = reconnect
+        self._accept_commands = accept_commands
         self._conn: NodeConnection | None = None
         self._tg: TaskGroup | None = None
         self._sessions: dict[int, Session] = {}
@@ -173,6 +177,11 @@ class App:
                 core.receive(envelopes, time.time())
                 self._pump(defer=True)
                 await self._flush()
+                if core.commands:
+                    commands, core.commands = core.commands, []
+                    for command in commands:
+                        assert self._tg is not None
+                        self._tg.start_soon(self._run_command, command)
                 for full in core.take_congested():
                     # Backpressure: stop reading until the application drains this
                     # session (the node then slows the senders down). Not when its
@@ -301,6 +310,58 @@ class App:
         conn = self._conn
         if conn is not None and conn.outbox.pending_bytes >= self.limits.max_pending_bytes:
             await conn.outbox.wait_drained()
+
+    # -- management commands (the controller flow) -----------------------------------------
+
+    async def _run_command(self, cmd: Command) -> None:
+        """Carry out a controller operation as moderator and answer it."""
+        try:
+            if not self._accept_commands:
+                raise SessionError("this app does not accept management commands")
+            result = await self._command(cmd.op, cmd.args)
+            reply = CommandResult(request_id=cmd.request_id, result=result)
+        except (SlimError, ValueError) as exc:
+            reply = CommandResult(request_id=cmd.request_id, ok=False, error=str(exc))
+        conn = self._conn
+        if conn is not None and not conn.outbox.is_closed:
+            conn.outbox.write(encode_frame(reply))
+
+    async def _command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        channel = Name.parse(str(args.get("channel", "")))
+        if op == "create_channel":
+            config = SessionConfig.group(timeout=1.0, max_retries=10,
+                                         mls_enabled=args.get("mls") is True)
+            session, handle = await self.start_session(channel, config)
+            await handle
+            session._managed = True
+            self._listen.append(session)  # announced like a session we were invited to
+            e, self._listen_event = self._listen_event, None
+            if e is not None:
+                e.set()
+            return {"channel": str(channel)}
+        session = self._moderated(channel)
+        if op == "add_participant":
+            added = await session.invite(str(args.get("participant", "")))
+            return {"name": str(added)}
+        if op == "remove_participant":
+            target = Name.parse(str(args.get("participant", "")))
+            if target.id is None:
+                matches = [p for p in session.participants if p.without_id() == target]
+                if not matches:
+                    raise ParticipantError(f"participant not found in group: {target}")
+                target = matches[0]
+            await session.remove(target)
+            return {"name": str(target)}
+        if op == "delete_channel":
+            await session.close()
+            return {}
+        raise SessionError(f"unknown operation {op!r}")
+
+    def _moderated(self, channel: Name) -> Session:
+        for wrapper in self._sessions.values():
+            if not wrapper.is_closed and wrapper.is_moderator and wrapper.dst == channel:
+                return wrapper
+        raise SessionError(f"channel {channel} not found")
 
     # -- sessions -----------------------------------------------------------------------
 
@@ -454,6 +515,7 @@ async def open_app(
     limits: Limits | None = None,
     invite_policy: InvitePolicy | None = None,
     reconnect: bool = True,
+    accept_commands: bool = True,
 ) -> AsyncIterator[App]:
     """Connect an app to a node for the duration of the block.
 
@@ -463,13 +525,16 @@ async def open_app(
     :param secret: shared secret for the identity token and for checking peers;
         or pass ``provider`` and ``verifier`` (JWT and others).
     :param invite_policy: decides on invitations (return True, or a reason to decline).
+    :param accept_commands: carry out channel operations sent by a controller
+        through the node (as the tutorial's participants do).
     :raises ConnectError: when the node cannot be reached.
     :raises AuthenticationError: when the node refuses the identity.
     """
     base = _base_name(name)
     provider, verifier = _identity(base, secret, provider, verifier)
     app = App(base, provider, verifier, node=node, tls=tls, limits=limits,
-              invite_policy=invite_policy, reconnect=reconnect)
+              invite_policy=invite_policy, reconnect=reconnect,
+              accept_commands=accept_commands)
     with collapse_excgroups():
         async with anyio.create_task_group() as tg:
             await tg.start(app._run)

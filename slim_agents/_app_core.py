@@ -28,7 +28,14 @@ from node_lite import (
     instance_id_for,
 )
 from node_lite._auth import parse_unverified
-from node_lite.wire import Error, Subscribe, Unsubscribe, check_publish, encode_frame
+from node_lite.wire import (
+    Command,
+    Error,
+    Subscribe,
+    Unsubscribe,
+    check_publish,
+    encode_frame,
+)
 
 from ._config import SessionConfig, SessionKind
 from ._errors import SessionError
@@ -102,6 +109,8 @@ class AppCore:
         self._known: set[tuple[Any, ...]] = set()
         self.counters: Counter[str] = Counter()
         self.pending_sessions = 0
+        #: Management commands from the node (controller), carried out by the driver.
+        self.commands: list[Command] = []
         self._now = 0.0
 
     # -- owner interface for sessions ------------------------------------------------------
@@ -244,6 +253,8 @@ class AppCore:
                     self._on_publish(d, now)
                 elif t == "err":
                     self._on_error(d, now)
+                elif t == "cmd":
+                    self.commands.append(Command.from_dict(d, self.limits))
                 elif t in ("sub_ack", "pong", "ping", "hello_ack"):
                     if t == "sub_ack" and not d.get("ok", True):
                         self.counters["subscribe_refused"] += 1

@@ -6,7 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from node_lite._controller import add_controller_arguments, run_controller_from_args
 from node_lite._process import add_node_arguments, run_from_args
+
+from ._ctl import add_ctl_arguments, run_ctl
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="run a node (upstream's YAML config is accepted)")
     add_node_arguments(node)
     node.set_defaults(func=run_from_args)
+    controller = sub.add_parser("controller",
+                                help="run a controller (the tutorial's config-controller.yaml)")
+    add_controller_arguments(controller)
+    controller.set_defaults(func=run_controller_from_args)
+    ctl = sub.add_parser("ctl", help="manage channels and participants (slimctl commands)")
+    add_ctl_arguments(ctl)
+    ctl.set_defaults(func=run_ctl)
     return parser
 
 

@@ -82,6 +82,7 @@ class Session:
         self._roster_event: anyio.Event | None = None
         self._room_event: anyio.Event | None = None
         self._gets = 0
+        self._managed = False  # created by a controller command
 
     # -- properties (names follow the seeds) ---------------------------------------------
 
