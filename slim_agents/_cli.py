@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from node_lite._controller import add_controller_arguments, run_controller_from_args
 from node_lite._process import add_node_arguments, run_from_args
 
+from ._cli_examples import add_group_arguments, add_p2p_arguments, run, run_group, run_p2p
 from ._ctl import add_ctl_arguments, run_ctl
 
 
@@ -28,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = sub.add_parser("ctl", help="manage channels and participants (slimctl commands)")
     add_ctl_arguments(ctl)
     ctl.set_defaults(func=run_ctl)
+    group = sub.add_parser("group", help="the tutorial's group chat example")
+    add_group_arguments(group)
+    group.set_defaults(func=lambda a: run(run_group, a))
+    p2p = sub.add_parser("p2p", help="the sessions document's point-to-point example")
+    add_p2p_arguments(p2p)
+    p2p.set_defaults(func=lambda a: run(run_p2p, a))
     return parser
 
 

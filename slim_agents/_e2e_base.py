@@ -1,0 +1,361 @@
+# SLIM-GK v1 building blocks (sans-IO): the error type, HKDF-SHA256, canonical
+# msgpack, strict decoders, signed-object framing, sealed boxes and the key
+# schedule. Design: security-reliability.md section 2.
+#
+# Secrets live in bytearrays that are overwritten when dropped. Python cannot
+# guarantee erasure (bytes are immutable, PyNaCl takes bytes, the allocator may
+# keep copies), so forward secrecy by deletion is best effort in memory.
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, get_args
+
+import msgpack
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.utils
+
+from ._errors import SessionError
+
+__all__ = [
+    "E2ECode",
+    "E2EError",
+    "Rng",
+    "canonical",
+    "expand",
+    "extract",
+    "hkdf_expand",
+    "hkdf_extract",
+]
+
+VERSION: Final = 1
+PREFIX: Final = "slim-gk/v1"
+LABEL_KP: Final = "slim-gk/v1/kp"
+LABEL_COMMIT: Final = "slim-gk/v1/commit"
+LABEL_WELCOME: Final = "slim-gk/v1/welcome"
+LABEL_ENV: Final = "slim-gk/v1/env"
+LABEL_KUPD: Final = "slim-gk/v1/kupd"
+LABEL_APP_SIG: Final = "slim-gk/v1/app-sig"
+LABEL_APP_AAD: Final = "slim-gk/v1/app"
+
+#: Largest GK object a decoder looks at (a 4096-member welcome is ~500 KB).
+MAX_OBJECT: Final = 4 << 20
+MAX_ROSTER: Final = 4096
+MAX_SUBJECT: Final = 1024
+MAX_TOKEN: Final = 8192
+U32: Final = 0xFFFF_FFFF
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+E2ECode = Literal[
+    "epoch_pending", "stale_epoch", "not_member", "too_far_ahead", "replay", "bad_tag",
+    "bad_signature", "bad_commit", "bad_welcome", "malformed", "unsupported_version",
+    "key_package", "binding",
+]
+
+E2E_CODES: Final[frozenset[str]] = frozenset(get_args(E2ECode))
+
+#: A source of random bytes; tests inject a seeded one to get known answers.
+Rng = Callable[[int], bytes]
+
+
+def default_rng(n: int) -> bytes:
+    return nacl.utils.random(n)
+
+
+class E2EError(SessionError):
+    """An end-to-end encryption check failed; ``code`` says which (section 2.12)."""
+
+    code: str = "e2e"
+
+    def __init__(self, code: E2ECode, message: str = "", *, sender: str | None = None,
+                 session_id: int | None = None) -> None:
+        super().__init__(f"{code}: {message}" if message else code, session_id=session_id)
+        self.code = code
+        self.sender = sender
+
+
+def malformed(what: str) -> E2EError:
+    return E2EError("malformed", what)
+
+
+def wipe(secret: bytearray | None) -> None:
+    """Overwrite a secret in place (best effort, see the module comment)."""
+    if secret is not None:
+        secret[:] = bytes(len(secret))
+
+
+# -- HKDF-SHA256 (RFC 5869) on stdlib hmac --------------------------------------------
+
+
+def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
+    return hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+
+
+def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
+    if not 0 < length <= 255 * 32:
+        raise ValueError("HKDF-Expand length out of range")
+    out = b""
+    block = b""
+    counter = 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes((counter,)), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def extract(salt: bytes | bytearray, ikm: bytes | bytearray) -> bytes:
+    return hkdf_extract(bytes(salt), bytes(ikm))
+
+
+def expand_info(label: str, ctx: bytes, length: int) -> bytes:
+    # canonical([PREFIX, label, ctx, length]); no maps inside, so packb is canonical.
+    info: bytes = msgpack.packb([PREFIX, label, ctx, length], use_bin_type=True)
+    return info
+
+
+def expand(secret: bytes | bytearray, label: str, ctx: bytes, length: int) -> bytes:
+    """``Expand(secret, label, ctx, L)`` of section 2.2: HKDF-Expand with a labelled info."""
+    return hkdf_expand(bytes(secret), expand_info(label, ctx, length), length)
+
+
+def u32(n: int) -> bytes:
+    return n.to_bytes(4, "big")
+
+
+def sha256(*parts: bytes) -> bytes:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+# -- canonical msgpack -----------------------------------------------------------------
+
+
+def _canon(obj: Any) -> Any:
+    t = type(obj)
+    if t is dict or (t is not list and isinstance(obj, Mapping)):
+        # UTF-8 preserves code point order, so sorting str keys sorts their encodings.
+        return {k: _canon(obj[k]) for k in sorted(obj)}
+    if t is list or t is tuple:
+        return [_canon(x) for x in obj]
+    if t is bytearray or t is memoryview:
+        return bytes(obj)
+    if t is float:
+        raise TypeError("floats have no canonical form here")
+    return obj
+
+
+def canonical(obj: Any) -> bytes:
+    """Canonical msgpack: maps sorted by key, bin for bytes, minimal ints."""
+    data: bytes = msgpack.packb(_canon(obj), use_bin_type=True)
+    return data
+
+
+def pack_sorted(obj: Mapping[str, Any] | list[Any]) -> bytes:
+    """Pack what is already canonical: flat maps with keys written in sorted order,
+    lists without maps (hot paths)."""
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise malformed(f"ext type {code}")
+
+
+def _plain(obj: Any) -> None:
+    # msgpack decodes the timestamp ext (-1) itself, past ext_hook: refuse it here.
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        t = type(x)
+        if t is dict:
+            if any(type(k) is not str for k in x):
+                raise malformed("map key is not a string")
+            stack.extend(x.values())
+        elif t is list:
+            stack.extend(x)
+        elif t not in (bytes, str, int, bool, type(None)):
+            # Floats have no canonical form and no GK field is one.
+            raise malformed(f"{t.__name__} value")
+
+
+def unpack(data: object, what: str) -> Any:
+    """Decode msgpack from an untrusted peer; raises only :class:`E2EError`."""
+    if type(data) is not bytes:
+        if not isinstance(data, bytearray | memoryview):
+            raise malformed(f"{what}: not bytes")
+        data = bytes(data)
+    if len(data) > MAX_OBJECT:
+        raise malformed(f"{what}: too large")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    except E2EError:
+        raise
+    except Exception as exc:  # msgpack signals bad input with many exception types
+        raise malformed(f"{what}: {type(exc).__name__}") from exc
+    _plain(obj)
+    return obj
+
+
+def as_map(obj: object, what: str) -> dict[str, Any]:
+    if type(obj) is not dict:
+        raise malformed(f"{what}: expected a map")
+    return obj
+
+
+def as_list(obj: object, what: str, limit: int = MAX_ROSTER) -> list[Any]:
+    if type(obj) is not list or len(obj) > limit:
+        raise malformed(f"{what}: expected a list of at most {limit}")
+    return obj
+
+
+def as_bin(obj: object, what: str, size: int | None = None, limit: int = MAX_OBJECT) -> bytes:
+    if type(obj) is not bytes or (size is not None and len(obj) != size) or len(obj) > limit:
+        raise malformed(f"{what}: expected {size or 'some'} bytes")
+    return obj
+
+
+def as_int(obj: object, what: str, lo: int = 0, hi: int = U32) -> int:
+    if type(obj) is not int or not lo <= obj <= hi:
+        raise malformed(f"{what}: expected an integer in [{lo}, {hi}]")
+    return obj
+
+
+def as_str(obj: object, what: str, limit: int = MAX_SUBJECT) -> str:
+    if type(obj) is not str or len(obj) > limit:
+        raise malformed(f"{what}: expected a string")
+    return obj
+
+
+def as_bool(obj: object, what: str) -> bool:
+    if type(obj) is not bool:
+        raise malformed(f"{what}: expected a boolean")
+    return obj
+
+
+# -- signed objects ---------------------------------------------------------------------
+
+
+def verify_signature(spk: bytes, label: str, tbs: bytes, sig: bytes) -> bool:
+    try:
+        sodium.crypto_sign_open(sig + label.encode() + tbs, spk)
+    except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
+        return False
+    return True
+
+
+def seal_signed(kind: str, tbs: bytes, sig: bytes) -> bytes:
+    return canonical({"v": VERSION, "k": kind, "tbs": tbs, "sig": sig})
+
+
+def open_signed(data: object, kind: str) -> tuple[bytes, bytes]:
+    """Check the envelope of a signed object: returns (tbs, sig), both still unverified."""
+    outer = as_map(unpack(data, kind), kind)
+    version = outer.get("v")
+    if type(version) is not int:
+        raise malformed(f"{kind}: no version")
+    if version != VERSION:
+        raise E2EError("unsupported_version", f"{kind} v{version}")
+    if outer.get("k") != kind:
+        raise malformed(f"expected a {kind}")
+    return as_bin(outer.get("tbs"), f"{kind}.tbs"), as_bin(outer.get("sig"), f"{kind}.sig", 64)
+
+
+# -- X25519 and sealed boxes ------------------------------------------------------------
+
+
+def x25519_keypair(rng: Rng) -> tuple[bytearray, bytes]:
+    sk = bytearray(rng(32))
+    return sk, sodium.crypto_scalarmult_base(bytes(sk))
+
+
+_PROBE = bytes(range(1, 33))
+
+
+def x25519_ok(pk: bytes) -> bool:
+    """False for a public key of low order (the shared secret would be all zeros)."""
+    try:
+        return sodium.crypto_scalarmult(_PROBE, pk) != bytes(32)
+    except (nacl.exceptions.RuntimeError, nacl.exceptions.TypeError, ValueError):
+        return False
+
+
+def seal(pk: bytes, message: bytes, rng: Rng) -> bytes:
+    """``crypto_box_seal`` with the ephemeral key drawn from ``rng`` (same bytes on the wire,
+    opened by ``crypto_box_seal_open``); libsodium's own seal cannot be made deterministic."""
+    esk = bytearray(rng(32))
+    epk = sodium.crypto_scalarmult_base(bytes(esk))
+    nonce = hashlib.blake2b(epk + pk, digest_size=24).digest()
+    try:
+        return epk + sodium.crypto_box(message, nonce, pk, bytes(esk))
+    finally:
+        wipe(esk)
+
+
+def seal_open(sealed: bytes, pk: bytes, sk: bytearray) -> bytes | None:
+    try:
+        return sodium.crypto_box_seal_open(sealed, pk, bytes(sk))
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        return None
+
+
+# -- key schedule (section 2.5) ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class EpochSecrets:
+    """What one epoch derives from its joiner secret; the caller wipes what it drops."""
+
+    epoch_secret: bytearray
+    enc_secret: bytearray
+    confirm_key: bytearray
+    init_secret: bytearray
+    exporter_secret: bytearray
+    authenticator: bytes
+
+    def wipe(self) -> None:
+        for s in (self.epoch_secret, self.enc_secret, self.confirm_key, self.init_secret,
+                  self.exporter_secret):
+            wipe(s)
+
+
+def epoch_context(group_id: bytes, epoch: int, roster_hash: bytes, th: bytes) -> bytes:
+    return canonical([group_id, epoch, roster_hash, th])
+
+
+def key_schedule(joiner_secret: bytes | bytearray, ctx: bytes) -> EpochSecrets:
+    epoch_secret = bytearray(expand(joiner_secret, "epoch", ctx, 32))
+    return EpochSecrets(
+        epoch_secret=epoch_secret,
+        enc_secret=bytearray(expand(epoch_secret, "enc", b"", 32)),
+        confirm_key=bytearray(expand(epoch_secret, "confirm", b"", 32)),
+        init_secret=bytearray(expand(epoch_secret, "init", b"", 32)),
+        exporter_secret=bytearray(expand(epoch_secret, "exporter", b"", 32)),
+        authenticator=expand(epoch_secret, "authenticator", b"", 16),
+    )
+
+
+def confirmation_tag(confirm_key: bytes | bytearray, th: bytes) -> bytes:
+    return hmac.new(bytes(confirm_key), th, hashlib.sha256).digest()
+
+
+def sender_root(enc_secret: bytes | bytearray, leaf: int) -> bytearray:
+    return bytearray(expand(enc_secret, "sender", u32(leaf), 32))
+
+
+def ratchet_key(chain: bytes | bytearray, g: int) -> bytes:
+    return expand(chain, "key", u32(g), 32)
+
+
+def ratchet_next(chain: bytes | bytearray, g: int) -> bytes:
+    return expand(chain, "chain", u32(g), 32)
+
+
+def roster_hash(entries: list[list[Any]]) -> bytes:
+    """SHA-256 of the canonical roster: ``[[leaf, sub, spk, enc_pk], ...]`` by leaf."""
+    return sha256(canonical(sorted(entries, key=lambda e: int(e[0]))))
