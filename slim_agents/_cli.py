@@ -11,6 +11,7 @@ from node_lite._process import add_node_arguments, run_from_args
 
 from ._cli_examples import add_group_arguments, add_p2p_arguments, run, run_group, run_p2p
 from ._ctl import add_ctl_arguments, run_ctl
+from ._demo import main as run_demo_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p2p = sub.add_parser("p2p", help="the sessions document's point-to-point example")
     add_p2p_arguments(p2p)
     p2p.set_defaults(func=lambda a: run(run_p2p, a))
+    demo = sub.add_parser("demo", help="the group tutorial in one command: an embedded node, "
+                          "three apps, an encrypted chat, a removal, a channel delete")
+    demo.set_defaults(func=run_demo_main)
     return parser
 
 
