@@ -216,7 +216,8 @@ def open_app(chain: Chain, sender: Member, h: AppHeader, aad: bytes, *, signed: 
     body = as_bin(p.get("b"), "app.b")
     if signed:
         sig = p.get("sig")
-        if type(sig) is not bytes:
+        if type(sig) is not bytes or not verify_signature(sender.spk, LABEL_APP_SIG,
+                                                            full_aad + body, sig):
             raise E2EError("bad_signature", f"not signed by leaf {h.leaf}", sender=sender.sub)
     if n < chain.n:
         del chain.skipped[n]

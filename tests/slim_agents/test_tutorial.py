@@ -87,7 +87,7 @@ class Proc:
         """Wait for a stdout line matching ``pattern`` after the last one matched."""
         regex = re.compile(pattern)
         assert self.process.stdout is not None
-        with anyio.move_on_after(timeout) as scope:
+        with anyio.move_on_after(timeout):
             return await self._expect(regex)
         raise AssertionError(f"{self.label}: no line matching {pattern!r} within {timeout} s; "
                              f"output: {self.lines}")
