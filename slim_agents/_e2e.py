@@ -18,12 +18,8 @@ from node_lite import Identity
 
 from ._e2e_base import (
     E2E_CODES,
-    LABEL_COMMIT,
-    LABEL_ENV,
     LABEL_KUPD,
-    LABEL_WELCOME,
     MAX_ROSTER,
-    MAX_TOKEN,
     PREFIX,
     U32,
     U64,
@@ -34,9 +30,7 @@ from ._e2e_base import (
     as_bin,
     as_bool,
     as_int,
-    as_list,
     as_map,
-    as_str,
     canonical,
     confirmation_tag,
     default_rng,
@@ -46,7 +40,6 @@ from ._e2e_base import (
     key_schedule,
     open_signed,
     roster_hash,
-    seal,
     seal_open,
     seal_signed,
     sender_root,
@@ -57,12 +50,25 @@ from ._e2e_base import (
     x25519_keypair,
     x25519_ok,
 )
+from ._e2e_commit import (
+    INLINE_ENVELOPES,
+    BuiltCommit,
+    Envelope,
+    bad_commit,
+    bad_welcome,
+    build_commit,
+    build_welcome,
+    commit_transcript,
+    inline_envelope,
+    open_commit,
+    open_envelope,
+    open_welcome,
+)
 from ._e2e_epoch import (
     Chain,
     Epoch,
     Member,
     Roster,
-    member_of,
     next_roster,
     open_app,
     parse_app,
@@ -84,6 +90,7 @@ from ._errors import NotModeratorError
 
 __all__ = [
     "E2E_CODES",
+    "INLINE_ENVELOPES",
     "Credential",
     "E2ECode",
     "E2EError",
@@ -97,8 +104,6 @@ __all__ = [
 ]
 
 SenderAuth = Literal["signature", "group"]
-#: Rosters up to this size get their envelopes inside the commit (section 2.6).
-INLINE_ENVELOPES: Final = 64
 #: Commits that arrive early are kept until the gap closes, at most this far ahead.
 MAX_EARLY_COMMITS: Final = 16
 MAX_FORWARD: Final = 1000
@@ -107,23 +112,6 @@ PAST_EPOCH_TTL: Final = 60.0
 #: Pending envelope-key updates a member keeps (the moderator commits the latest).
 _MAX_PENDING_KEYS: Final = 4
 Verify = Callable[[str], Identity]
-
-
-def _bad_commit(why: str) -> E2EError:
-    return E2EError("bad_commit", why)
-
-
-def _bad_welcome(why: str) -> E2EError:
-    return E2EError("bad_welcome", why)
-
-
-class _Envelope:
-    __slots__ = ("commit_hash", "e_to", "sealed")
-
-    def __init__(self, e_to: int, commit_hash: bytes, sealed: bytes) -> None:
-        self.e_to = e_to
-        self.commit_hash = commit_hash
-        self.sealed = sealed
 
 
 class GroupState:
@@ -160,7 +148,7 @@ class GroupState:
         self._enc_sk = bytearray(32)
         self._enc_pending: dict[bytes, bytearray] = {}
         self._early: dict[int, tuple[bytes, dict[str, Any]]] = {}
-        self._envelopes: dict[int, _Envelope] = {}
+        self._envelopes: dict[int, Envelope] = {}
         self._removed = False
         self._bindings: dict[str, Binding] = {}
         # Moderator only.
@@ -211,63 +199,30 @@ class GroupState:
         :raises E2EError: ``bad_welcome`` (wrong key package, cannot open, bad
             signature or confirmation), ``binding`` (moderator credential), ``malformed``.
         """
-        if kp_secret.init_sk is None:
-            raise _bad_welcome("key package already used")
-        tbs, sig = open_signed(welcome, "welcome")
-        d = as_map(unpack(tbs, "welcome.tbs"), "welcome.tbs")
-        gid = as_bin(d.get("g"), "welcome.g", 16)
-        epoch = as_int(d.get("e"), "welcome.e", 0, U64)
-        cid = as_int(d.get("cid"), "welcome.cid")
-        if as_bin(d.get("kp_ref"), "welcome.kp_ref", 32) != kp_secret.ref:
-            raise _bad_welcome("for another key package")
-        plain = seal_open(as_bin(d.get("sealed"), "welcome.sealed"), kp_secret.init_pk,
-                          kp_secret.init_sk)
-        if plain is None:
-            raise _bad_welcome("cannot open")
-        p = as_map(unpack(plain, "welcome.sealed"), "welcome.sealed")
-        mod_spk = as_bin(p.get("mod_spk"), "welcome.mod_spk", 32)
-        # The sealed box is anonymous: the moderator's signature is what authenticates it.
-        if not verify_signature(mod_spk, LABEL_WELCOME, tbs, sig):
-            raise _bad_welcome("bad signature")
-        joiner = as_bin(p.get("joiner_secret"), "welcome.joiner_secret", 32)
-        th = as_bin(p.get("th"), "welcome.th", 32)
-        conf = as_bin(p.get("conf"), "welcome.conf", 32)
-        leaf = as_int(p.get("leaf"), "welcome.leaf")
-        roster: Roster = {}
-        for entry in as_list(p.get("roster"), "welcome.roster"):
-            n, m = member_of(entry, "welcome.roster")
-            if n in roster or any(x.sub == m.sub for x in roster.values()):
-                raise _bad_welcome("duplicate roster entry")
-            roster[n] = m
-        mod, me = roster.get(0), roster.get(leaf)
-        if mod is None or mod.spk != mod_spk:
-            raise _bad_welcome("moderator not at leaf 0")
-        if me is None or me.spk != identity.public_key or me.enc_pk != kp_secret.enc_pk:
-            raise _bad_welcome("our leaf does not hold our keys")
+        w = open_welcome(welcome, kp_secret, identity)
+        mod = w.roster[0]
         if moderator is not None and mod.sub != moderator:
-            raise _bad_welcome(f"sent by {mod.sub!r}, not the moderator {moderator!r}")
-        cred = check_credential(
-            Credential(mod.sub, as_str(p.get("mod_tok"), "welcome.mod_tok", MAX_TOKEN), mod_spk),
-            verify)
-        s = as_map(p.get("settings", {}), "welcome.settings")
-        auth = s.get("auth", "signature")
-        if auth not in ("signature", "group"):
-            raise E2EError("malformed", "welcome.settings.auth")
-        st = cls(identity, group_id=gid, leaf=leaf, moderator_spk=mod_spk, sender_auth=auth,
-                 rng=rng, max_forward=as_int(s.get("fwd", MAX_FORWARD), "fwd", 1, 100_000),
-                 max_skipped=as_int(s.get("ooo", MAX_SKIPPED), "ooo", 0, 4096),
-                 past_epoch_ttl=float(as_int(s.get("past_s", int(PAST_EPOCH_TTL)),
-                                             "past_s", 0, 3600)))
-        secrets = key_schedule(joiner, epoch_context(gid, epoch, roster_hash(wire_roster(roster)),
-                                                     th))
-        if not hmac.compare_digest(confirmation_tag(secrets.confirm_key, th), conf):
-            secrets.wipe()
-            raise _bad_welcome("confirmation tag")
+            w.secrets.wipe()
+            raise bad_welcome(f"sent by {mod.sub!r}, not the moderator {moderator!r}")
+        try:
+            cred = check_credential(Credential(mod.sub, w.mod_tok, w.mod_spk), verify)
+            auth = w.settings.get("auth", "signature")
+            if auth not in ("signature", "group"):
+                raise E2EError("malformed", "welcome.settings.auth")
+            st = cls(identity, group_id=w.group_id, leaf=w.leaf, moderator_spk=w.mod_spk,
+                     sender_auth=auth, rng=rng,
+                     max_forward=as_int(w.settings.get("fwd", MAX_FORWARD), "fwd", 1, 100_000),
+                     max_skipped=as_int(w.settings.get("ooo", MAX_SKIPPED), "ooo", 0, 4096),
+                     past_epoch_ttl=float(as_int(w.settings.get("past_s", int(PAST_EPOCH_TTL)),
+                                                 "past_s", 0, 3600)))
+        except E2EError:
+            w.secrets.wipe()
+            raise
         st._enc_sk = kp_secret.take_enc()
         st._bindings[mod.sub] = cred.bind
-        st._cid = cid
-        st._install(epoch, roster, secrets, th, now)
-        kp_secret.wipe()
+        st._cid = w.cid
+        st._install(w.epoch, w.roster, w.secrets, w.th, now)
+        kp_secret.wipe()  # the init private key: a second Welcome cannot be opened
         return st
 
     # -- state -----------------------------------------------------------------------------
@@ -392,9 +347,10 @@ class GroupState:
 
     # -- moderator: commits ----------------------------------------------------------------
 
-    def _require_moderator(self) -> None:
+    def _require_moderator(self) -> str:
         if self._token is None:
             raise NotModeratorError("only the moderator commits membership changes")
+        return self._token
 
     def add(self, key_package: bytes, verify: Verify, now: float, *,
             token: str | None = None) -> tuple[bytes | None, bytes]:
@@ -407,9 +363,8 @@ class GroupState:
         :raises E2EError: ``key_package`` (bad signature, expired, reused, already a
             member), ``binding`` (credential), ``malformed``.
         """
-        self._require_moderator()
-        if token is not None:
-            self._token = token
+        stored = self._require_moderator()  # before taking a token: members never commit
+        self._token = mod_tok = token or stored
         kp = decode_key_package(key_package)
         check_key_package_time(kp, now)
         self._used_kids = {k: na for k, na in self._used_kids.items() if na >= now}
@@ -427,22 +382,16 @@ class GroupState:
         roster[leaf] = Member(cred.sub, cred.spk, kp.enc)
         diff = {"add": [[leaf, cred.sub, cred.spk, kp.enc]], "rm": [], "upd": []}
         alone = len(cur) == 1
-        commit, _, joiner, th, conf = self._commit("add", cred.sub, diff, roster, now, fresh=False)
+        built = self._commit("add", cred.sub, diff, roster, now, fresh=False)
         self._bindings[cred.sub] = cred.bind
-        return (None if alone else commit), self._welcome(kp, leaf, joiner, th, conf)
-
-    def _welcome(self, kp: KeyPackage, leaf: int, joiner: bytearray, th: bytes,
-                 conf: bytes) -> bytes:
-        payload = canonical({
-            "joiner_secret": joiner, "roster": wire_roster(self._epoch.roster), "th": th,
-            "conf": conf, "mod_spk": self._mod_spk, "mod_tok": self._token, "leaf": leaf,
-            "settings": {"auth": self.sender_auth, "fwd": self.max_forward,
-                         "ooo": self.max_skipped, "past": 1,
-                         "past_s": int(self.past_epoch_ttl)}})
-        wipe(joiner)
-        tbs = canonical({"g": self._group_id, "e": self.epoch, "cid": self._cid,
-                         "kp_ref": kp.ref, "sealed": seal(kp.init, payload, self._rng)})
-        return seal_signed("welcome", tbs, self._identity.sign(LABEL_WELCOME, tbs))
+        settings = {"auth": self.sender_auth, "fwd": self.max_forward, "ooo": self.max_skipped,
+                    "past": 1, "past_s": int(self.past_epoch_ttl)}
+        welcome = build_welcome(self._identity, kp, group_id=self._group_id, epoch=self.epoch,
+                                cid=self._cid, leaf=leaf, roster=roster, joiner=built.joiner,
+                                th=built.th, conf=built.conf, mod_tok=mod_tok,
+                                settings=settings, rng=self._rng)
+        wipe(built.joiner)
+        return (None if alone else built.commit), welcome
 
     def remove(self, subject_or_leaf: str | int, now: float) -> tuple[bytes, dict[str, bytes]]:
         """Remove a member with a fresh secret sealed to every remaining member.
@@ -461,11 +410,10 @@ class GroupState:
             raise E2EError("not_member", f"no member at leaf {leaf}")
         self._updates.pop(leaf, None)
         diff = {"add": [], "rm": [leaf], "upd": self._take_updates(roster)}
-        commit, envelopes, joiner, _, _ = self._commit("remove", gone.sub, diff, roster, now,
-                                                       fresh=True)
-        wipe(joiner)
+        built = self._commit("remove", gone.sub, diff, roster, now, fresh=True)
+        wipe(built.joiner)
         self._bindings.pop(gone.sub, None)
-        return commit, envelopes
+        return built.commit, built.envelopes
 
     def refresh(self, now: float) -> tuple[bytes, dict[str, bytes]]:
         """A new epoch from a fresh secret (post-compromise security), with the envelope
@@ -473,10 +421,9 @@ class GroupState:
         self._require_moderator()
         roster = dict(self._epoch.roster)
         diff = {"add": [], "rm": [], "upd": self._take_updates(roster)}
-        commit, envelopes, joiner, _, _ = self._commit("refresh", None, diff, roster, now,
-                                                       fresh=True)
-        wipe(joiner)
-        return commit, envelopes
+        built = self._commit("refresh", None, diff, roster, now, fresh=True)
+        wipe(built.joiner)
+        return built.commit, built.envelopes
 
     def _take_updates(self, roster: Roster) -> list[list[Any]]:
         upd = []
@@ -488,40 +435,18 @@ class GroupState:
         self._updates.clear()
         return upd
 
-    def _commit(self, op: str, target: str | None, diff: dict[str, Any],
-                roster: Roster, now: float, *, fresh: bool,
-                ) -> tuple[bytes, dict[str, bytes], bytearray, bytes, bytes]:
-        cid, e_to = self._cid + 1, self.epoch + 1
+    def _commit(self, op: str, target: str | None, diff: dict[str, Any], roster: Roster,
+                now: float, *, fresh: bool) -> BuiltCommit:
+        cid = self._cid + 1
         if cid > U32:
             raise ValueError("commit ids exhausted: re-create the group")
-        rh = roster_hash(wire_roster(roster))
-        secret = bytearray(self._rng(32)) if fresh else bytearray(32)
-        sealed = [(leaf, seal(m.enc_pk, bytes(secret), self._rng))
-                  for leaf, m in sorted(roster.items()) if fresh and leaf != self._leaf]
-        inline = len(roster) <= INLINE_ENVELOPES
-        core = {"g": self._group_id, "cid": cid, "e_from": self.epoch, "e_to": e_to, "op": op,
-                "target": target, "diff": diff, "roster_hash": rh, "th_prev": self._th,
-                "env": sealed if fresh and inline else None,
-                "env_root": sha256(canonical(sealed)) if fresh and not inline else None}
-        # The transcript covers the commit without its tag; the tag then confirms it.
-        th = sha256(self._th, canonical(core))
-        joiner = bytearray(extract(self._init_secret, secret))
-        wipe(secret)
-        secrets = key_schedule(joiner, epoch_context(self._group_id, e_to, rh, th))
-        conf = confirmation_tag(secrets.confirm_key, th)
-        tbs = canonical({**core, "conf": conf})
-        commit = seal_signed("commit", tbs, self._identity.sign(LABEL_COMMIT, tbs))
-        envelopes: dict[str, bytes] = {}
-        if fresh and not inline:
-            commit_hash = sha256(tbs)
-            for leaf, s in sealed:
-                etbs = canonical({"g": self._group_id, "e_to": e_to, "cid": cid, "leaf": leaf,
-                                  "commit_hash": commit_hash, "sealed": s})
-                envelopes[roster[leaf].sub] = seal_signed(
-                    "env", etbs, self._identity.sign(LABEL_ENV, etbs))
+        built = build_commit(self._identity, group_id=self._group_id, cid=cid, epoch=self.epoch,
+                             th_prev=self._th, init_secret=self._init_secret, roster=roster,
+                             own_leaf=self._leaf, op=op, target=target, diff=diff, fresh=fresh,
+                             rng=self._rng)
         self._cid = cid
-        self._install(e_to, roster, secrets, th, now)
-        return commit, envelopes, joiner, th, conf
+        self._install(self.epoch + 1, roster, built.secrets, built.th, now)
+        return built
 
     def receive_key_update(self, update: bytes, now: float) -> bool:
         """Moderator: record a member's new envelope key for the next remove or refresh.
@@ -571,24 +496,19 @@ class GroupState:
         for it (:attr:`missing_envelope`, :meth:`apply_envelope`). A member removed by
         the commit ends with :attr:`removed` set and its keys wiped.
 
-        :raises E2EError: ``bad_commit`` (signature, epoch, roster, tag, envelope, gap);
-            the state stays at its epoch. ``malformed``/``unsupported_version``.
+        :raises E2EError: ``bad_commit`` (signature, epoch, roster, tag, envelope, gap,
+            or a signed commit that is malformed): the state stays at its epoch.
+            ``malformed``/``unsupported_version`` when the bytes are not a commit.
         """
         if self._removed:
             raise E2EError("not_member", "removed from the group")
         if envelope is not None:
             self._take_envelope(envelope)
-        tbs, sig = open_signed(commit, "commit")
-        if not verify_signature(self._mod_spk, LABEL_COMMIT, tbs, sig):
-            raise _bad_commit("not signed by the moderator")
-        d = as_map(unpack(tbs, "commit.tbs"), "commit.tbs")
-        if as_bin(d.get("g"), "commit.g", 16) != self._group_id:
-            raise _bad_commit("for another group")
-        cid = as_int(d.get("cid"), "commit.cid")
+        tbs, d, cid = open_commit(commit, self._mod_spk, self._group_id)
         if cid <= self._cid:
             return
         if self._token is not None or cid > self._cid + MAX_EARLY_COMMITS:
-            raise _bad_commit(f"commit {cid} too far ahead of {self._cid}")
+            raise bad_commit(f"commit {cid} too far ahead of {self._cid}")
         self._early[cid] = (tbs, d)
         self._drain(now)
 
@@ -600,29 +520,21 @@ class GroupState:
         self._drain(now)
 
     def _take_envelope(self, envelope: bytes) -> None:
-        tbs, sig = open_signed(envelope, "env")
-        if not verify_signature(self._mod_spk, LABEL_ENV, tbs, sig):
-            raise _bad_commit("envelope not signed by the moderator")
-        d = as_map(unpack(tbs, "env.tbs"), "env.tbs")
-        if as_bin(d.get("g"), "env.g", 16) != self._group_id:
-            raise _bad_commit("envelope for another group")
-        if as_int(d.get("leaf"), "env.leaf") != self._leaf:
-            raise _bad_commit("envelope for another member")
-        cid = as_int(d.get("cid"), "env.cid")
-        if cid <= self._cid:
+        env = open_envelope(envelope, self._mod_spk, self._group_id, self._leaf)
+        if env.cid <= self._cid:
             return
-        if cid > self._cid + MAX_EARLY_COMMITS:
-            raise _bad_commit(f"envelope {cid} too far ahead of {self._cid}")
-        self._envelopes[cid] = _Envelope(as_int(d.get("e_to"), "env.e_to", 0, U64),
-                                         as_bin(d.get("commit_hash"), "env.commit_hash", 32),
-                                         as_bin(d.get("sealed"), "env.sealed", None, 256))
+        if env.cid > self._cid + MAX_EARLY_COMMITS:
+            raise bad_commit(f"envelope {env.cid} too far ahead of {self._cid}")
+        self._envelopes[env.cid] = env
 
     def _drain(self, now: float) -> None:
         while not self._removed and (item := self._early.get(self._cid + 1)) is not None:
             try:
                 applied = self._apply(item[0], item[1], now)
-            except E2EError:
+            except E2EError as exc:
                 self._early.pop(self._cid + 1, None)
+                if exc.code != "bad_commit":  # signed by the moderator yet unusable
+                    raise bad_commit(str(exc)) from exc
                 raise
             if not applied:
                 return
@@ -634,17 +546,17 @@ class GroupState:
         cid = self._cid + 1
         op = d.get("op")
         if op not in ("add", "remove", "refresh"):
-            raise _bad_commit(f"unknown op {op!r}")
+            raise bad_commit(f"unknown op {op!r}")
         e_to = as_int(d.get("e_to"), "commit.e_to", 0, U64)
         if as_int(d.get("e_from"), "commit.e_from", 0, U64) != self.epoch or e_to != self.epoch + 1:
-            raise _bad_commit("not from our epoch")
+            raise bad_commit("not from our epoch")
         if as_bin(d.get("th_prev"), "commit.th_prev", 32) != self._th:
-            raise _bad_commit("transcript differs")
+            raise bad_commit("transcript differs")
         roster, gone = next_roster(self._epoch.roster, op, d.get("target"),
                                   as_map(d.get("diff"), "commit.diff"))
         rh = roster_hash(wire_roster(roster))
         if as_bin(d.get("roster_hash"), "commit.roster_hash", 32) != rh:
-            raise _bad_commit("roster hash differs")
+            raise bad_commit("roster hash differs")
         if self._leaf in gone:
             self._leave()
             return True
@@ -660,16 +572,16 @@ class GroupState:
             sk = self._enc_sk if pk == old_pk else self._enc_pending.get(pk)
             opened = None if sk is None else seal_open(sealed, pk, sk)
             if opened is None or len(opened) != 32:
-                raise _bad_commit("cannot open our envelope")
+                raise bad_commit("cannot open our envelope")
             secret = opened
         conf = as_bin(d.get("conf"), "commit.conf", 32)
-        th = sha256(self._th, canonical({k: v for k, v in d.items() if k != "conf"}))
+        th = commit_transcript(self._th, d)
         joiner = bytearray(extract(self._init_secret, secret))
         secrets = key_schedule(joiner, epoch_context(self._group_id, e_to, rh, th))
         wipe(joiner)
         if not hmac.compare_digest(confirmation_tag(secrets.confirm_key, th), conf):
             secrets.wipe()
-            raise _bad_commit("confirmation tag")
+            raise bad_commit("confirmation tag")
         if sk is not None and sk is not self._enc_sk:
             wipe(self._enc_sk)
             self._enc_sk = self._enc_pending.pop(roster[self._leaf].enc_pk)
@@ -679,20 +591,15 @@ class GroupState:
         return True
 
     def _my_envelope(self, d: dict[str, Any], tbs: bytes, cid: int, e_to: int) -> bytes | None:
-        env = d.get("env")
-        if env is not None:
-            for entry in as_list(env, "commit.env"):
-                pair = as_list(entry, "commit.env", 2)
-                if len(pair) == 2 and pair[0] == self._leaf:
-                    return as_bin(pair[1], "commit.env", None, 256)
-            raise _bad_commit("no envelope for us")
+        if d.get("env") is not None:
+            return inline_envelope(d["env"], self._leaf)
         if d.get("env_root") is None:
-            raise _bad_commit("no envelopes")
+            raise bad_commit("no envelopes")
         got = self._envelopes.get(cid)
         if got is None:
             return None
         if got.e_to != e_to or got.commit_hash != sha256(tbs):
-            raise _bad_commit("envelope of another commit")
+            raise bad_commit("envelope of another commit")
         return got.sealed
 
     def _leave(self) -> None:
@@ -717,7 +624,7 @@ class GroupState:
         """Decrypt and authenticate one message: (plaintext, sender subject).
 
         Checks run cheapest first: group and epoch, sender, generation window, AEAD
-        tag, then the signature. A message that fails changes no state.
+        tag, then the signature. A message that fails moves no window and deletes no key.
 
         :raises E2EError: see section 2.12; ``epoch_pending`` asks the caller to keep
             the message until the next commit applies.

@@ -101,20 +101,35 @@ def next_roster(roster: Roster, op: str, target: object, diff: dict[str, Any],
     return out, gone
 
 
+#: Spacing of the chain keys a receiver remembers ahead of its position.
+CHECKPOINT_EVERY = 64
+
+
 class Chain:
     """One sender's hash ratchet: the chain key of generation ``n`` and skipped keys."""
 
-    __slots__ = ("key", "n", "skipped")
+    __slots__ = ("ahead", "key", "n", "skipped")
 
     def __init__(self, key: bytearray) -> None:
         self.key = key
         self.n = 0
         # Message keys are bytes (PyNaCl takes bytes): dropped, not overwritten.
         self.skipped: dict[int, bytes] = {}
+        # Chain keys of future generations already derived once (every 64th), so that
+        # forged far-ahead headers cannot make us re-derive up to 1000 steps each time.
+        # They are no older than ``key``: forward secrecy is unchanged.
+        self.ahead: dict[int, bytes] = {}
+
+    def advance(self, key: bytes, n: int) -> None:
+        self.key[:] = key
+        self.n = n
+        for g in [g for g in self.ahead if g < n]:
+            del self.ahead[g]
 
     def wipe(self) -> None:
         wipe(self.key)
         self.skipped.clear()
+        self.ahead.clear()
 
 
 class Epoch:
@@ -194,7 +209,8 @@ def parse_app(data: bytes) -> AppHeader:
 def open_app(chain: Chain, sender: Member, h: AppHeader, aad: bytes, *, signed: bool,
              max_forward: int, max_skipped: int) -> bytes:
     """Steps 3-7 of section 2.7 for a message whose epoch and sender passed: window,
-    key, AEAD, signature; the chain moves only once everything verified."""
+    key, AEAD, signature; the chain moves only once everything verified (a failure
+    at most leaves checkpoints of derived future chain keys behind)."""
     n = h.g
     fresh: list[tuple[int, bytes]] = []
     nxt = b""
@@ -222,8 +238,7 @@ def open_app(chain: Chain, sender: Member, h: AppHeader, aad: bytes, *, signed: 
     if n < chain.n:
         del chain.skipped[n]
     else:
-        chain.key[:] = nxt
-        chain.n = n + 1
+        chain.advance(nxt, n + 1)
         chain.skipped.update(fresh)
         while len(chain.skipped) > max_skipped:
             del chain.skipped[min(chain.skipped)]
@@ -233,10 +248,16 @@ def open_app(chain: Chain, sender: Member, h: AppHeader, aad: bytes, *, signed: 
 def _ratchet(chain: Chain, n: int, max_skipped: int,
              ) -> tuple[bytes, bytes, list[tuple[int, bytes]]]:
     # Derive on a copy: a forged message must not move or burn the chain.
-    ck = bytes(chain.key)
     keep_from = n - max_skipped
+    start, ck = chain.n, bytes(chain.key)
+    near = [g for g in chain.ahead if start < g <= max(keep_from, start)]
+    if near:
+        start = max(near)
+        ck = chain.ahead[start]
     skipped = []
-    for i in range(chain.n, n):
+    for i in range(start, n):
+        if i % CHECKPOINT_EVERY == 0 and i > chain.n:
+            chain.ahead[i] = ck
         if i >= keep_from:  # older keys would be evicted at once: not derived
             skipped.append((i, ratchet_key(ck, i)))
         ck = ratchet_next(ck, i)

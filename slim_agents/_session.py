@@ -207,14 +207,17 @@ class Session:
         core = self._core
         while True:
             if core.inbox:
+                self._gets += 1
+                if self._gets % _YIELD_EVERY == 0:
+                    # Before taking the message: a cancellation here loses nothing.
+                    await anyio.lowlevel.checkpoint()
+                    if not core.inbox:
+                        continue
                 item = core.inbox.popleft()
                 if self._room_event is not None and \
                         len(core.inbox) <= core.config.max_inbox // 2:
                     self._room_event.set()
                     self._room_event = None
-                self._gets += 1
-                if self._gets % _YIELD_EVERY == 0:
-                    await anyio.lowlevel.checkpoint()
                 if isinstance(item, BaseException):
                     raise item
                 return item
@@ -235,6 +238,26 @@ class Session:
                 return
 
     # -- membership ----------------------------------------------------------------------
+
+    def start_invite(self, name: Name | str) -> Handle[Name]:
+        """Begin adding a participant; the handle completes as :meth:`invite` returns."""
+        target = Name.parse(name) if isinstance(name, str) else name
+        ticket = self._core.invite(target, self._app._now())
+        self._app._after(self._core)
+        return Handle(self._app, ticket)
+
+    def start_remove(self, name: Name | str) -> Handle[Any]:
+        """Begin removing a participant; the handle completes once it has left."""
+        target = Name.parse(name) if isinstance(name, str) else name
+        ticket = self._core.remove(target, self._app._now())
+        self._app._after(self._core)
+        return Handle(self._app, ticket)
+
+    def start_close(self) -> Handle[Any]:
+        """Begin closing; the handle completes once the others were told."""
+        ticket = self._core.close(self._app._now())
+        self._app._after(self._core)
+        return Handle(self._app, ticket)
 
     async def invite(self, name: Name | str) -> Name:
         """Add a participant (moderator only); returns its full name once every member has it.

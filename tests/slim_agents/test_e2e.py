@@ -545,9 +545,18 @@ def test_too_far_ahead_is_rejected_without_deriving_keys(monkeypatch: pytest.Mon
     monkeypatch.setattr(base, "hkdf_expand", counting)
     assert code_of(lambda: m1.decrypt(cts[1001], AAD, w.now)) == "too_far_ahead"
     assert calls == 0
-    # Exactly 1000 ahead is inside the window (and derives only what it keeps).
+    # A forged header 1000 ahead costs one walk, then the walk is remembered.
+    forged = base.unpack(cts[1], "app")
+    forged["n"] = 1000
+    assert code_of(lambda: m1.decrypt(base.canonical(forged), AAD, w.now)) == "bad_tag"
+    assert 1000 < calls < 1000 + 64 + 4
+    calls = 0
+    for n in (1000, 999, 700):
+        forged["n"] = n
+        assert code_of(lambda: m1.decrypt(base.canonical(forged), AAD, w.now)) == "bad_tag"
+    assert calls < 3 * (3 * 64 + 4)  # from the nearest checkpoint, not from the chain
+    # Exactly 1000 ahead is inside the window.
     assert m1.decrypt(cts[1000], AAD, w.now)[0] == b"1000"
-    assert calls < 1000 + 64 + 4
     assert code_of(lambda: m1.decrypt(cts[0], AAD, w.now)) == "replay"
     assert m1.decrypt(cts[999], AAD, w.now)[0] == b"999"
 
@@ -613,6 +622,9 @@ def test_bad_commits_are_refused_and_leave_the_state_unchanged() -> None:
     w.check()
     with pytest.raises(NotModeratorError):
         m1.refresh(w.now)
+    with pytest.raises(NotModeratorError):
+        m1.add(w.key_package("x")[0], verify, w.now, token="a fresh token")
+    assert not m1.is_moderator
 
 
 def test_remove_with_70_members_uses_per_recipient_envelopes() -> None:
@@ -785,6 +797,15 @@ def run_decoders(data: bytes) -> None:
         else:
             raise AssertionError(f"accepted fuzzed input {data.hex()}")
         assert code in E2E_CODES
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x91" * 100_000 + b"\xc0", b"\x81\xa1a" * 5000 + b"\xc0", b"\xdd\xff\xff\xff\xff",
+    b"\xc6\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xcb" + bytes(8), b"\x81\x01\x02",
+    b"\x84\xa1k\xa3app\xa1v\x01\xa1g\xc4\x10" + bytes(16) + b"\xa1e\xcb" + bytes(8),
+])
+def test_decoders_refuse_hostile_encodings(data: bytes) -> None:
+    run_decoders(data)
 
 
 @settings(max_examples=150, deadline=None)
