@@ -23,6 +23,8 @@ from ._app import open_app as open_app
 from ._app_core import JoinInfo as JoinInfo
 from ._config import SessionConfig as SessionConfig
 from ._config import SessionKind as SessionKind
+from ._e2e import E2EError as E2EError
+from ._e2e import SigningIdentity as SigningIdentity
 from ._errors import DeliveryError as DeliveryError
 from ._errors import DeliveryTimeoutError as DeliveryTimeoutError
 from ._errors import MessageLostError as MessageLostError
@@ -37,15 +39,20 @@ from ._reports import Message as Message
 from ._reports import MessageContext as MessageContext
 from ._session import Handle as Handle
 from ._session import Session as Session
+from ._session_e2e import DecryptError as DecryptError
+from ._session_e2e import Encryption as Encryption
 
 __all__ = [
     "App",
     "AuthenticationError",
     "ConfigError",
     "ConnectError",
+    "DecryptError",
     "DeliveryError",
     "DeliveryReport",
     "DeliveryTimeoutError",
+    "E2EError",
+    "Encryption",
     "Handle",
     "JoinInfo",
     "JwtProvider",
@@ -67,6 +74,7 @@ __all__ = [
     "SessionTimeoutError",
     "SharedSecretProvider",
     "SharedSecretVerifier",
+    "SigningIdentity",
     "SlimError",
     "StaticJwtProvider",
     "jwks_from_public_keys",

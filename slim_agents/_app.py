@@ -37,6 +37,7 @@ from node_lite.wire import Command, CommandResult, encode_frame
 
 from ._app_core import AppCore, InvitePolicy
 from ._config import SessionConfig, SessionKind
+from ._e2e import SigningIdentity
 from ._errors import ParticipantError, SessionError
 from ._reports import Ticket
 from ._session import Handle, Session
@@ -77,13 +78,14 @@ class App:
                  verifier: TokenVerifier | None, *, node: Node | str,
                  tls: TlsConfig | None = None, limits: Limits | None = None,
                  invite_policy: InvitePolicy | None = None, reconnect: bool = True,
-                 accept_commands: bool = True, rng: random.Random | None = None) -> None:
+                 accept_commands: bool = True, rng: random.Random | None = None,
+                 signing_identity: SigningIdentity | None = None) -> None:
         base = _base_name(name)
         self.provider = provider
         self.name = base.with_id(instance_id_for(provider.subject))
         self.limits = limits or Limits()
         self.core = AppCore(self.name, provider, verifier, rng=rng, limits=self.limits,
-                            invite_policy=invite_policy)
+                            invite_policy=invite_policy, signing=signing_identity)
         self._target = node
         self._tls = tls
         self._reconnect = reconnect
@@ -492,11 +494,14 @@ class App:
 
 
 def _identity(name: Name, secret: str | None, provider: TokenProvider | None,
-              verifier: TokenVerifier | None) -> tuple[TokenProvider, TokenVerifier | None]:
+              verifier: TokenVerifier | None,
+              signing: SigningIdentity) -> tuple[TokenProvider, TokenVerifier | None]:
     if provider is None:
         if secret is None:
             raise ConfigError("give secret=... or provider=... (and verifier=...)")
-        provider = SharedSecretProvider(f"{name.org}/{name.ns}/{name.app}", secret)
+        # The token carries the signing key, so end-to-end credentials bind to it.
+        provider = SharedSecretProvider(f"{name.org}/{name.ns}/{name.app}", secret,
+                                        claims=signing.pubkey_claim())
         if verifier is None:
             # Tokens ride on many control messages: duplicates are caught by message id.
             verifier = SharedSecretVerifier(secret, replay_cache=0)
@@ -516,6 +521,7 @@ async def open_app(
     invite_policy: InvitePolicy | None = None,
     reconnect: bool = True,
     accept_commands: bool = True,
+    signing_identity: SigningIdentity | None = None,
 ) -> AsyncIterator[App]:
     """Connect an app to a node for the duration of the block.
 
@@ -527,14 +533,19 @@ async def open_app(
     :param invite_policy: decides on invitations (return True, or a reason to decline).
     :param accept_commands: carry out channel operations sent by a controller
         through the node (as the tutorial's participants do).
+    :param signing_identity: the Ed25519 key of end-to-end encrypted sessions
+        (a new one by default). With ``secret`` the token binds it by a claim;
+        a JWT binds it when its claims include ``signing_identity.pubkey_claim()``
+        (or a ``cnf`` key), else peers trust it on first use.
     :raises ConnectError: when the node cannot be reached.
     :raises AuthenticationError: when the node refuses the identity.
     """
     base = _base_name(name)
-    provider, verifier = _identity(base, secret, provider, verifier)
+    signing = signing_identity or SigningIdentity.generate()
+    provider, verifier = _identity(base, secret, provider, verifier, signing)
     app = App(base, provider, verifier, node=node, tls=tls, limits=limits,
               invite_policy=invite_policy, reconnect=reconnect,
-              accept_commands=accept_commands)
+              accept_commands=accept_commands, signing_identity=signing)
     with collapse_excgroups():
         async with anyio.create_task_group() as tg:
             await tg.start(app._run)

@@ -20,6 +20,7 @@ from typing import Any
 
 from node_lite import (
     AuthenticationError,
+    Identity,
     Limits,
     Name,
     ProtocolError,
@@ -38,6 +39,7 @@ from node_lite.wire import (
 )
 
 from ._config import SessionConfig, SessionKind
+from ._e2e import SigningIdentity
 from ._errors import SessionError
 from ._protocol import (
     MAX_SESSION_ID,
@@ -86,8 +88,11 @@ class AppCore:
 
     def __init__(self, name: Name, provider: TokenProvider, verifier: TokenVerifier | None, *,
                  rng: random.Random | None = None, limits: Limits | None = None,
-                 invite_policy: InvitePolicy | None = None) -> None:
+                 invite_policy: InvitePolicy | None = None,
+                 signing: SigningIdentity | None = None) -> None:
         self.name = name
+        #: The Ed25519 key of end-to-end encrypted sessions (bound to the token by a claim).
+        self.signing = signing or SigningIdentity.generate()
         self.wire = name.to_wire()
         self.provider = provider
         self.subject = provider.subject
@@ -170,6 +175,12 @@ class AppCore:
             self._rid = self._rid % 0xFFFF_FFFF + 1
             frames.append(encode_frame(Subscribe(name=name, request_id=self._rid)))
         return frames
+
+    def identity_of(self, token: str) -> Identity:
+        """A peer's verified identity (credential checks of end-to-end encryption)."""
+        if self.verifier is None:
+            return parse_unverified(token)
+        return self.verifier.verify(token)
 
     def verify(self, token: object, src: list[Any]) -> str:
         """Check a peer's identity token and that it owns the name it sends from.

@@ -51,6 +51,11 @@ class SessionConfig:
     metadata: Mapping[str, str] = field(default_factory=dict)
     window: int = 2048
     max_inbox: int = DEFAULT_MAX_INBOX
+    #: With ``mls_enabled``: ``"signature"`` signs every message (sender proof inside
+    #: the group), ``"group"`` relies on the group key alone (trusted groups). The
+    #: default signs in groups; a point-to-point session has one possible sender
+    #: besides us, so the group key already proves it.
+    sender_auth: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, SessionKind):
@@ -67,6 +72,9 @@ class SessionConfig:
                 isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
             raise ConfigError("metadata must map strings to strings")
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+        if self.sender_auth not in (None, "signature", "group"):
+            raise ConfigError(f"sender_auth must be 'signature' or 'group', got "
+                              f"{self.sender_auth!r}")
         for attr in ("window", "max_inbox"):
             value = getattr(self, attr)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

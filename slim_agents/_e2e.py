@@ -109,6 +109,9 @@ MAX_EARLY_COMMITS: Final = 16
 MAX_FORWARD: Final = 1000
 MAX_SKIPPED: Final = 64
 PAST_EPOCH_TTL: Final = 60.0
+#: Past epochs whose receive keys are kept (within the TTL): retransmissions of
+#: messages sent before a few quick membership changes still open.
+MAX_PAST_EPOCHS: Final = 4
 #: Pending envelope-key updates a member keeps (the moderator commits the latest).
 _MAX_PENDING_KEYS: Final = 4
 Verify = Callable[[str], Identity]
@@ -138,7 +141,7 @@ class GroupState:
         self.max_skipped = max_skipped
         self.past_epoch_ttl = past_epoch_ttl
         self._cur: Epoch | None = None
-        self._past: Epoch | None = None
+        self._past: list[Epoch] = []  # oldest first
         self._send = Chain(bytearray(32))
         self._by_sub: dict[str, int] = {}
         self._init_secret = bytearray(32)
@@ -301,17 +304,17 @@ class GroupState:
                       context, length)
 
     def expire(self, now: float) -> None:
-        """Drop the past epoch's keys once their time is up (also done lazily)."""
-        if self._past is not None and now > self._past.expires:
-            self._past.wipe()
-            self._past = None
+        """Drop past epochs' keys once their time is up (also done lazily)."""
+        while self._past and now > self._past[0].expires:
+            self._past.pop(0).wipe()
 
     def wipe(self) -> None:
         """Forget every key (session closed). The state is unusable afterwards."""
-        for e in (self._cur, self._past):
+        for e in (self._cur, *self._past):
             if e is not None:
                 e.wipe()
-        self._cur = self._past = None
+        self._cur = None
+        self._past = []
         self._send.wipe()
         for s in (self._init_secret, self._exporter, self._enc_sk, *self._enc_pending.values()):
             wipe(s)
@@ -323,14 +326,14 @@ class GroupState:
                  th: bytes, now: float) -> None:
         chains = {leaf: Chain(sender_root(secrets.enc_secret, leaf)) for leaf in roster}
         send = chains.pop(self._leaf)
-        if self._past is not None:
-            self._past.wipe()
-            self._past = None
+        self.expire(now)
         old = self._cur
         if old is not None:
             if self.past_epoch_ttl > 0:
                 old.expires = now + self.past_epoch_ttl
-                self._past = old
+                self._past.append(old)
+                while len(self._past) > MAX_PAST_EPOCHS:
+                    self._past.pop(0).wipe()
             else:
                 old.wipe()
         self._send.wipe()
@@ -385,7 +388,7 @@ class GroupState:
         built = self._commit("add", cred.sub, diff, roster, now, fresh=False)
         self._bindings[cred.sub] = cred.bind
         settings = {"auth": self.sender_auth, "fwd": self.max_forward, "ooo": self.max_skipped,
-                    "past": 1, "past_s": int(self.past_epoch_ttl)}
+                    "past": MAX_PAST_EPOCHS, "past_s": int(self.past_epoch_ttl)}
         welcome = build_welcome(self._identity, kp, group_id=self._group_id, epoch=self.epoch,
                                 cid=self._cid, leaf=leaf, roster=roster, joiner=built.joiner,
                                 th=built.th, conf=built.conf, mod_tok=mod_tok,
@@ -654,6 +657,7 @@ class GroupState:
         if e > cur.number:
             raise E2EError("epoch_pending", f"epoch {e}, ours is {cur.number}")
         self.expire(now)
-        if self._past is not None and self._past.number == e:
-            return self._past
+        for past in self._past:
+            if past.number == e:
+                return past
         raise E2EError("stale_epoch", f"epoch {e}, ours is {cur.number}")

@@ -97,11 +97,13 @@ def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
 def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
     if not 0 < length <= 255 * 32:
         raise ValueError("HKDF-Expand length out of range")
+    if length <= 32:  # one block: the common case, on the one-shot HMAC
+        return hmac.digest(prk, info + b"\x01", "sha256")[:length]
     out = b""
     block = b""
     counter = 1
     while len(out) < length:
-        block = hmac.new(prk, block + info + bytes((counter,)), hashlib.sha256).digest()
+        block = hmac.digest(prk, block + info + bytes((counter,)), "sha256")
         out += block
         counter += 1
     return out[:length]
@@ -348,12 +350,28 @@ def sender_root(enc_secret: bytes | bytearray, leaf: int) -> bytearray:
     return bytearray(expand(enc_secret, "sender", u32(leaf), 32))
 
 
+def _ratchet_info(label: str) -> tuple[bytes, bytes]:
+    # expand_info(label, u32(g), 32) + HKDF's block counter, split around the 4 bytes
+    # of g (a bin8 of length 4), so the hot path only concatenates.
+    sample = expand_info(label, b"\0\0\0\0", 32) + b"\x01"
+    head = sample[:-6]
+    assert sample[-8:-6] == b"\xc4\x04"
+    assert sample[-2:] == b"\x20\x01"
+    return head, b"\x20\x01"
+
+
+_KEY_HEAD, _TAIL = _ratchet_info("key")
+_CHAIN_HEAD, _ = _ratchet_info("chain")
+
+
 def ratchet_key(chain: bytes | bytearray, g: int) -> bytes:
-    return expand(chain, "key", u32(g), 32)
+    """``expand(chain, "key", u32(g), 32)``, on the hot path of every message."""
+    return hmac.digest(chain, _KEY_HEAD + g.to_bytes(4, "big") + _TAIL, "sha256")
 
 
 def ratchet_next(chain: bytes | bytearray, g: int) -> bytes:
-    return expand(chain, "chain", u32(g), 32)
+    """``expand(chain, "chain", u32(g), 32)``."""
+    return hmac.digest(chain, _CHAIN_HEAD + g.to_bytes(4, "big") + _TAIL, "sha256")
 
 
 def roster_hash(entries: list[list[Any]]) -> bytes:

@@ -5,18 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import nacl.bindings as sodium
 import nacl.exceptions
 
 from ._e2e_base import (
     LABEL_APP_AAD,
     LABEL_APP_SIG,
+    MAX_OBJECT,
     MAX_SUBJECT,
     U32,
     U64,
     VERSION,
     E2EError,
     Rng,
+    _refuse_ext,
     as_bin,
     as_int,
     as_list,
@@ -192,8 +195,24 @@ class AppHeader:
     ct: bytes
 
 
+def _unpack_flat(data: bytes, what: str) -> dict[str, Any]:
+    # Hot path: the fields read are type-checked one by one, so the deep walk of
+    # unpack() is not needed; ext types and non-string keys are still refused.
+    if type(data) is not bytes or len(data) > MAX_OBJECT:
+        return as_map(unpack(data, what), what)
+    try:
+        d = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    except E2EError:
+        raise
+    except Exception as exc:  # msgpack signals bad input with many exception types
+        raise E2EError("malformed", f"{what}: {type(exc).__name__}") from exc
+    if type(d) is not dict:
+        raise E2EError("malformed", f"{what}: expected a map")
+    return d
+
+
 def parse_app(data: bytes) -> AppHeader:
-    d = as_map(unpack(data, "app"), "app")
+    d = _unpack_flat(data, "app")
     version = d.get("v")
     if type(version) is not int:
         raise E2EError("malformed", "app: no version")
@@ -228,7 +247,7 @@ def open_app(chain: Chain, sender: Member, h: AppHeader, aad: bytes, *, signed: 
         pt = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(h.ct, full_aad, h.iv, key)
     except (nacl.exceptions.CryptoError, ValueError, TypeError):
         raise E2EError("bad_tag", "header or body altered", sender=sender.sub) from None
-    p = as_map(unpack(pt, "app.pt"), "app.pt")
+    p = _unpack_flat(pt, "app.pt")
     body = as_bin(p.get("b"), "app.b")
     if signed:
         sig = p.get("sig")

@@ -232,6 +232,15 @@ class ReceiveStream(Generic[T]):
                 self.new_gaps.append(gap)
         return []
 
+    def seen(self, mid: int) -> bool:
+        """Whether ``mid`` was received (or given up) already."""
+        return mid < self.next or mid in self.held or mid in self.lost_ids
+
+    def has_room(self, mid: int) -> bool:
+        """Whether :meth:`receive` would take ``mid`` now (or deliver it at once)."""
+        return mid == self.next or (mid - self.next <= MAX_AHEAD
+                                    and len(self.held) < self.max_held)
+
     def take_acks(self) -> list[int]:
         acks, self.to_ack = self.to_ack, []
         return acks

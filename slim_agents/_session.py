@@ -12,6 +12,7 @@ from ._config import SessionConfig, SessionKind
 from ._errors import SessionClosedError
 from ._reports import DeliveryReport, Message, MessageContext, Ticket
 from ._session_core import SessionCore, State, WindowFull
+from ._session_e2e import Encryption
 
 if TYPE_CHECKING:
     from ._app import App
@@ -133,6 +134,12 @@ class Session:
     @property
     def close_reason(self) -> str | None:
         return self._core.close_reason
+
+    @property
+    def encryption(self) -> Encryption | None:
+        """End-to-end encryption as this member sees it (None when off or not yet joined):
+        epoch, epoch authenticator, sender authentication and credential bindings."""
+        return self._core.encryption
 
     # -- sending -------------------------------------------------------------------------
 
@@ -288,6 +295,20 @@ class Session:
             await Handle[Any](self._app, ticket)
         except SessionClosedError:
             pass
+
+    async def rotate_keys(self, *, suspect: bool = False) -> None:
+        """Renew the end-to-end keys.
+
+        The moderator starts a new epoch from fresh secrets sealed to every member
+        (it also does so every hour, every 10 000 messages and after each removal).
+        A member sends the moderator a new envelope key for the next epoch;
+        ``suspect=True`` asks for that epoch at once (the member's keys may have leaked).
+
+        :raises SessionError: when the session is not end-to-end encrypted.
+        """
+        ticket = self._core.rotate_keys(self._app._now(), suspect=suspect)
+        self._app._after(self._core)
+        await Handle[Any](self._app, ticket)
 
     async def wait_closed(self) -> str:
         """Wait until the session is closed (by anyone); returns the reason."""

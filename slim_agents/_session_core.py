@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,7 @@ from node_lite import AuthenticationError, Name, NoRouteError
 from node_lite.wire import decode_frame, encode_frame
 
 from ._config import SessionConfig, SessionKind
+from ._e2e import E2EError
 from ._errors import (
     DeliveryError,
     DeliveryTimeoutError,
@@ -35,6 +36,7 @@ from ._errors import (
     NotModeratorError,
     ParticipantError,
     SessionClosedError,
+    SessionError,
     SessionRejectedError,
     SessionTimeoutError,
 )
@@ -58,6 +60,7 @@ from ._protocol import (
 )
 from ._reliability import ReceiveStream, SendStream, iter_ranges, to_ranges
 from ._reports import DeliveryReport, Message, MessageContext, Ticket
+from ._session_e2e import REFRESH_INTERVAL, REFRESH_MESSAGES, DecryptError, Encryption, SessionKeys
 
 if TYPE_CHECKING:
     from ._app_core import AppCore
@@ -141,6 +144,7 @@ class _Control:
     on_fail: Callable[[BaseException, set[Key]], None]
     attempts: int = 0
     multicast: list[Any] | None = None  # resend once to this name instead of per member
+    frames: dict[Key, bytes] | None = None  # one frame per member (its own envelope)
 
 
 def _key(wire: list[Any]) -> Key:
@@ -190,8 +194,8 @@ class SessionCore:
         self._send: SendStream[_Outgoing] | None = (
             SendStream(timeout=t, max_retries=r, window=config.window) if reliable else None)
         self._send_direct: dict[Key, SendStream[_Outgoing]] = {}
-        self._recv: dict[Key, ReceiveStream[Message]] = {}
-        self._recv_direct: dict[Key, ReceiveStream[Message]] = {}
+        self._recv: dict[Key, ReceiveStream[Message | BaseException]] = {}
+        self._recv_direct: dict[Key, ReceiveStream[Message | BaseException]] = {}
         self._dirty_recv: set[tuple[Key, bool]] = set()
         self._next_mid = 1  # best-effort message ids
         self._window_waiting = False
@@ -202,6 +206,17 @@ class SessionCore:
         self._template: DataTemplate | None = None
         if not initiator:
             self._deadline = now + config.control_interval * (config.control_retries + 1)
+        # End-to-end encryption (mls_enabled): the group keys.
+        self.keys: SessionKeys | None = None
+        self._refresh_queued = False
+        self._catchup: list[list[Any]] | None = None
+        self._joiner = ""
+        if config.mls_enabled:
+            self.keys = SessionKeys(
+                owner.signing, owner.identity_of, window=config.window, now=now,
+                sender_auth=config.sender_auth or ("signature" if self.group else "group"))
+            if initiator:
+                self.keys.create(owner.token(), owner.subject, now)
 
     # -- properties ----------------------------------------------------------------------
 
@@ -222,6 +237,20 @@ class SessionCore:
     @property
     def roster(self) -> list[Name]:
         return [m.name for m in self.members.values()]
+
+    @property
+    def encryption(self) -> Encryption | None:
+        """The end-to-end encryption state, when on and established."""
+        return self.keys.info() if self.keys is not None else None
+
+    def _control_dst(self) -> tuple[list[Any], int]:
+        # Group updates go to the channel; in a point-to-point session, to the peer.
+        if self.group:
+            assert self.channel is not None
+            return self.channel.to_wire(), 2
+        peer = self.peer
+        assert peer is not None
+        return peer.to_wire(), 1
 
     def _recipients(self) -> list[Key]:
         return [k for k in self.members if k != self.local_key]
@@ -247,21 +276,39 @@ class SessionCore:
     def _control(self, kind: int, dst: list[Any], body: Mapping[str, Any], now: float, *,
                  waiting: Iterable[Key] | None, on_reply: Callable[..., None],
                  on_done: Callable[[], None], on_fail: Callable[[BaseException, set[Key]], None],
-                 fanout: int = 1, metadata: Mapping[str, str] | None = None) -> None:
+                 fanout: int = 1, metadata: Mapping[str, str] | None = None,
+                 bodies: Mapping[Key, Mapping[str, Any]] | None = None) -> None:
+        """Send a control request and retry it until answered.
+
+        ``bodies`` sends each waiting member its own body (unicast, one message id).
+        """
         if self.state is State.CLOSED:
             return  # an operation continuing after the session closed: nothing to send
         mid = self.owner.random_mid()
-        frame = self._frame(dst, kind, mid, fanout=fanout, body=encode_body(body),
-                            metadata=metadata)
         wait = None if waiting is None else set(waiting)
         targets = {k: self.members[k].name.to_wire() for k in (wait or ()) if k in self.members}
+        frames = None
+        if bodies is not None:
+            assert wait is not None
+            frames = {k: self._frame(targets.get(k, list(k)), kind, mid,
+                                     body=encode_body(bodies.get(k, body)), metadata=metadata)
+                      for k in wait}
+            frame = b""
+        else:
+            frame = self._frame(dst, kind, mid, fanout=fanout, body=encode_body(body),
+                                metadata=metadata)
         c = _Control(mid, frame, kind, wait, targets, now + self.config.control_interval,
-                     on_reply, on_done, on_fail, multicast=dst if fanout > 1 else None)
+                     on_reply, on_done, on_fail,
+                     multicast=dst if fanout > 1 and frames is None else None, frames=frames)
         if wait is not None and not wait:
             on_done()
             return
         self._controls[mid] = c
-        self.owner.send(frame)
+        if frames is not None:
+            for f in frames.values():
+                self.owner.send(f)
+        else:
+            self.owner.send(frame)
 
     def _reply(self, d: dict[str, Any], kind: int, body: Mapping[str, Any] | None = None, *,
                error: bool = False, metadata: Mapping[str, str] | None = None) -> None:
@@ -316,6 +363,13 @@ class SessionCore:
         else:
             mid = self._next_mid
             self._next_mid += 1
+        keys = self.keys
+        if keys is not None:
+            payload = keys.encrypt(payload, keys.aad(self.local_wire, self._data_dst()[0],
+                                                     self.sid, self.st, mid, payload_type,
+                                                     metadata))
+            if keys.messages >= REFRESH_MESSAGES:
+                self._queue_refresh(now)
         template = self._template
         if template is None:
             dst, fanout = self._data_dst()
@@ -356,6 +410,10 @@ class SessionCore:
         else:
             mid = self._next_mid
             self._next_mid += 1
+        keys = self.keys
+        if keys is not None:
+            payload = keys.encrypt(payload, keys.aad(self.local_wire, list(key), self.sid,
+                                                     self.st, mid, payload_type, meta))
         self.owner.send(self._frame(list(key), Kind.MSG, mid, fanout=1, body=payload,
                                     metadata=meta, payload_type=payload_type, control=False))
         self.published += 1
@@ -528,59 +586,101 @@ class SessionCore:
             assert self.config.timeout is not None
             assert self.config.max_retries is not None
             body["rel"] = [int(self.config.timeout * 1000), self.config.max_retries]
-        if self.config.mls_enabled:
-            body["mls"] = {}
-        joined: list[Member] = []
+        if self.keys is not None:
+            body["mls"] = self.keys.join_body()
+        joined: list[tuple[Member, object]] = []
 
         def on_reply(k: Key, d: dict[str, Any], member: Member | None) -> None:
             if d.get("err"):
                 raise _Rejected(d)
             assert member is not None
-            joined.append(member)
+            joined.append((member, decode_body(d.get("body", b"")).get("kp")))
 
         def on_done() -> None:
-            self._invite_step_update(joined[0], ticket, self._now)
+            self._invite_step_update(joined[0][0], joined[0][1], ticket, self._now)
 
         self._control(Kind.JOIN_REQUEST, target.to_wire(), body, now, waiting=None,
                       metadata=self.config.metadata or None, on_reply=on_reply,
                       on_done=on_done, on_fail=lambda e, w: self._op_failed(ticket, e, self._now))
 
-    def _invite_step_update(self, member: Member, ticket: Ticket, now: float) -> None:
+    def _invite_step_update(self, member: Member, key_package: object, ticket: Ticket,
+                            now: float) -> None:
+        keys = self.keys
+        commit = welcome = None
+        if keys is not None:
+            try:
+                commit, welcome = keys.add(key_package, member.subject, now)
+            except E2EError as exc:
+                exc.session_id = self.sid
+                self._op_failed(ticket, exc, now)
+                return
+            # Commits made before the welcome goes out (removing members that failed
+            # this update) are sent along with it.
+            self._catchup = []
+            self._joiner = member.subject
         existing = [k for k in self.members if k != self.local_key]
         next_mids: dict[Key, int] = {}
         if self._send is not None:
             next_mids[self.local_key] = self._send.next_mid
+
+        def to_welcome() -> None:
+            self._invite_step_welcome(member, welcome, next_mids, ticket, self._now)
+
         if not existing:
-            self._invite_step_welcome(member, next_mids, ticket, now)
+            to_welcome()
             return
         assert self.channel is not None
-        roster = [*self.members.values(), member]
+        body: dict[str, Any] = {"op": "add", "who": member.to_wire()}
+        if commit is not None:
+            body["mls"] = [commit]
+        expected = keys.state.epoch_authenticator if keys is not None and keys.state else None
+        bad: set[Key] = set()
 
         def on_reply(k: Key, d: dict[str, Any], m: Member | None) -> None:
+            if self._diverged(d, expected):
+                bad.add(k)
+                return
             body = decode_body(d.get("body", b""))
             if "next" in body:
                 next_mids[k] = int_of(body["next"], "next", 1)
 
-        def on_fail(error: BaseException, missing: set[Key]) -> None:
-            # Members that never acknowledged are gone: drop them, go on.
-            for k in missing:
-                self._drop_member(k, "unreachable", self._now)
-            self._invite_step_welcome(member, next_mids, ticket, self._now)
+        def finish(missing: set[Key]) -> None:
+            # Members that never acknowledged, or hold other keys, are removed; then go on.
+            self._purge(bad | missing, self._now, then=to_welcome)
 
-        self._control(Kind.GROUP_UPDATE, self.channel.to_wire(),
-                      {"op": "add", "who": member.to_wire(),
-                       "roster": [m.to_wire() for m in roster]}, now,
-                      waiting=existing, fanout=2, on_reply=on_reply,
-                      on_done=lambda: self._invite_step_welcome(member, next_mids, ticket,
-                                                                self._now),
-                      on_fail=on_fail)
+        self._control(Kind.GROUP_UPDATE, self.channel.to_wire(), body, now, waiting=existing,
+                      fanout=2, on_reply=on_reply, on_done=lambda: finish(set()),
+                      on_fail=lambda error, missing: finish(missing))
 
-    def _invite_step_welcome(self, member: Member, next_mids: dict[Key, int], ticket: Ticket,
-                             now: float) -> None:
+    def _diverged(self, d: dict[str, Any], expected: bytes | None) -> bool:
+        """An update's ack from a member that refused it or reached another epoch."""
+        if d.get("err") or d["k"] == Kind.GROUP_NACK:
+            self.owner.count("update_refused")
+            return True
+        if expected is not None and decode_body(d.get("body", b"")).get("auth") != expected:
+            self.owner.count("epoch_auth_mismatch")
+            return True
+        return False
+
+    def _invite_step_welcome(self, member: Member, welcome: bytes | None,
+                             next_mids: dict[Key, int], ticket: Ticket, now: float) -> None:
         key = _key(member.name.to_wire())
         roster = [*self.members.values(), member]
-        body = {"roster": [m.to_wire() for m in roster],
-                "next": [[list(k), n] for k, n in next_mids.items()]}
+        body: dict[str, Any] = {"roster": [m.to_wire() for m in roster],
+                                "next": [[list(k), n] for k, n in next_mids.items()]}
+        expected = None
+        if welcome is not None:
+            assert self.keys is not None
+            assert self.keys.state is not None
+            body["mls"] = welcome
+            if self._catchup:
+                body["mls_next"] = self._catchup
+            expected = self.keys.state.epoch_authenticator
+        self._catchup = None
+
+        def on_reply(k: Key, d: dict[str, Any], m: Member | None) -> None:
+            if self._diverged(d, expected):
+                raise _Rejected(d)
 
         def on_done() -> None:
             self.members[key] = member
@@ -593,24 +693,24 @@ class SessionCore:
                 self.owner.emit(RosterChanged(self, added=(member.name,)))
             self._op_done(ticket, member.name, self._now)
 
-        self._control(Kind.GROUP_WELCOME, member.name.to_wire(), body, now, waiting=None,
-                      on_reply=lambda k, d, m: self._check_ack(d), on_done=on_done,
-                      on_fail=lambda e, w: self._op_failed(ticket, e, self._now))
+        def on_fail(error: BaseException, missing: set[Key]) -> None:
+            # The members (and the group keys) already count the invitee: take it back out.
+            if self.group:
+                self._remove_members([member], self._now, ack_from_gone=False,
+                                     then=lambda: self._op_failed(ticket, error, self._now))
+            else:
+                self._op_failed(ticket, error, self._now)
 
-    def _check_ack(self, d: dict[str, Any]) -> None:
-        if d.get("err") or d["k"] == Kind.GROUP_NACK:
-            raise _Rejected(d)
+        self._control(Kind.GROUP_WELCOME, member.name.to_wire(), body, now, waiting=None,
+                      on_reply=on_reply, on_done=on_done, on_fail=on_fail)
 
     def _remove_step_update(self, key: Key, ticket: Ticket, now: float, *, notify: bool) -> None:
         member = self.members.get(key)
         if member is None:
             self._op_done(ticket, None, now)
             return
-        others = [k for k in self.members if k not in (self.local_key, key)]
-        roster = list(self.members.values())
 
         def after_update() -> None:
-            self._drop_member(key, "removed", self._now)
             if notify:
                 self._control(Kind.LEAVE_REQUEST, member.name.to_wire(), {}, self._now,
                               waiting=[key], on_reply=lambda *a: None,
@@ -620,22 +720,163 @@ class SessionCore:
             else:
                 self._op_done(ticket, member.name, self._now)
 
-        def on_fail(error: BaseException, missing: set[Key]) -> None:
-            for k in missing:
-                if k != key:
-                    self._drop_member(k, "unreachable", self._now)
-            after_update()
+        self._remove_members([member], now, ack_from_gone=notify, then=after_update)
 
-        waiting = others + ([key] if notify else [])
-        if not others:
-            after_update()
+    def _purge(self, keys: set[Key], now: float, *, then: Callable[[], None]) -> None:
+        """Remove members that stopped answering or fell out of step, and tell them so."""
+        gone = [self.members[k] for k in keys if k in self.members and k != self.local_key]
+        if not gone:
+            then()
             return
-        assert self.channel is not None
-        self._control(Kind.GROUP_UPDATE, self.channel.to_wire(),
-                      {"op": "remove", "who": member.to_wire(),
-                       "roster": [m.to_wire() for m in roster]}, now,
-                      waiting=waiting, fanout=2, on_reply=lambda *a: None,
-                      on_done=after_update, on_fail=on_fail)
+        for m in gone:
+            # Not tracked: the member may be unreachable; if it is there, it closes.
+            self.owner.send(self._frame(m.name.to_wire(), Kind.LEAVE_REQUEST,
+                                        self.owner.random_mid()))
+        self._remove_members(gone, now, ack_from_gone=False, then=then, reason="unreachable")
+
+    def _remove_members(self, gone: list[Member], now: float, *, ack_from_gone: bool,
+                        then: Callable[[], None], reason: str = "removed") -> None:
+        """Take members out of the roster (and of the group keys, with a commit).
+
+        The other members acknowledge the update; with ``ack_from_gone`` the
+        removed members too. Members that fail to are removed next, then ``then`` runs.
+        """
+        gone_keys = {_key(m.name.to_wire()) for m in gone}
+        others = [k for k in self.members if k != self.local_key and k not in gone_keys]
+        body: dict[str, Any] = {"op": "remove", "gone": [m.to_wire() for m in gone]}
+        bodies = self._commit_bodies(body, others, now, [m.subject for m in gone])
+        keys = self.keys
+        expected = keys.state.epoch_authenticator if keys is not None and keys.state else None
+        waiting = others + [k for k in gone_keys if ack_from_gone and k in self.members]
+        bad: set[Key] = set()
+
+        def on_reply(k: Key, d: dict[str, Any], m: Member | None) -> None:
+            if k not in gone_keys and self._diverged(d, expected):
+                bad.add(k)
+
+        def finish(missing: set[Key]) -> None:
+            for k in gone_keys:
+                self._drop_member(k, reason, self._now)
+            self._purge((bad | missing) - gone_keys, self._now, then=then)
+
+        if not waiting:
+            finish(set())
+            return
+        dst, fanout = self._control_dst()
+        self._control(Kind.GROUP_UPDATE, dst, body, now, waiting=waiting, fanout=fanout,
+                      on_reply=on_reply, on_done=lambda: finish(set()),
+                      on_fail=lambda error, missing: finish(missing),
+                      bodies=bodies)
+
+    def _commit_bodies(self, body: dict[str, Any], others: list[Key], now: float,
+                       removed: list[str] | None) -> dict[Key, dict[str, Any]] | None:
+        """Commit the removal of ``removed`` (or a refresh, with None) into ``body``.
+
+        Returns a body per member when the envelopes travel one per member.
+        """
+        keys = self.keys
+        if keys is None or keys.state is None:
+            return None
+        state = keys.state
+        commits: list[bytes] = []
+        envelopes: list[dict[str, bytes]] = []
+        if removed is None:
+            commit, envs = state.refresh(now)
+            commits.append(commit)
+            envelopes.append(envs)
+        else:
+            inside = keys.subjects()
+            for subject in removed:
+                if subject in inside:
+                    commit, envs = state.remove(subject, now)
+                    commits.append(commit)
+                    envelopes.append(envs)
+        if not commits:
+            return None
+        keys.refreshed_at, keys.messages = now, 0  # a remove is a refresh too
+        if self._catchup is not None:
+            self._catchup += [[c, e.get(self._joiner)] for c, e in zip(commits, envelopes,
+                                                                       strict=True)]
+        body["mls"] = commits
+        if not any(envelopes):
+            return None
+        return {k: {**body, "env": [e.get(self.members[k].subject) for e in envelopes]}
+                for k in others}
+
+    # -- key refresh -----------------------------------------------------------------------
+
+    def rotate_keys(self, now: float, *, suspect: bool = False) -> Ticket:
+        """Start a new epoch from fresh secrets (moderator), or send this member's new
+        envelope key to the moderator for the next one (``suspect``: refresh at once)."""
+        self._check_open()
+        if self.keys is None or self.keys.state is None:
+            raise SessionError("this session is not end-to-end encrypted",
+                               session_id=self.sid)
+        if self.is_moderator:
+            return self._queue_refresh(now) or Ticket("refresh")
+        ticket = Ticket("rotate")
+        self._send_key_update(now, suspect=suspect, ticket=ticket)
+        return ticket
+
+    def _queue_refresh(self, now: float) -> Ticket | None:
+        if not self.is_moderator or self._refresh_queued or self.state is not State.ESTABLISHED:
+            return None
+        self._refresh_queued = True
+        ticket = Ticket("refresh")
+        self._queue(lambda t: self._refresh_step(ticket, t), ticket, now)
+        return ticket
+
+    def _refresh_step(self, ticket: Ticket, now: float) -> None:
+        self._refresh_queued = False
+        others = self._recipients()
+        if self.keys is None or self.keys.state is None or not others:
+            if self.keys is not None:
+                self.keys.refreshed_at, self.keys.messages = now, 0
+            self._op_done(ticket, None, now)
+            return
+        body: dict[str, Any] = {"op": "refresh"}
+        bodies = self._commit_bodies(body, others, now, None)
+        expected = self.keys.state.epoch_authenticator
+        bad: set[Key] = set()
+
+        def on_reply(k: Key, d: dict[str, Any], m: Member | None) -> None:
+            if self._diverged(d, expected):
+                bad.add(k)
+
+        def finish(missing: set[Key]) -> None:
+            self._purge(bad | missing, self._now,
+                        then=lambda: self._op_done(ticket, None, self._now))
+
+        dst, fanout = self._control_dst()
+        self._control(Kind.GROUP_UPDATE, dst, body, now, waiting=others, fanout=fanout,
+                      on_reply=on_reply, on_done=lambda: finish(set()),
+                      on_fail=lambda error, missing: finish(missing), bodies=bodies)
+
+    def _send_key_update(self, now: float, *, suspect: bool = False,
+                         ticket: Ticket | None = None) -> None:
+        keys, moderator = self.keys, self.moderator
+        if keys is None or keys.state is None or keys.state.removed or moderator is None:
+            return
+        target = _key(moderator.name.to_wire())
+
+        def done() -> None:
+            if ticket is not None and ticket.resolve(None):
+                self.owner.emit(TicketDone(ticket))
+
+        def failed(error: BaseException, missing: set[Key]) -> None:
+            if ticket is not None and ticket.fail(error):
+                self.owner.emit(TicketDone(ticket))
+
+        def on_reply(k: Key, d: dict[str, Any], m: Member | None) -> None:
+            self._check_ack(d)
+
+        self._control(Kind.GROUP_PROPOSAL, list(target),
+                      {"kupd": keys.state.key_update(suspect=suspect)}, now, waiting=[target],
+                      on_reply=on_reply, on_done=done, on_fail=failed)
+
+    def _check_ack(self, d: dict[str, Any]) -> None:
+        if d.get("err") or d["k"] == Kind.GROUP_NACK:
+            raise _Rejected(d)
 
     def _drop_member(self, key: Key, reason: str, now: float) -> None:
         member = self.members.pop(key, None)
@@ -679,6 +920,8 @@ class SessionCore:
                     self._early.append(d)
                 return
             if member is None or self.state is State.CLOSED or src_key == self.local_key:
+                if member is None and src_key != self.local_key:
+                    self.owner.count("data_from_non_member")
                 return  # not (or no longer) a member
             if kind == Kind.RTX_REPLY and d.get("err"):
                 self._on_rtx_gone(src_key, d, now)
@@ -696,7 +939,7 @@ class SessionCore:
             self._on_control_reply(src_key, d, now)
             return
         if kind in (Kind.GROUP_UPDATE, Kind.GROUP_WELCOME, Kind.GROUP_CLOSE,
-                    Kind.LEAVE_REQUEST):
+                    Kind.LEAVE_REQUEST, Kind.GROUP_PROPOSAL):
             if self._answered_before(d):
                 return
             member = self._verify(d)
@@ -704,6 +947,8 @@ class SessionCore:
                 return
             if kind == Kind.LEAVE_REQUEST:
                 self._on_leave_request(d, member, now)
+            elif kind == Kind.GROUP_PROPOSAL:
+                self._on_proposal(d, member, now)
             elif not self._from_moderator(d):
                 self._reply(d, Kind.GROUP_NACK, {"code": "not_moderator"}, error=True)
             elif kind == Kind.GROUP_WELCOME:
@@ -736,16 +981,21 @@ class SessionCore:
         else:
             direct = False
             meta = _NO_METADATA
-        dst = self.channel if self.group and not direct else self.local
-        ctx = MessageContext(member.name, dst, d.get("pt") or "msg", meta, self.sid, d["mid"],
-                             member.subject, 0, direct)
-        message = Message(ctx, d.get("body", b""))
         inbox = self.inbox
         if len(inbox) >= 2 * self.config.max_inbox:
             # Hard cap (the reader stopped waiting for the application): best
             # effort drops; reliable leaves the message unacknowledged, so it is resent.
             self.dropped += 1
             return
+        body = d.get("body", b"")
+        if self.keys is not None:
+            body = self._open(d, src_key, member, meta, direct, now)
+            if body is None:
+                return
+        dst = self.channel if self.group and not direct else self.local
+        ctx = MessageContext(member.name, dst, d.get("pt") or "msg", meta, self.sid, d["mid"],
+                             member.subject, 0, direct)
+        message = Message(ctx, body)
         if not self.reliable:
             inbox.append(message)
             self.received += 1
@@ -753,13 +1003,7 @@ class SessionCore:
             if len(inbox) >= self.config.max_inbox:
                 self.owner.congested(self)
             return
-        streams = self._recv_direct if direct else self._recv
-        stream = streams.get(src_key)
-        if stream is None:
-            assert self._send is not None
-            first = 1 if direct else self._first_mid.pop(src_key, 1)
-            stream = streams[src_key] = ReceiveStream(
-                timeout=self._send.timeout, max_retries=self._send.max_retries, first=first)
+        stream = self._recv_stream(src_key, direct)
         items = stream.receive(d["mid"], message, now)
         if items is None:
             return
@@ -768,7 +1012,58 @@ class SessionCore:
         if items:
             self._deliver(items)
 
-    def _deliver(self, items: list[Message] | list[Message | BaseException]) -> None:
+    def _recv_stream(self, src_key: Key, direct: bool) -> ReceiveStream[Message | BaseException]:
+        streams = self._recv_direct if direct else self._recv
+        stream = streams.get(src_key)
+        if stream is None:
+            assert self._send is not None
+            first = 1 if direct else self._first_mid.pop(src_key, 1)
+            stream = streams[src_key] = ReceiveStream(
+                timeout=self._send.timeout, max_retries=self._send.max_retries, first=first)
+        return stream
+
+    def _open(self, d: dict[str, Any], src_key: Key, member: Member, meta: Mapping[str, str],
+              direct: bool, now: float) -> bytes | None:
+        """Decrypt a member's message. None: it was held, dropped or replaced by an error."""
+        keys = self.keys
+        assert keys is not None
+        mid = d["mid"]
+        stream = self._recv_stream(src_key, direct) if self.reliable else None
+        if stream is not None:
+            if stream.seen(mid):
+                return b""  # a duplicate: the stream acknowledges it again, nothing to open
+            if not stream.has_room(mid):
+                return None  # refused unopened (a key is used once), so the retry can open it
+        dst = self.local_wire if direct or not self.group else self._data_dst()[0]
+        aad = keys.aad(d["src"], dst, self.sid, self.st, mid, d.get("pt"), meta)
+        try:
+            body = keys.decrypt(d.get("body"), aad, member.subject, now)
+        except E2EError as exc:
+            self._refused(d, exc, member, now)
+            return None
+        if keys.messages >= REFRESH_MESSAGES:
+            self._queue_refresh(now)
+        return body
+
+    def _refused(self, d: dict[str, Any], exc: E2EError, member: Member, now: float) -> None:
+        keys = self.keys
+        assert keys is not None
+        code = exc.code
+        self.owner.count(f"e2e:{code}")
+        if code == "epoch_pending":
+            # Its commit has not reached us yet: kept, and opened once it has.
+            if not keys.hold(d, now):
+                self.owner.count("e2e:held_full")
+            return
+        if code == "replay":
+            return  # already opened once (or our own): nothing new to deliver
+        # The application hears of it at once. The message is not acknowledged and
+        # leaves the stream untouched: a copy altered on the way must not stand in for
+        # the sender's own, whose retransmission still gets through.
+        self._deliver([DecryptError(code, str(exc), source=member.name, message_id=d["mid"],
+                                    session_id=self.sid)])
+
+    def _deliver(self, items: Sequence[Message | BaseException]) -> None:
         # Past max_inbox the driver pauses reading from the node until the
         # application catches up (bounded in time, see App._read_loop).
         self.inbox.extend(items)
@@ -807,9 +1102,9 @@ class SessionCore:
             return
         body = decode_body(d.get("body", b""))
         done = []
+        direct = self._send_direct.get(src_key)
         if self._send is not None:
             done += self._send.ack(member.name, iter_ranges(ranges_of(body.get("a"), "a")))
-        direct = self._send_direct.get(src_key)
         if direct is not None:
             done += direct.ack(member.name, iter_ranges(ranges_of(body.get("d"), "d")))
         for p in done:
@@ -936,7 +1231,17 @@ class SessionCore:
         if self.channel is not None:
             self.owner.subscribe(self.channel)
             self.state_subscribed = True
-        self._reply(d, Kind.JOIN_REPLY, {})
+        reply: dict[str, Any] = {}
+        if self.keys is not None:
+            reply["kp"] = self.keys.key_package(body.get("mls"), self.owner.token(),
+                                                self.owner.subject, now)
+        self._reply(d, Kind.JOIN_REPLY, reply)
+
+    def _ack_body(self) -> dict[str, Any]:
+        keys = self.keys
+        if keys is None or keys.state is None or keys.state.removed:
+            return {}
+        return {"auth": keys.state.epoch_authenticator}
 
     def _on_welcome(self, d: dict[str, Any], now: float) -> None:
         body = decode_body(d.get("body", b""))
@@ -944,42 +1249,128 @@ class SessionCore:
         nexts = body.get("next", [])
         if type(nexts) is not list:
             raise ProtocolViolation("welcome: bad next map")
-        if self.state is State.JOINING:
-            self.members = {_key(m.name.to_wire()): m for m in roster}
-            self._roster_changed()
-            for item in nexts:
-                if type(item) is list and len(item) == 2 and type(item[0]) is list:
-                    self._first_mid[_key(name_of(item[0], "next").to_wire())] = int_of(
-                        item[1], "next", 1)
-            self.state = State.ESTABLISHED
-            self._deadline = None
-            self._reply(d, Kind.GROUP_ACK, {})
-            self.owner.emit(Established(self))
-            early, self._early = self._early, []
-            for frame in early:
-                self.handle_frame(frame, now)
+        if self.state is not State.JOINING:
+            self._reply(d, Kind.GROUP_ACK, self._ack_body())
             return
-        self._reply(d, Kind.GROUP_ACK, {})
+        keys = self.keys
+        if keys is not None:
+            assert self.moderator is not None
+            try:
+                keys.join(body.get("mls"), self.moderator.subject, now)
+                catchup = body.get("mls_next", [])
+                if type(catchup) is not list:
+                    raise E2EError("malformed", "welcome: bad commit list")
+                assert keys.state is not None
+                for item in catchup:
+                    if type(item) is not list or len(item) != 2:
+                        raise E2EError("malformed", "welcome: bad commit list")
+                    keys.state.apply_commit(item[0], now, envelope=item[1])
+                if {m.subject for m in roster} != keys.subjects():
+                    raise E2EError("bad_welcome", "the group roster differs from the session's")
+            except E2EError as exc:
+                self.owner.count(f"e2e:{exc.code}")
+                self._reply(d, Kind.GROUP_NACK, {"code": exc.code, "msg": str(exc)}, error=True)
+                self._finish_close(f"welcome refused ({exc.code})", now, announce=False)
+                return
+        self.members = {_key(m.name.to_wire()): m for m in roster}
+        self._roster_changed()
+        for item in nexts:
+            if type(item) is list and len(item) == 2 and type(item[0]) is list:
+                self._first_mid[_key(name_of(item[0], "next").to_wire())] = int_of(
+                    item[1], "next", 1)
+        self.state = State.ESTABLISHED
+        self._deadline = None
+        self._reply(d, Kind.GROUP_ACK, self._ack_body())
+        self.owner.emit(Established(self))
+        early, self._early = self._early, []
+        for frame in early:
+            self.handle_frame(frame, now)
+
+    def _apply_commits(self, d: dict[str, Any], body: dict[str, Any], now: float) -> bool:
+        """Apply the commits an update carries; on failure refuse it and keep the old state."""
+        keys = self.keys
+        commits = body.get("mls")
+        if keys is None or keys.state is None:
+            if commits is not None:
+                self._reply(d, Kind.GROUP_NACK, {"code": "e2e_off"}, error=True)
+                return False
+            return True
+        envelopes = body.get("env")
+        try:
+            if type(commits) is not list or not commits or (
+                    envelopes is not None and (type(envelopes) is not list
+                                               or len(envelopes) != len(commits))):
+                raise E2EError("bad_commit", "an update of an encrypted session needs commits")
+            for i, commit in enumerate(commits):
+                keys.state.apply_commit(commit, now,
+                                        envelope=envelopes[i] if envelopes else None)
+                if keys.state.removed:
+                    break
+        except E2EError as exc:
+            self.owner.count(f"e2e:{exc.code}")
+            self._reply(d, Kind.GROUP_NACK, {"code": exc.code, "msg": str(exc)}, error=True)
+            return False
+        return True
 
     def _on_update(self, d: dict[str, Any], now: float) -> None:
+        if self.state is State.JOINING:
+            return  # the update announcing us: the welcome that follows has it all
         body = decode_body(d.get("body", b""))
         op = body.get("op")
-        who = member_of(body.get("who"), "who")
-        key = _key(who.name.to_wire())
         if op == "add":
+            who = member_of(body.get("who"), "who")
+        elif op == "remove":
+            gone = members_of(body.get("gone"), "gone")
+        elif op != "refresh":
+            raise ProtocolViolation(f"group update: unknown op {op!r}")
+        if not self._apply_commits(d, body, now):
+            return
+        if op == "add":
+            key = _key(who.name.to_wire())
             if key not in self.members:
                 self.members[key] = who
                 self._roster_changed()
                 self.owner.emit(RosterChanged(self, added=(who.name,)))
             self._first_mid.pop(key, None)
-            reply = {"next": self._send.next_mid} if self._send is not None else {}
+            reply = self._ack_body()
+            if self._send is not None:
+                reply["next"] = self._send.next_mid
             self._reply(d, Kind.GROUP_ACK, reply)
         elif op == "remove":
-            self._reply(d, Kind.GROUP_ACK, {})
-            if key != self.local_key:
-                self._drop_member(key, "removed", now)
+            self._reply(d, Kind.GROUP_ACK, self._ack_body())
+            for who in gone:
+                key = _key(who.name.to_wire())
+                if key != self.local_key:
+                    self._drop_member(key, "removed", now)
         else:
-            raise ProtocolViolation(f"group update: unknown op {op!r}")
+            self._reply(d, Kind.GROUP_ACK, self._ack_body())
+            # The refresh used our last envelope key: send the next one.
+            self._send_key_update(now)
+        self._retry_held(now)
+
+    def _on_proposal(self, d: dict[str, Any], member: Member, now: float) -> None:
+        keys = self.keys
+        if not self.is_moderator or keys is None or keys.state is None:
+            self._reply(d, Kind.GROUP_NACK, {"code": "not_moderator"}, error=True)
+            return
+        body = decode_body(d.get("body", b""))
+        try:
+            if member.subject not in keys.subjects():
+                raise E2EError("not_member", "key update from outside the group")
+            suspect = keys.state.receive_key_update(body.get("kupd"), now)  # type: ignore[arg-type]
+        except E2EError as exc:
+            self.owner.count(f"e2e:{exc.code}")
+            self._reply(d, Kind.GROUP_NACK, {"code": exc.code, "msg": str(exc)}, error=True)
+            return
+        self._reply(d, Kind.GROUP_ACK, {})
+        if suspect:
+            self._queue_refresh(now)
+
+    def _retry_held(self, now: float) -> None:
+        keys = self.keys
+        if keys is not None and keys.held:
+            for frame in keys.take_held():
+                self.handle_frame(frame, now)
 
     def _on_group_close(self, d: dict[str, Any], now: float) -> None:
         self._reply(d, Kind.GROUP_ACK, {})
@@ -1012,6 +1403,16 @@ class SessionCore:
 
     def get_timer(self) -> float | None:
         best = self._deadline
+        keys = self.keys
+        if keys is not None:
+            t = keys.timer()
+            if t is not None and (best is None or t < best):
+                best = t
+            if self.is_moderator and not self._refresh_queued and \
+                    self.state is State.ESTABLISHED:
+                t = keys.refreshed_at + REFRESH_INTERVAL
+                if best is None or t < best:
+                    best = t
         for c in self._controls.values():
             if best is None or c.deadline < best:
                 best = c.deadline
@@ -1040,6 +1441,11 @@ class SessionCore:
             if self.state is State.JOINING:
                 self._finish_close("no welcome", now, announce=False)
                 return
+        keys = self.keys
+        if keys is not None:
+            self._expire_held(keys, now)
+            if self.is_moderator and keys.refresh_due(now):
+                self._queue_refresh(now)
         for mid, c in list(self._controls.items()):
             if c.deadline > now or mid not in self._controls:
                 continue
@@ -1051,7 +1457,12 @@ class SessionCore:
                 continue
             c.attempts += 1
             c.deadline = now + self.config.control_interval
-            if c.waiting is None or (c.multicast is not None and len(c.waiting) > 2):
+            if c.frames is not None:
+                for k in c.waiting or ():
+                    frame = c.frames.get(k)
+                    if frame is not None:
+                        self.owner.send(frame)
+            elif c.waiting is None or (c.multicast is not None and len(c.waiting) > 2):
                 self.owner.send(c.frame)
             else:
                 for k in c.waiting:
@@ -1094,6 +1505,15 @@ class SessionCore:
                                   for m in lost]
                     self._deliver(items + list(released))
 
+    def _expire_held(self, keys: SessionKeys, now: float) -> None:
+        # A reliable sender resends what was never acknowledged; best effort learns of the loss.
+        for d in keys.expired(now):
+            member = self.members.get(_key(d["src"]))
+            if member is not None and not self.reliable:
+                self._deliver([DecryptError("epoch_pending", "its epoch never began here",
+                                            source=member.name, message_id=d["mid"],
+                                            session_id=self.sid)])
+
     def _retarget(self, frame: bytes, dst: list[Any]) -> bytes:
         d = decode_frame(memoryview(frame)[4:])
         d["dst"], d["fan"] = dst, 1
@@ -1133,6 +1553,8 @@ class SessionCore:
         self._ops.clear()
         if self.channel is not None and self.state_subscribed:
             self.owner.unsubscribe(self.channel)
+        if self.keys is not None:
+            self.keys.wipe()
         self.owner.session_closed(self, reason, announce=announce and was_established)
         self.owner.emit(Closed(self, reason))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from node_lite import (
 )
 from node_lite.wire import FrameDecoder, Hello, decode_frame, encode_frame
 from slim_agents._app_core import AppCore, InvitePolicy
+from slim_agents._e2e import SigningIdentity
 from slim_agents._session_core import Established
 
 SECRET = "harness-secret-that-is-long-enough-0123456789"
@@ -127,15 +129,22 @@ class Net:
         self.events: dict[int, list[Any]] = defaultdict(list)
         self._ids = itertools.count(1)
         self._seed = seed
+        #: Every frame the node reads (a wiretap), and an optional rewrite of the
+        #: frames it delivers (a hostile router): return None to drop one.
+        self.tapped: list[bytes] = []
+        self.mutate: Callable[[dict[str, Any], AppCore], dict[str, Any] | None] | None = None
 
     def add_app(self, app: str, *, org: str = "org", ns: str = "ns", secret: str = SECRET,
-                policy: InvitePolicy | None = None, verify: bool = True) -> AppCore:
-        provider = SharedSecretProvider(f"{org}/{ns}/{app}", secret)
+                policy: InvitePolicy | None = None, verify: bool = True,
+                bind_key: bool = True) -> AppCore:
+        signing = SigningIdentity.generate()
+        provider = SharedSecretProvider(f"{org}/{ns}/{app}", secret,
+                                        claims=signing.pubkey_claim() if bind_key else None)
         name = Name(org, ns, app, instance_id_for(provider.subject))
         verifier = SharedSecretVerifier(secret, replay_cache=0) if verify else None
         conn = next(self._ids)
         core = AppCore(name, provider, verifier, rng=random.Random(self._seed * 1000 + conn),
-                       invite_policy=policy)
+                       invite_policy=policy, signing=signing)
         sink = ListSink()
         self.apps[conn] = core
         self.sinks[conn] = sink
@@ -158,6 +167,7 @@ class Net:
                     frames = faults.apply(("up", conn), frames)
                 if frames:
                     moved = True
+                    self.tapped.extend(frames)
                     self.node.data_received(conn, b"".join(frames), self.now)
             for conn, sink in self.sinks.items():
                 frames = split(sink.take())
@@ -166,7 +176,7 @@ class Net:
                 if not frames:
                     continue
                 moved = True
-                self.apps[conn].receive([decode_frame(f[4:]) for f in frames], self.now)
+                self.apps[conn].receive(self._rewrite(frames, self.apps[conn]), self.now)
             for conn, app in self.apps.items():
                 self.events[conn].extend(app.dispatch_events())
             if moved:
@@ -179,8 +189,15 @@ class Net:
                     self.node.data_received(conn, b"".join(up), self.now)
                 down = faults.flush(("down", conn))
                 if down:
-                    self.apps[conn].receive([decode_frame(f[4:]) for f in down], self.now)
+                    self.apps[conn].receive(self._rewrite(down, self.apps[conn]), self.now)
         raise AssertionError("the network did not settle")
+
+    def _rewrite(self, frames: list[bytes], app: AppCore) -> list[dict[str, Any]]:
+        decoded = [decode_frame(f[4:]) for f in frames]
+        mutate = self.mutate
+        if mutate is None:
+            return decoded
+        return [m for d in decoded if (m := mutate(d, app)) is not None]
 
     def advance(self, dt: float) -> None:
         """Move time forward by ``dt``, firing timers on the way."""

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from node_lite import SharedSecretProvider, SharedSecretVerifier
 from slim_agents import JwtProvider, JwtVerifier, NotModeratorError, jwks_from_public_keys
 from slim_agents import _e2e_base as base
+from slim_agents import _e2e_epoch as epoch_mod
 from slim_agents._e2e import (
     E2E_CODES,
     Credential,
@@ -535,14 +536,16 @@ def test_too_far_ahead_is_rejected_without_deriving_keys(monkeypatch: pytest.Mon
     m1 = w.states["m1"]
     cts = [w.mod.encrypt(b"%d" % i, AAD) for i in range(1002)]
     calls = 0
-    real = base.hkdf_expand
 
-    def counting(prk: bytes, info: bytes, length: int) -> bytes:
-        nonlocal calls
-        calls += 1
-        return real(prk, info, length)
+    def counted(real: Callable[[bytes, int], bytes]) -> Callable[[bytes, int], bytes]:
+        def counting(chain: bytes, g: int) -> bytes:
+            nonlocal calls
+            calls += 1
+            return real(chain, g)
+        return counting
 
-    monkeypatch.setattr(base, "hkdf_expand", counting)
+    for fn in ("ratchet_key", "ratchet_next"):
+        monkeypatch.setattr(epoch_mod, fn, counted(getattr(epoch_mod, fn)))
     assert code_of(lambda: m1.decrypt(cts[1001], AAD, w.now)) == "too_far_ahead"
     assert calls == 0
     # A forged header 1000 ahead costs one walk, then the walk is remembered.

@@ -1,0 +1,120 @@
+"""End-to-end encrypted sessions through a real node on loopback TCP, on asyncio and trio,
+with a wiretap on everything the node reads."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from node_lite import Node, NodeConfig, open_node
+from slim_agents import (
+    App,
+    JwtProvider,
+    JwtVerifier,
+    Session,
+    SessionConfig,
+    SigningIdentity,
+    jwks_from_public_keys,
+    open_app,
+)
+from tests.helpers import SECRET, unique
+
+pytestmark = pytest.mark.anyio
+GROUP = SessionConfig.group(mls_enabled=True, timeout=0.5, max_retries=10)
+
+
+def tap(node: Node) -> list[bytes]:
+    """Every chunk the node reads, as a wiretap on the node would see it."""
+    seen: list[bytes] = []
+    core = node.core
+    original: Callable[..., Any] = core.data_received
+
+    def data_received(conn_id: int, data: bytes, now: float) -> Any:
+        seen.append(bytes(data))
+        return original(conn_id, data, now)
+
+    core.data_received = data_received  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    async with open_node(NodeConfig(shared_secret=SECRET)) as n:
+        yield n
+
+
+async def test_group_of_ten_over_tcp_reads_each_other_and_the_tap_sees_no_body(
+        node: Node) -> None:
+    wire = tap(node)
+    chan = f"org/ns/{unique('chan')}"
+    names = [unique(f"m{i}") for i in range(9)]
+    async with AsyncExitStack() as stack:
+        mod = await stack.enter_async_context(open_app("org/ns/mod", node=node.url,
+                                                       secret=SECRET))
+        apps: list[App] = [await stack.enter_async_context(
+            open_app(f"org/ns/{n}", node=node.url, secret=SECRET)) for n in names]
+        g = await mod.create_session(chan, GROUP)
+        sessions: list[Session] = []
+        with anyio.fail_after(20):
+            for app, n in zip(apps, names, strict=True):
+                await g.invite(f"org/ns/{n}")
+                sessions.append(await app.listen_for_session())
+        everyone = [g, *sessions]
+        with anyio.fail_after(10):
+            await g.wait_participants(10)
+            for s in sessions:
+                await s.wait_participants(10)
+        assert len({s.encryption.authenticator for s in everyone  # type: ignore[union-attr]
+                    }) == 1
+        texts = [f"confidential {i}: the eagle lands at {i}".encode() for i in range(10)]
+        for s, text in zip(everyone, texts, strict=True):
+            await (await s.publish(text))
+        with anyio.fail_after(10):
+            for j, s in enumerate(everyone):
+                got = {(await s.get_message()).payload for _ in range(9)}
+                assert got == {t for i, t in enumerate(texts) if i != j}
+        assert not [t for t in texts if any(t in chunk for chunk in wire)]
+        # a member removed stops reading; the others move to a new epoch together
+        await g.remove(apps[4].name)
+        with anyio.fail_after(10):
+            assert await sessions[4].wait_closed() == "removed"
+        rest = [g, *sessions[:4], *sessions[5:]]
+        assert len({s.encryption.authenticator for s in rest}) == 1  # type: ignore[union-attr]
+        await (await g.publish(b"after the removal"))
+        with anyio.fail_after(10):
+            for s in rest[1:]:
+                assert (await s.get_message()).payload == b"after the removal"
+
+
+async def test_jwt_identities_bind_their_signing_keys_by_claim_or_fall_back_to_tofu() -> None:
+    alice_key, bob_key = ed25519.Ed25519PrivateKey.generate(), \
+        ed25519.Ed25519PrivateKey.generate()
+    keys = jwks_from_public_keys(alice_key, bob_key)
+    alice_signing = SigningIdentity.generate()
+    bob_app = unique("bob")
+    alice = JwtProvider(alice_key, algorithm="EdDSA", subject="spiffe://example.org/alice",
+                        issuer="https://issuer", audience="slim",
+                        claims=alice_signing.pubkey_claim())
+    bob = JwtProvider(bob_key, algorithm="EdDSA", subject=f"spiffe://example.org/{bob_app}",
+                      issuer="https://issuer", audience="slim")  # no key claim
+    verifier = JwtVerifier(keys=keys, issuer="https://issuer", audience="slim")
+    async with open_node(NodeConfig()) as node:
+        async with open_app("org/ns/alice", node=node, provider=alice, verifier=verifier,
+                            signing_identity=alice_signing) as a, \
+                open_app(f"org/ns/{bob_app}", node=node, provider=bob, verifier=verifier) as b:
+            s = await a.create_session(f"org/ns/{bob_app}",
+                                       SessionConfig(mls_enabled=True, timeout=0.5,
+                                                     max_retries=5))
+            with anyio.fail_after(10):
+                r = await b.listen_for_session()
+            await (await s.publish(b"signed and sealed"))
+            with anyio.fail_after(10):
+                assert (await r.get_message()).payload == b"signed and sealed"
+            assert r.encryption is not None and s.encryption is not None
+            assert r.encryption.bindings == {alice.subject: "claim"}
+            assert s.encryption.bindings[bob.subject] == "tofu"
