@@ -32,6 +32,7 @@ from .wire import (
     decode_frame,
     decode_message,
     encode_frame,
+    span_may_hold_timestamp,
 )
 
 if TYPE_CHECKING:
@@ -130,9 +131,15 @@ class NodeConnection:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
                 ssl.SSLError) as exc:
             raise anyio.EndOfStream from exc
-        frames = self._decoder.feed(data)
-        check_ext = self._decoder.may_hold_timestamp
-        return [decode_frame(f[4:], check_ext=check_ext) for f in frames]
+        buf, bounds = self._decoder.feed_spans(data)
+        view = memoryview(buf)
+        ends = range(1, len(bounds))
+        if not self._decoder.may_hold_timestamp:
+            return [decode_frame(view[bounds[i - 1] + 4:bounds[i]], check_ext=False)
+                    for i in ends]
+        return [decode_frame(view[bounds[i - 1] + 4:bounds[i]],
+                             check_ext=span_may_hold_timestamp(buf, bounds[i - 1], bounds[i]))
+                for i in ends]
 
     async def receive(self) -> Message:
         """The next typed message from the node.

@@ -60,6 +60,7 @@ from .wire import (
     decode_message,
     encode_frame,
     frame_prefix,
+    span_may_hold_timestamp,
 )
 
 log = logging.getLogger("node_lite.node")
@@ -336,7 +337,8 @@ class NodeCore:
             frame = view[pos:end]
             pos = end
             try:
-                d = decode_frame(frame[4:], check_ext=check_ext)
+                d = decode_frame(frame[4:], check_ext=check_ext and span_may_hold_timestamp(
+                    buf, end - len(frame), end))
                 if d["t"] == "pub" and conn.kind in _ROUTING:
                     self._on_publish(conn, frame, d, buf, end - len(frame))
                 else:

@@ -60,6 +60,7 @@ __all__ = [
     "encode_frame",
     "frame_prefix",
     "may_hold_timestamp",
+    "span_may_hold_timestamp",
 ]
 
 PROTOCOL_VERSION = 1
@@ -705,6 +706,12 @@ _TIMESTAMP_MARKERS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
 def may_hold_timestamp(data: bytes) -> bool:
     """Whether ``data`` could encode a msgpack timestamp (cheap pre-check)."""
     return b"\xff" in data and any(m in data for m in _TIMESTAMP_MARKERS)
+
+
+def span_may_hold_timestamp(buf: bytes, start: int, end: int) -> bool:
+    """:func:`may_hold_timestamp` for ``buf[start:end]`` (one frame of a buffer whose
+    random payloads, such as ciphertext, make a marker likely somewhere in it)."""
+    return any(buf.find(m, start, end) >= 0 for m in _TIMESTAMP_MARKERS)
 
 
 def _map_size(body: bytes | memoryview) -> int:

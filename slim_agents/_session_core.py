@@ -60,7 +60,15 @@ from ._protocol import (
 )
 from ._reliability import ReceiveStream, SendStream, iter_ranges, to_ranges
 from ._reports import DeliveryReport, Message, MessageContext, Ticket
-from ._session_e2e import REFRESH_INTERVAL, REFRESH_MESSAGES, DecryptError, Encryption, SessionKeys
+from ._session_e2e import (
+    REFRESH_INTERVAL,
+    REFRESH_MESSAGES,
+    DecryptError,
+    Encryption,
+    SessionKeys,
+    aad_head,
+    aad_tail,
+)
 
 if TYPE_CHECKING:
     from ._app_core import AppCore
@@ -210,6 +218,9 @@ class SessionCore:
         self.keys: SessionKeys | None = None
         self._refresh_queued = False
         self._catchup: list[list[Any]] | None = None
+        # Fixed parts of the associated data, per flow (see _session_e2e.aad_head).
+        self._aad_send: bytes | None = None
+        self._aad_recv: dict[tuple[Key, bool], bytes] = {}
         self._joiner = ""
         if config.mls_enabled:
             self.keys = SessionKeys(
@@ -334,6 +345,8 @@ class SessionCore:
     def _roster_changed(self) -> None:
         self._names_cache = None
         self._template = None
+        self._aad_send = None
+        self._aad_recv.clear()
 
     def _recipient_names(self) -> tuple[Name, ...]:
         names = self._names_cache
@@ -365,9 +378,11 @@ class SessionCore:
             self._next_mid += 1
         keys = self.keys
         if keys is not None:
-            payload = keys.encrypt(payload, keys.aad(self.local_wire, self._data_dst()[0],
-                                                     self.sid, self.st, mid, payload_type,
-                                                     metadata))
+            head = self._aad_send
+            if head is None:
+                head = self._aad_send = aad_head(self.local_wire, self._data_dst()[0],
+                                                 self.sid, self.st)
+            payload = keys.encrypt(payload, head + aad_tail(mid, payload_type, metadata))
             if keys.messages >= REFRESH_MESSAGES:
                 self._queue_refresh(now)
         template = self._template
@@ -412,8 +427,8 @@ class SessionCore:
             self._next_mid += 1
         keys = self.keys
         if keys is not None:
-            payload = keys.encrypt(payload, keys.aad(self.local_wire, list(key), self.sid,
-                                                     self.st, mid, payload_type, meta))
+            payload = keys.encrypt(payload, aad_head(self.local_wire, list(key), self.sid,
+                                                     self.st) + aad_tail(mid, payload_type, meta))
         self.owner.send(self._frame(list(key), Kind.MSG, mid, fanout=1, body=payload,
                                     metadata=meta, payload_type=payload_type, control=False))
         self.published += 1
@@ -1034,8 +1049,12 @@ class SessionCore:
                 return b""  # a duplicate: the stream acknowledges it again, nothing to open
             if not stream.has_room(mid):
                 return None  # refused unopened (a key is used once), so the retry can open it
-        dst = self.local_wire if direct or not self.group else self._data_dst()[0]
-        aad = keys.aad(d["src"], dst, self.sid, self.st, mid, d.get("pt"), meta)
+        heads = self._aad_recv
+        head = heads.get((src_key, direct))
+        if head is None:
+            dst = self.local_wire if direct or not self.group else self._data_dst()[0]
+            head = heads[(src_key, direct)] = aad_head(list(src_key), dst, self.sid, self.st)
+        aad = head + aad_tail(mid, d.get("pt"), meta)
         try:
             body = keys.decrypt(d.get("body"), aad, member.subject, now)
         except E2EError as exc:

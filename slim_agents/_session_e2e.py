@@ -20,7 +20,7 @@ from ._e2e import E2EError, GroupState, KeyPackageSecret, SigningIdentity, make_
 from ._e2e_base import as_bin
 from ._e2e_identity import decode_key_package
 
-__all__ = ["DecryptError", "Encryption", "SessionKeys"]
+__all__ = ["DecryptError", "Encryption", "SessionKeys", "aad_head", "aad_tail"]
 
 #: Messages of a future epoch kept until its commit applies (section 2.12).
 HOLD_MAX: Final = 256
@@ -32,6 +32,20 @@ REFRESH_MESSAGES: Final = 10_000
 KEY_PACKAGE_LIFETIME: Final = 600.0
 
 Verify = Callable[[str], Identity]
+
+
+def aad_head(src: list[Any], dst: list[Any], sid: int, st: int) -> bytes:
+    """The part of :meth:`SessionKeys.aad` fixed for a flow (cached by the session)."""
+    pack = msgpack.packb
+    return b"\x97" + pack(src) + pack(dst) + pack(sid) + pack(int(st))
+
+
+def aad_tail(mid: int, payload_type: str | None,
+             metadata: Mapping[str, str] | None) -> bytes:
+    pack = msgpack.packb
+    # b"\xa0": an empty string, b"\x90": an empty list
+    return (pack(mid) + (pack(payload_type) if payload_type else b"\xa0")
+            + (pack(sorted(metadata.items())) if metadata else b"\x90"))
 
 
 class DecryptError(E2EError):
@@ -148,15 +162,14 @@ class SessionKeys:
     @staticmethod
     def aad(src: list[Any], dst: list[Any], sid: int, st: int, mid: int,
             payload_type: str | None, metadata: Mapping[str, str] | None) -> bytes:
-        """The routing header a message's ciphertext is bound to (its logical destination)."""
-        meta = sorted(metadata.items()) if metadata else []
-        data: bytes = msgpack.packb([src, dst, sid, st, mid, payload_type or "", meta],
-                                    use_bin_type=True)
-        return data
+        """The routing header a message's ciphertext is bound to (its logical destination):
+        ``msgpack([src, dst, sid, st, mid, payload_type or "", sorted metadata items])``."""
+        return aad_head(src, dst, sid, st) + aad_tail(mid, payload_type, metadata)
 
     def encrypt(self, payload: bytes, aad: bytes) -> bytes:
         assert self.state is not None
-        self.messages += 1
+        if self.state.is_moderator:
+            self.messages += 1
         return self.state.encrypt(payload, aad)
 
     def decrypt(self, body: object, aad: bytes, subject: str, now: float) -> bytes:
@@ -170,7 +183,8 @@ class SessionKeys:
         if sender != subject:
             raise E2EError("bad_signature", f"sent by {sender!r}, labelled as {subject!r}",
                            sender=sender)
-        self.messages += 1
+        if state.is_moderator:  # it counts the messages between refreshes
+            self.messages += 1
         return plaintext
 
     def hold(self, d: dict[str, Any], now: float) -> bool:

@@ -126,10 +126,11 @@ def ratchet_vectors(rng: SeededRng) -> dict[str, Any]:
     chain = bytes(base.sender_root(enc_secret, leaf))
     keys, chains = {}, {}
     for g in range(1001):
+        key, following = base.ratchet(chain, g)
         if g <= 10 or g == 1000:
-            keys[str(g)] = h(base.ratchet_key(chain, g))
+            keys[str(g)] = h(key)
             chains[str(g)] = h(chain)
-        chain = base.ratchet_next(chain, g)
+        chain = following
     return {"enc_secret": h(enc_secret), "leaf": leaf,
             "root": h(base.sender_root(enc_secret, leaf)), "chain": chains, "key": keys}
 
