@@ -37,15 +37,17 @@ Verify = Callable[[str], Identity]
 def aad_head(src: list[Any], dst: list[Any], sid: int, st: int) -> bytes:
     """The part of :meth:`SessionKeys.aad` fixed for a flow (cached by the session)."""
     pack = msgpack.packb
-    return b"\x97" + pack(src) + pack(dst) + pack(sid) + pack(int(st))
+    head: bytes = b"\x97" + pack(src) + pack(dst) + pack(sid) + pack(int(st))
+    return head
 
 
 def aad_tail(mid: int, payload_type: str | None,
              metadata: Mapping[str, str] | None) -> bytes:
     pack = msgpack.packb
     # b"\xa0": an empty string, b"\x90": an empty list
-    return (pack(mid) + (pack(payload_type) if payload_type else b"\xa0")
-            + (pack(sorted(metadata.items())) if metadata else b"\x90"))
+    tail: bytes = (pack(mid) + (pack(payload_type) if payload_type else b"\xa0")
+                   + (pack(sorted(metadata.items())) if metadata else b"\x90"))
+    return tail
 
 
 class DecryptError(E2EError):
