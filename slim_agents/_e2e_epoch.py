@@ -177,7 +177,7 @@ def seal_app(chain: Chain, identity: SigningIdentity | None, *, group_id: bytes,
         pt = pack_sorted({"b": plaintext,
                           "sig": identity.sign(LABEL_APP_SIG, full_aad + plaintext)})
     else:
-        pt = pack_sorted({"b": plaintext})
+        pt = b"\x81\xa1b" + msgpack.packb(plaintext)  # {"b": plaintext}, canonical
     iv = rng(24)
     ct = aead_encrypt(pt, full_aad, iv, key)
     # Keys already in sorted order: this is the canonical encoding.
