@@ -18,6 +18,8 @@ from node_lite import jwks_from_public_keys as jwks_from_public_keys
 from node_lite import load_trust_bundle as load_trust_bundle
 from node_lite import open_node as open_node
 
+from ._agent import Agent as Agent
+from ._agent import RunningAgent as RunningAgent
 from ._app import App as App
 from ._app import open_app as open_app
 from ._app_core import JoinInfo as JoinInfo
@@ -41,8 +43,12 @@ from ._session import Handle as Handle
 from ._session import Session as Session
 from ._session_e2e import DecryptError as DecryptError
 from ._session_e2e import Encryption as Encryption
+from ._tools import Tool as Tool
+from ._tools import ToolError as ToolError
+from ._tools import tool as tool
 
 __all__ = [
+    "Agent",
     "App",
     "AuthenticationError",
     "ConfigError",
@@ -65,6 +71,7 @@ __all__ = [
     "NodeError",
     "NotModeratorError",
     "ParticipantError",
+    "RunningAgent",
     "Session",
     "SessionClosedError",
     "SessionConfig",
@@ -77,8 +84,11 @@ __all__ = [
     "SigningIdentity",
     "SlimError",
     "StaticJwtProvider",
+    "Tool",
+    "ToolError",
     "jwks_from_public_keys",
     "load_trust_bundle",
     "open_app",
     "open_node",
+    "tool",
 ]
