@@ -20,11 +20,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._harness import emit, fmt_rate, median, print_table, quiet_gate, spawn, spread
+from bench.sessions import SECRET, role_receiver, start_node
 
 HERE = os.path.abspath(__file__)
-SECRET = "bench-secret-that-is-long-enough-0123456789"
-WARMUP = 0.3
-WINDOW = 1.5
 GROUP_SIZES = (2, 8, 32, 64, 256)
 REMOVE_AT = (64, 256)
 
@@ -37,28 +35,6 @@ def _config(mls: bool, group: bool = False):  # type: ignore[no-untyped-def]
 
 
 # -- roles (each runs in its own process) ----------------------------------------------
-
-
-def role_receiver(url: str, backend: str) -> None:
-    import anyio
-
-    from slim_agents import open_app
-
-    async def main() -> None:
-        async with open_app("bench/ns/receiver", node=url, secret=SECRET) as app:
-            emit("READY", {})
-            session = await app.listen_for_session()
-            await session.get_message()
-            t_start = time.perf_counter()
-            while time.perf_counter() - t_start < WARMUP:
-                await session.get_message()
-            count, t0 = 0, time.perf_counter()
-            while (now := time.perf_counter()) - t0 < WINDOW:
-                await session.get_message()
-                count += 1
-            emit("RESULT", {"rate": count / (now - t0)})
-
-    anyio.run(main, backend=backend)
 
 
 def role_sender(url: str, size: int, mls: bool, backend: str) -> None:
@@ -128,17 +104,10 @@ def role_moderator(url: str, n: int, mls: bool, backend: str) -> None:
 # -- driver -----------------------------------------------------------------------------
 
 
-def start_node(backend: str):  # type: ignore[no-untyped-def]
-    child = spawn(["-m", "node_lite", "--endpoint", "127.0.0.1:0", "--backend", backend,
-                   "--log-level", "warn", "--shared-secret", SECRET],
-                  ready_prefix="node_lite ready ")
-    return child, "http://" + child.ready["text"]
-
-
 def run_p2p(backend: str, size: int, mls: bool) -> float:
     quiet_gate()
     node, url = start_node(backend)
-    recv = spawn([HERE, "role", "receiver", "--url", url, "--backend", backend])
+    recv = spawn([HERE, "role", "receiver", "--url", url, "--backend", backend])  # sessions.py's
     send = spawn([HERE, "role", "sender", "--url", url, "--size", str(size),
                   "--backend", backend] + (["--mls"] if mls else []))
     try:
@@ -179,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "role":
         b = args.backend
-        {"receiver": lambda: role_receiver(args.url, b),
+        {"receiver": lambda: role_receiver(args.url, "bench/ns/receiver", b),
          "sender": lambda: role_sender(args.url, args.size, args.mls, b),
          "members": lambda: role_members(args.url, args.n, b),
          "moderator": lambda: role_moderator(args.url, args.n, args.mls, b),

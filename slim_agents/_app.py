@@ -469,8 +469,8 @@ class App:
                             for ticket in tickets:
                                 try:
                                     await Handle[Any](self, ticket)
-                                except Exception:
-                                    pass
+                                except SlimError:
+                                    pass  # the peer is gone or refused: closing anyway
                             tg.cancel_scope.cancel()
 
                         async def connection_lost() -> None:

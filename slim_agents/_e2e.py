@@ -14,14 +14,11 @@ import hmac
 from collections.abc import Callable
 from typing import Any, Final, Literal
 
-import msgpack
-
 from node_lite import Identity
 
 from ._e2e_base import (
     E2E_CODES,
     LABEL_KUPD,
-    MAX_OBJECT,
     MAX_ROSTER,
     PREFIX,
     U32,
@@ -30,8 +27,6 @@ from ._e2e_base import (
     E2EError,
     EpochSecrets,
     Rng,
-    _refuse_ext,
-    aead_decrypt,
     as_bin,
     as_bool,
     as_int,
@@ -44,7 +39,6 @@ from ._e2e_base import (
     extract,
     key_schedule,
     open_signed,
-    ratchet,
     roster_hash,
     seal_open,
     seal_signed,
@@ -75,7 +69,6 @@ from ._e2e_epoch import (
     Epoch,
     Member,
     Roster,
-    app_aad,
     next_roster,
     open_app,
     parse_app,
@@ -630,47 +623,6 @@ class GroupState:
                         group_id=self._group_id, epoch=ep.number, leaf=self._leaf,
                         plaintext=plaintext, aad=aad, rng=self._rng)
 
-    def _open_fast(self, ciphertext: bytes, aad: bytes) -> tuple[bytes, str] | None:
-        # The common case in one place: well formed, current epoch, next generation of
-        # another member, group authentication. None hands over to the full path
-        # (which also gives the precise error); nothing changes before the tag verified.
-        cur = self._cur
-        if cur is None or self.sender_auth != "group" or type(ciphertext) is not bytes \
-                or len(ciphertext) > MAX_OBJECT:
-            return None
-        try:
-            d = msgpack.unpackb(ciphertext, raw=False, strict_map_key=True,
-                                ext_hook=_refuse_ext)
-        except Exception:  # malformed: the full path says how
-            return None
-        if type(d) is not dict:
-            return None
-        get = d.get
-        leaf, n, iv, ct = get("s"), get("n"), get("iv"), get("ct")
-        if get("e") != cur.number or get("g") != self._group_id or get("v") != 1 \
-                or get("k") != "app" or type(leaf) is not int or leaf == self._leaf \
-                or type(n) is not int or type(iv) is not bytes or len(iv) != 24 \
-                or type(ct) is not bytes or type(get("v")) is not int \
-                or type(get("e")) is not int:
-            return None
-        chain = cur.chains.get(leaf)
-        if chain is None or chain.n != n:
-            return None
-        key, nxt = ratchet(chain.key, n)
-        full_aad = app_aad(self._group_id, cur.number, leaf, n, aad)
-        pt = aead_decrypt(ct, full_aad, iv, key)
-        if pt is None:
-            return None
-        try:
-            body = msgpack.unpackb(pt, raw=False, strict_map_key=True,
-                                   ext_hook=_refuse_ext).get("b")
-        except Exception:
-            return None
-        if type(body) is not bytes:
-            return None
-        chain.advance(nxt, n + 1)
-        return body, cur.roster[leaf].sub
-
     def decrypt(self, ciphertext: bytes, aad: bytes, now: float) -> tuple[bytes, str]:
         """Decrypt and authenticate one message: (plaintext, sender subject).
 
@@ -680,9 +632,6 @@ class GroupState:
         :raises E2EError: see section 2.12; ``epoch_pending`` asks the caller to keep
             the message until the next commit applies.
         """
-        fast = self._open_fast(ciphertext, aad)
-        if fast is not None:
-            return fast
         h = parse_app(ciphertext)
         if h.group_id != self._group_id:
             raise E2EError("malformed", "app message of another group")

@@ -124,15 +124,6 @@ class SendStream(Generic[T]):
                     done.append(self._finish(mid))
         return done
 
-    def reject(self, recipient: Name, mid: int, reason: str) -> list[Pending[T]]:
-        """A recipient permanently refused a message (no retry can help)."""
-        p = self.pending.get(mid)
-        if p is None or recipient not in p.waiting:
-            return []
-        p.waiting.discard(recipient)
-        p.failed[recipient] = reason
-        return [self._finish(mid)] if not p.waiting else []
-
     def drop_recipient(self, recipient: Name, reason: str) -> list[Pending[T]]:
         """Stop waiting for a recipient (it left); returns the messages now complete."""
         done = []
@@ -221,7 +212,7 @@ class ReceiveStream(Generic[T]):
                 self._advance(out)
             self.missing.pop(mid, None)
             return out
-        if mid - nxt > MAX_AHEAD or len(self.held) >= self.max_held:
+        if not self.has_room(mid):
             return None
         self.held[mid] = item
         self.to_ack.append(mid)

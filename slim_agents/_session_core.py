@@ -641,31 +641,49 @@ class SessionCore:
         def to_welcome() -> None:
             self._invite_step_welcome(member, welcome, next_mids, ticket, self._now)
 
-        if not existing:
-            to_welcome()
-            return
-        assert self.channel is not None
         body: dict[str, Any] = {"op": "add", "who": member.to_wire()}
         if commit is not None:
             body["mls"] = [commit]
+
+        def on_ack(k: Key, d: dict[str, Any]) -> None:
+            ack = decode_body(d.get("body", b""))
+            if "next" in ack:
+                next_mids[k] = int_of(ack["next"], "next", 1)
+
+        # Members that never acknowledged, or hold other keys, are removed; then go on.
+        self._update(body, now, waiting=existing, on_ack=on_ack,
+                     then=lambda bad: self._purge(bad, self._now, then=to_welcome))
+
+    def _update(self, body: dict[str, Any], now: float, *, waiting: list[Key],
+                then: Callable[[set[Key]], None],
+                bodies: Mapping[Key, Mapping[str, Any]] | None = None,
+                skip: Iterable[Key] = (),
+                on_ack: Callable[[Key, dict[str, Any]], None] | None = None) -> None:
+        """Send a group update and collect the acks of ``waiting``.
+
+        ``then`` gets the members that refused it, reached another epoch or never
+        answered (members in ``skip``, being removed, are not judged by their ack).
+        """
+        keys = self.keys
         expected = keys.state.epoch_authenticator if keys is not None and keys.state else None
+        skipped = set(skip)
         bad: set[Key] = set()
 
         def on_reply(k: Key, d: dict[str, Any], m: Member | None) -> None:
+            if k in skipped:
+                return
             if self._diverged(d, expected):
                 bad.add(k)
-                return
-            body = decode_body(d.get("body", b""))
-            if "next" in body:
-                next_mids[k] = int_of(body["next"], "next", 1)
+            elif on_ack is not None:
+                on_ack(k, d)
 
-        def finish(missing: set[Key]) -> None:
-            # Members that never acknowledged, or hold other keys, are removed; then go on.
-            self._purge(bad | missing, self._now, then=to_welcome)
-
-        self._control(Kind.GROUP_UPDATE, self.channel.to_wire(), body, now, waiting=existing,
-                      fanout=2, on_reply=on_reply, on_done=lambda: finish(set()),
-                      on_fail=lambda error, missing: finish(missing))
+        if not waiting:
+            then(set())
+            return
+        dst, fanout = self._control_dst()
+        self._control(Kind.GROUP_UPDATE, dst, body, now, waiting=waiting, fanout=fanout,
+                      on_reply=on_reply, on_done=lambda: then(bad),
+                      on_fail=lambda error, missing: then(bad | missing), bodies=bodies)
 
     def _diverged(self, d: dict[str, Any], expected: bytes | None) -> bool:
         """An update's ack from a member that refused it or reached another epoch."""
@@ -760,28 +778,14 @@ class SessionCore:
         others = [k for k in self.members if k != self.local_key and k not in gone_keys]
         body: dict[str, Any] = {"op": "remove", "gone": [m.to_wire() for m in gone]}
         bodies = self._commit_bodies(body, others, now, [m.subject for m in gone])
-        keys = self.keys
-        expected = keys.state.epoch_authenticator if keys is not None and keys.state else None
         waiting = others + [k for k in gone_keys if ack_from_gone and k in self.members]
-        bad: set[Key] = set()
 
-        def on_reply(k: Key, d: dict[str, Any], m: Member | None) -> None:
-            if k not in gone_keys and self._diverged(d, expected):
-                bad.add(k)
-
-        def finish(missing: set[Key]) -> None:
+        def finish(bad: set[Key]) -> None:
             for k in gone_keys:
                 self._drop_member(k, reason, self._now)
-            self._purge((bad | missing) - gone_keys, self._now, then=then)
+            self._purge(bad - gone_keys, self._now, then=then)
 
-        if not waiting:
-            finish(set())
-            return
-        dst, fanout = self._control_dst()
-        self._control(Kind.GROUP_UPDATE, dst, body, now, waiting=waiting, fanout=fanout,
-                      on_reply=on_reply, on_done=lambda: finish(set()),
-                      on_fail=lambda error, missing: finish(missing),
-                      bodies=bodies)
+        self._update(body, now, waiting=waiting, bodies=bodies, skip=gone_keys, then=finish)
 
     def _commit_bodies(self, body: dict[str, Any], others: list[Key], now: float,
                        removed: list[str] | None) -> dict[Key, dict[str, Any]] | None:
@@ -851,21 +855,9 @@ class SessionCore:
             return
         body: dict[str, Any] = {"op": "refresh"}
         bodies = self._commit_bodies(body, others, now, None)
-        expected = self.keys.state.epoch_authenticator
-        bad: set[Key] = set()
-
-        def on_reply(k: Key, d: dict[str, Any], m: Member | None) -> None:
-            if self._diverged(d, expected):
-                bad.add(k)
-
-        def finish(missing: set[Key]) -> None:
-            self._purge(bad | missing, self._now,
-                        then=lambda: self._op_done(ticket, None, self._now))
-
-        dst, fanout = self._control_dst()
-        self._control(Kind.GROUP_UPDATE, dst, body, now, waiting=others, fanout=fanout,
-                      on_reply=on_reply, on_done=lambda: finish(set()),
-                      on_fail=lambda error, missing: finish(missing), bodies=bodies)
+        self._update(body, now, waiting=others, bodies=bodies,
+                     then=lambda bad: self._purge(
+                         bad, self._now, then=lambda: self._op_done(ticket, None, self._now)))
 
     def _send_key_update(self, now: float, *, suspect: bool = False,
                          ticket: Ticket | None = None) -> None:

@@ -13,6 +13,7 @@
 # earlier for each app or node that is closed.
 from __future__ import annotations
 
+import abc
 import datetime
 import enum
 import functools
@@ -677,7 +678,7 @@ def _endpoint(config: Mapping[str, Any]) -> str:
     return endpoint
 
 
-class _SessionBase:
+class _SessionBase(abc.ABC):
     """Properties and receiving, common to ``PySession`` (v0.6) and ``Session`` (v0.7)."""
 
     def __init__(self, native: NativeSession, created: Handle[Any] | None,
@@ -726,8 +727,9 @@ class _SessionBase:
             self._config = self._config_from_native(self._native.config, self.dst)
         return self._config
 
+    @abc.abstractmethod
     def _config_from_native(self, config: SessionConfig, dst: Name | None) -> _ConfigBase:
-        raise NotImplementedError
+        """The dialect's configuration object for a native one."""
 
     # -- internals -----------------------------------------------------------------------
 
