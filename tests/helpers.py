@@ -19,6 +19,31 @@ from node_lite import (
     open_connection,
 )
 
+# The tutorial's config.yaml, verbatim.
+TUTORIAL_CONFIG = """\
+tracing:
+  log_level: info
+  display_thread_names: true
+  display_thread_ids: true
+
+runtime:
+  n_cores: 0
+  thread_name: "slim-data-plane"
+  drain_timeout: 10s
+
+services:
+  slim/0:
+    dataplane:
+      servers:
+        - endpoint: "0.0.0.0:46357"
+          tls:
+            insecure: true
+
+      clients: []
+    controller:
+      servers: []
+"""
+
 SECRET = "test-secret-that-is-long-enough-for-hmac-0123456789"
 _counter = itertools.count()
 

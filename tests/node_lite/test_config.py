@@ -1,5 +1,4 @@
 """Node configuration: upstream's YAML files, our extensions, validation and TLS contexts."""
-
 from __future__ import annotations
 
 import copy
@@ -25,31 +24,7 @@ from node_lite import (
     load_config,
 )
 from node_lite._config import parse_duration, split_endpoint
-
-# The tutorial's config.yaml, verbatim.
-TUTORIAL_CONFIG = """\
-tracing:
-  log_level: info
-  display_thread_names: true
-  display_thread_ids: true
-
-runtime:
-  n_cores: 0
-  thread_name: "slim-data-plane"
-  drain_timeout: 10s
-
-services:
-  slim/0:
-    dataplane:
-      servers:
-        - endpoint: "0.0.0.0:46357"
-          tls:
-            insecure: true
-
-      clients: []
-    controller:
-      servers: []
-"""
+from tests.helpers import TUTORIAL_CONFIG
 
 # The tutorial's config-slim.yaml: the same with a controller client and token provider.
 TUTORIAL_CONTROLLER_CONFIG = """\

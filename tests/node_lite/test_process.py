@@ -13,31 +13,7 @@ import pytest
 
 from node_lite import READY_PREFIX, open_node_process
 from node_lite.wire import Error, Publish
-from tests.helpers import app_connection
-
-TUTORIAL_CONFIG = """\
-tracing:
-  log_level: info
-  display_thread_names: true
-  display_thread_ids: true
-
-runtime:
-  n_cores: 0
-  thread_name: "slim-data-plane"
-  drain_timeout: 10s
-
-services:
-  slim/0:
-    dataplane:
-      servers:
-        - endpoint: "0.0.0.0:46357"
-          tls:
-            insecure: true
-
-      clients: []
-    controller:
-      servers: []
-"""
+from tests.helpers import TUTORIAL_CONFIG, app_connection
 
 SLIM_AGENTS = [sys.executable, "-c", "import sys; from slim_agents._cli import main; "
                "sys.exit(main())"]

@@ -1,5 +1,4 @@
 """The group tutorial, followed step by step through the CLI in subprocesses."""
-
 from __future__ import annotations
 
 import json
@@ -16,32 +15,11 @@ import anyio
 import pytest
 from anyio.abc import Process
 
+from tests.helpers import TUTORIAL_CONFIG
+
 pytestmark = pytest.mark.anyio
 CLI = [sys.executable, "-c", "import sys; from slim_agents._cli import main; sys.exit(main())"]
 
-NODE_CONFIG = """\
-tracing:
-  log_level: info
-  display_thread_names: true
-  display_thread_ids: true
-
-runtime:
-  n_cores: 0
-  thread_name: "slim-data-plane"
-  drain_timeout: 10s
-
-services:
-  slim/0:
-    dataplane:
-      servers:
-        - endpoint: "0.0.0.0:46357"
-          tls:
-            insecure: true
-
-      clients: []
-    controller:
-      servers: []
-"""
 
 CONTROLLER_CONFIG = """\
 northbound:
@@ -60,7 +38,7 @@ southbound:
     level: INFO
 """
 
-SLIM_CONTROLLER_CONFIG = NODE_CONFIG.replace("""    controller:
+SLIM_CONTROLLER_CONFIG = TUTORIAL_CONFIG.replace("""    controller:
       servers: []
 """, """    controller:
       servers: []
@@ -172,7 +150,7 @@ async def participant(stack: AsyncExitStack, endpoint: str, name: str,
 
 async def test_group_tutorial_with_an_in_app_moderator(tmp_path: Path) -> None:
     async with AsyncExitStack() as stack:
-        endpoint = await start_node(stack, tmp_path, NODE_CONFIG)
+        endpoint = await start_node(stack, tmp_path, TUTORIAL_CONFIG)
         c1 = await participant(stack, endpoint, "agntcy/ns/client-1")
         c2 = await participant(stack, endpoint, "agntcy/ns/client-2")
         for c in (c1, c2):
