@@ -42,13 +42,17 @@ from ._names import Name, instance_id_for
 from ._routing import RoutingTable
 from .wire import (
     _PREFIX,
+    Announce,
     Command,
     CommandResult,
+    DirectoryEntry,
     Error,
     ErrorCode,
     FrameDecoder,
     Hello,
     HelloAck,
+    Lookup,
+    LookupResult,
     Ping,
     Pong,
     RouteUpdate,
@@ -137,6 +141,7 @@ class _Conn:
     drops: Counter[str] = field(default_factory=Counter)
     strikes: deque[float] = field(default_factory=deque)
     flows: list[_Flow] = field(default_factory=list)
+    card: bytes | None = None
     closed: bool = False
 
 
@@ -401,6 +406,14 @@ class NodeCore:
             if conn.kind is not ConnKind.PEER:
                 raise MalformedFrameError("route updates are only accepted on links", field="t")
             self._send_updates(self.table.apply_update(conn.id, msg))
+        elif isinstance(msg, Announce):
+            if conn.kind is not ConnKind.APP:
+                raise MalformedFrameError("only apps announce themselves", field="t")
+            conn.card = msg.card or None
+        elif isinstance(msg, Lookup):
+            if conn.kind is not ConnKind.APP:
+                raise MalformedFrameError("only apps look up the directory", field="t")
+            self._write(conn, encode_frame(self.lookup(msg)))
         elif isinstance(msg, CommandResult):
             if conn.kind is not ConnKind.APP:
                 raise MalformedFrameError("command results come from apps", field="t")
@@ -413,6 +426,40 @@ class NodeCore:
             pass
         elif isinstance(msg, Hello | HelloAck):
             raise MalformedFrameError("hello after the handshake", field="t")
+
+    def lookup(self, query: Lookup) -> LookupResult:
+        """The directory: apps on this node (with their cards), then names other nodes route.
+
+        Sorted by name; cut at ``query.limit`` entries or when the answer
+        would outgrow a frame (``truncated`` then says so).
+        """
+        n = len(query.prefix)
+
+        def wanted(name: Name) -> bool:
+            return n == 0 or (name.org, name.ns, name.app)[:n] == query.prefix
+
+        found: dict[Name, DirectoryEntry] = {}
+        for c in self._conns.values():
+            if c.kind is ConnKind.APP and not c.closed and c.name is not None \
+                    and wanted(c.name):
+                found[c.name] = DirectoryEntry(c.name, "", c.card)
+        for name, kind, _ in self.table.entries():
+            if kind.startswith("remote:") and name.id is not None and wanted(name) \
+                    and name not in found:
+                found[name] = DirectoryEntry(name, kind[7:], None)
+        budget = self.limits.max_frame_size - 4096
+        out: list[DirectoryEntry] = []
+        truncated = False
+        for name in sorted(found, key=str):
+            entry = found[name]
+            cost = 64 + 4 * self.limits.max_name_component + len(entry.card or b"")
+            if len(out) == query.limit or cost > budget:
+                truncated = True
+                break
+            budget -= cost
+            out.append(entry)
+        return LookupResult(request_id=query.request_id, entries=tuple(out),
+                            truncated=truncated)
 
     def _on_hello(self, conn: _Conn, hello: Hello, now: float) -> None:
         try:

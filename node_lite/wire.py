@@ -34,14 +34,19 @@ from ._limits import Limits
 from ._names import MAX_ID, Name
 
 __all__ = [
+    "MAX_CARD_SIZE",
     "PROTOCOL_VERSION",
+    "Announce",
     "Command",
     "CommandResult",
+    "DirectoryEntry",
     "Error",
     "ErrorCode",
     "FrameDecoder",
     "Hello",
     "HelloAck",
+    "Lookup",
+    "LookupResult",
     "Message",
     "MessageKind",
     "Ping",
@@ -669,15 +674,112 @@ class Register:
                    endpoints=tuple(_node_id(e, "endpoints", limits) for e in eps), token=tok)
 
 
+# Largest card an app may announce (the node keeps it; discovery returns it).
+MAX_CARD_SIZE = 64 * 1024
+# Most entries one lookup returns.
+MAX_LOOKUP = 1000
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Announce:
+    """An app describing itself to its node; ``card`` is opaque to the node.
+
+    Discovery (:class:`Lookup`) returns the card with the app's name. An empty
+    card withdraws it. A new announce replaces the previous one.
+    """
+
+    TYPE: ClassVar[str] = "announce"
+    card: bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "card": self.card}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Announce:
+        card = _bytes(d, "card")
+        if len(card) > MAX_CARD_SIZE:
+            raise LimitExceededError("card", MAX_CARD_SIZE, len(card))
+        return cls(card=card)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Lookup:
+    """Ask the node who is reachable: names (and cards) starting with ``prefix``.
+
+    ``prefix`` holds up to three leading components (org, namespace, app).
+    """
+
+    TYPE: ClassVar[str] = "lookup"
+    request_id: int
+    prefix: tuple[str, ...] = ()
+    limit: int = 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "rid": self.request_id,
+                "prefix": list(self.prefix), "limit": self.limit}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Lookup:
+        prefix = d.get("prefix", [])
+        if type(prefix) is not list or len(prefix) > 3:
+            raise MalformedFrameError("expected up to three name components", field="prefix")
+        parts = tuple(_text(p, "prefix", limits.max_name_component) or "" for p in prefix)
+        return cls(request_id=_int(d, "rid", 0, _U32), prefix=parts,
+                   limit=_int(d, "limit", 1, MAX_LOOKUP, 256))
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryEntry:
+    """One reachable app: its name, the node it is on ("" = this node), its card."""
+
+    name: Name
+    node: str = ""
+    card: bytes | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LookupResult:
+    """The answer to a :class:`Lookup` (same ``request_id``)."""
+
+    TYPE: ClassVar[str] = "lookup_res"
+    request_id: int
+    entries: tuple[DirectoryEntry, ...] = ()
+    truncated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "rid": self.request_id,
+                "entries": [[e.name.to_wire(), e.node, e.card] for e in self.entries],
+                "more": self.truncated}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> LookupResult:
+        raw = d.get("entries", [])
+        if type(raw) is not list or len(raw) > MAX_LOOKUP:
+            raise MalformedFrameError(f"expected at most {MAX_LOOKUP} entries", field="entries")
+        entries = []
+        for item in raw:
+            if type(item) is not list or len(item) != 3:
+                raise MalformedFrameError("an entry is [name, node, card]", field="entries")
+            name, node, card = item
+            if card is not None and (type(card) is not bytes or len(card) > MAX_CARD_SIZE):
+                raise MalformedFrameError("a card is binary data or nil", field="entries")
+            entries.append(DirectoryEntry(
+                name=_name(name, "entries", limits, wildcard=False),
+                node=_text(node, "entries", limits.max_name_component) or "", card=card))
+        return cls(request_id=_int(d, "rid", 0, _U32), entries=tuple(entries),
+                   truncated=_bool(d, "more"))
+
+
 Message: TypeAlias = (
     Hello | HelloAck | Subscribe | Unsubscribe | SubscribeAck | Publish | Error | Ping | Pong
-    | RouteUpdate | Command | CommandResult | Register
+    | RouteUpdate | Command | CommandResult | Register | Announce | Lookup | LookupResult
 )
 
 _TYPES: dict[str, Any] = {
     cls.TYPE: cls
     for cls in (Hello, HelloAck, Subscribe, Unsubscribe, SubscribeAck, Publish, Error, Ping,
-                Pong, RouteUpdate, Command, CommandResult, Register)
+                Pong, RouteUpdate, Command, CommandResult, Register, Announce, Lookup,
+                LookupResult)
 }
 
 

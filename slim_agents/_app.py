@@ -33,7 +33,7 @@ from node_lite import (
     open_connection,
 )
 from node_lite._util import collapse_excgroups
-from node_lite.wire import Command, CommandResult, encode_frame
+from node_lite.wire import Command, CommandResult, DirectoryEntry, LookupResult, encode_frame
 
 from ._app_core import AppCore, InvitePolicy
 from ._config import SessionConfig, SessionKind
@@ -104,6 +104,7 @@ class App:
         self._last_publish = 0.0
         self.connects = 0
         self.offline_drops = 0
+        self._lookups: dict[int, tuple[anyio.Event, list[LookupResult]]] = {}
 
     # -- identity -----------------------------------------------------------------------
 
@@ -179,6 +180,13 @@ class App:
                 core.receive(envelopes, time.time())
                 self._pump(defer=True)
                 await self._flush()
+                if core.lookups:
+                    answers, core.lookups = core.lookups, []
+                    for answer in answers:
+                        waiter = self._lookups.get(answer.request_id)
+                        if waiter is not None:
+                            waiter[1].append(answer)
+                            waiter[0].set()
                 if core.commands:
                     commands, core.commands = core.commands, []
                     for command in commands:
@@ -436,6 +444,42 @@ class App:
         """Accepted for compatibility (see :meth:`set_route`)."""
         await self.set_route(name)
 
+    # -- the node's directory -------------------------------------------------------------
+
+    async def announce(self, card: bytes) -> None:
+        """Publish this app's card in the node's directory (replaces the previous one).
+
+        :raises LimitExceededError: when the card is larger than 64 KiB.
+        """
+        self.core.announce(card)
+        self._pump()
+        await anyio.lowlevel.checkpoint()
+
+    async def lookup(self, prefix: str = "", *, limit: int = 256) -> list[DirectoryEntry]:
+        """Who the node can reach: apps whose name starts with ``prefix`` ("org/ns", ...).
+
+        Apps on this node come with the card they announced; apps behind
+        linked nodes come without (``card`` is None). Asked again after a
+        reconnect; bound the wait with a cancel scope.
+        """
+        parts = tuple(p for p in prefix.split("/") if p)
+        if len(parts) > 3:
+            raise ValueError(f"a lookup prefix has at most three components: {prefix!r}")
+        while True:
+            await self.wait_connected()
+            offline = self._offline
+            event = anyio.Event()
+            box: list[LookupResult] = []
+            rid = self.core.lookup(parts, limit)
+            self._lookups[rid] = (event, box)
+            try:
+                self._pump()
+                await _either(event, offline)
+            finally:
+                del self._lookups[rid]
+            if box:
+                return list(box[0].entries)
+
     async def wait_connected(self) -> None:
         """Return once connected to the node (after a reconnect, for instance)."""
         while self._conn is None:
@@ -491,6 +535,17 @@ class App:
                     await conn.aclose()
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
+
+
+async def _either(a: anyio.Event, b: anyio.Event) -> None:
+    """Return once ``a`` or ``b`` is set."""
+    async with anyio.create_task_group() as tg:
+        async def watch(e: anyio.Event) -> None:
+            await e.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch, a)
+        tg.start_soon(watch, b)
 
 
 def _identity(name: Name, secret: str | None, provider: TokenProvider | None,

@@ -21,6 +21,7 @@ from typing import Any
 from node_lite import (
     AuthenticationError,
     Identity,
+    LimitExceededError,
     Limits,
     Name,
     ProtocolError,
@@ -30,8 +31,12 @@ from node_lite import (
 )
 from node_lite._auth import parse_unverified
 from node_lite.wire import (
+    MAX_CARD_SIZE,
+    Announce,
     Command,
     Error,
+    Lookup,
+    LookupResult,
     Subscribe,
     Unsubscribe,
     check_publish,
@@ -116,6 +121,9 @@ class AppCore:
         self.pending_sessions = 0
         #: Management commands from the node (controller), carried out by the driver.
         self.commands: list[Command] = []
+        #: Directory answers from the node, taken by the driver.
+        self.lookups: list[LookupResult] = []
+        self._card: bytes | None = None
         self._now = 0.0
 
     # -- owner interface for sessions ------------------------------------------------------
@@ -169,12 +177,27 @@ class AppCore:
             self._out.append(encode_frame(Unsubscribe(name=name, request_id=self._rid)))
 
     def resubscribe(self) -> list[bytes]:
-        """Subscriptions to restore on a new connection (the node forgot the old one)."""
+        """Subscriptions (and card) to restore on a new connection (the node forgot them)."""
         frames = []
         for name in self._subs:
             self._rid = self._rid % 0xFFFF_FFFF + 1
             frames.append(encode_frame(Subscribe(name=name, request_id=self._rid)))
+        if self._card:
+            frames.append(encode_frame(Announce(card=self._card)))
         return frames
+
+    def announce(self, card: bytes) -> None:
+        """Describe this app in the node's directory (kept across reconnects)."""
+        if len(card) > MAX_CARD_SIZE:
+            raise LimitExceededError("card", MAX_CARD_SIZE, len(card))
+        self._card = card
+        self._out.append(encode_frame(Announce(card=card)))
+
+    def lookup(self, prefix: tuple[str, ...] = (), limit: int = 256) -> int:
+        """Ask the node's directory; the answer arrives in :attr:`lookups` with this id."""
+        self._rid = self._rid % 0xFFFF_FFFF + 1
+        self._out.append(encode_frame(Lookup(request_id=self._rid, prefix=prefix, limit=limit)))
+        return self._rid
 
     def identity_of(self, token: str) -> Identity:
         """A peer's verified identity (credential checks of end-to-end encryption)."""
@@ -266,6 +289,8 @@ class AppCore:
                     self._on_error(d, now)
                 elif t == "cmd":
                     self.commands.append(Command.from_dict(d, self.limits))
+                elif t == "lookup_res":
+                    self.lookups.append(LookupResult.from_dict(d, self.limits))
                 elif t in ("sub_ack", "pong", "ping", "hello_ack"):
                     if t == "sub_ack" and not d.get("ok", True):
                         self.counters["subscribe_refused"] += 1
