@@ -2,19 +2,21 @@
 #
 # A tool call is a JSON request on a reliable point-to-point session to the
 # target service (one session per peer, reused), answered on the same
-# session and matched by call id. Handlers run with bounded concurrency in
-# the agent's task group; a handler's exception goes back to the caller as
-# an error result and is logged.
+# session and matched by call id. Requests and their replies are matched the
+# same way, through message metadata, so a reply never lands in a handler
+# or the mailbox by mistake. Handlers run with bounded concurrency in the
+# agent's task group; a handler's exception goes back to the caller as an
+# error result and is logged.
 from __future__ import annotations
 
 import inspect
 import itertools
 import json
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -23,6 +25,7 @@ from anyio.abc import TaskGroup
 
 from node_lite import (
     ConfigError,
+    LimitExceededError,
     Limits,
     Name,
     Node,
@@ -47,24 +50,73 @@ log = logging.getLogger("slim_agents.agent")
 CALL = "slim-agents/call"
 RESULT = "slim-agents/result"
 DESCRIBE = "slim-agents/describe"
+ERROR = "slim-agents/error"
 CALL_ID = "call-id"
+# A message that expects a reply carries REQUEST_ID; the reply carries REPLY_TO.
+REQUEST_ID = "request-id"
+REPLY_TO = "reply-to"
 # Concurrent handler and tool runs per agent.
 DEFAULT_CONCURRENCY = 16
 # Messages kept for read_mailbox when no on_message handler takes them.
 DEFAULT_MAILBOX = 1000
 # Sessions agents open to call each other: reliable, so a lost call is retried.
 CALL_SESSION = SessionConfig(timeout=1.0, max_retries=10)
+GROUP_SESSION = SessionConfig.group(timeout=1.0, max_retries=10)
 
 MessageHandler = Callable[[Message, Session], Awaitable[bytes | str | None]]
 InviteHandler = Callable[[JoinInfo], "bool | str | Awaitable[bool | str]"]
 
 
 @dataclass(frozen=True, slots=True)
-class RemoteTool:
-    """A tool offered by another agent (see :meth:`RunningAgent.remote_tools`)."""
+class AgentCard:
+    """What discovery knows about an agent (see :meth:`RunningAgent.discover`).
 
-    agent: Name
-    spec: Mapping[str, Any]
+    ``node`` is "" for an agent on the same node; agents behind other nodes
+    are listed without a card (``known`` is False): :meth:`RunningAgent.describe`
+    asks them directly.
+    """
+
+    name: Name
+    node: str = ""
+    description: str | None = None
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    known: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """A compact form for a model: name, description, tool names."""
+        d: dict[str, Any] = {"name": str(self.name)}
+        if self.known:
+            d["description"] = self.description
+            d["tools"] = [t.get("name") for t in self.tools]
+        if self.node:
+            d["node"] = self.node
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    """A message waiting in an agent's mailbox; ``id`` names it for :meth:`RunningAgent.reply`."""
+
+    id: int
+    message: Message
+    session: Session
+
+    @property
+    def expects_reply(self) -> bool:
+        return REQUEST_ID in self.message.context.metadata
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message as a model reads it."""
+        ctx = self.message.context
+        d: dict[str, Any] = {"id": self.id, "from": str(ctx.source_name),
+                             "text": self.message.payload.decode(errors="replace")}
+        if self.session.kind.name == "GROUP" and self.session.dst is not None:
+            d["group"] = str(self.session.dst)
+        if ctx.payload_type and ctx.payload_type != "msg":
+            d["type"] = ctx.payload_type
+        if self.expects_reply:
+            d["expects_reply"] = True
+        return d
 
 
 class Agent:
@@ -108,8 +160,9 @@ class Agent:
         """Handle messages that are not tool calls.
 
         The handler gets the message and its session; bytes or a string it
-        returns go back to the sender. Without a handler, messages wait in
-        the mailbox (see :meth:`RunningAgent.read_mailbox`).
+        returns go back to the sender (as the reply when the sender waits for
+        one). Without a handler, messages wait in the mailbox (see
+        :meth:`RunningAgent.read_mailbox`).
         """
         self._on_message = func
         return func
@@ -122,6 +175,11 @@ class Agent:
     @property
     def tools(self) -> list[Tool]:
         return list(self._tools.values())
+
+    def card(self) -> dict[str, Any]:
+        """What this agent tells others about itself."""
+        return {"agent": str(self.name), "description": self.description,
+                "tools": [t.to_dict() for t in self.tools]}
 
     # -- running ------------------------------------------------------------------------
 
@@ -139,7 +197,8 @@ class Agent:
         pm = self.plugins or plugin_manager()
         for extra in pm.hook.slim_tools(agent=self):
             for t in extra or ():
-                self.add_tool(t)
+                if t.name not in self._tools:
+                    self.add_tool(t)
         async with AsyncExitStack() as stack:
             if node is None:
                 node = await stack.enter_async_context(open_node(NodeConfig()))
@@ -150,6 +209,7 @@ class Agent:
                 self.name, node=node, secret=secret, provider=provider, verifier=verifier,
                 tls=tls, limits=limits, invite_policy=running._invite_policy))
             running._app = app
+            await running._announce()
             async with anyio.create_task_group() as tg:
                 running._tg = tg
                 tg.start_soon(running._accept_sessions)
@@ -164,6 +224,15 @@ class Agent:
             await anyio.sleep_forever()
 
 
+class _Waiter:
+    __slots__ = ("event", "got", "want")
+
+    def __init__(self, want: int) -> None:
+        self.event = anyio.Event()
+        self.got: list[Message] = []
+        self.want = want
+
+
 class RunningAgent:
     """A connected agent: serves its tools and handlers, and calls other agents."""
 
@@ -175,11 +244,14 @@ class RunningAgent:
         self._limiter = anyio.CapacityLimiter(agent.concurrency)
         self._peers: dict[Name, Session] = {}
         self._peer_locks: dict[Name, anyio.Lock] = {}
-        self._calls: dict[str, tuple[anyio.Event, list[Message]]] = {}
+        self._groups: dict[Name, Session] = {}
+        self._waiters: dict[str, _Waiter] = {}
         self._ids = itertools.count(1)
-        self._mailbox: deque[Message] = deque(maxlen=agent.mailbox_size)
+        self._mail_ids = itertools.count(1)
+        self._mailbox: deque[Mail] = deque(maxlen=agent.mailbox_size)
+        # Recent mail by id, so that a model can reply after reading it.
+        self._recent: OrderedDict[int, Mail] = OrderedDict()
         self._mail_event: anyio.Event | None = None
-        self._invite_verdicts: dict[int, bool | str] = {}
         self.handled = 0
         self.failures = 0
 
@@ -193,6 +265,18 @@ class RunningAgent:
         return self.app.name
 
     # -- serving ------------------------------------------------------------------------
+
+    async def _announce(self) -> None:
+        card = self.agent.card()
+        card["agent"] = str(self.name)
+        data = json.dumps(card).encode()
+        try:
+            await self.app.announce(data)
+        except LimitExceededError:
+            # Too many or too large schemas: announce the names; describe() has the rest.
+            card["tools"] = [{"name": t["name"], "description": t["description"][:200]}
+                             for t in card["tools"]]
+            await self.app.announce(json.dumps(card).encode()[:60_000])
 
     def _invite_policy(self, info: JoinInfo) -> bool | str:
         verdict = self.plugins.hook.slim_invite_policy(agent=self.agent, info=info)
@@ -210,7 +294,8 @@ class RunningAgent:
         assert self._tg is not None
         while True:
             session = await self.app.listen_for_session()
-            self._notify(session, "established")
+            if session.kind.name == "GROUP" and session.dst is not None:
+                self._groups[session.dst] = session
             self._tg.start_soon(self._serve_session, session)
 
     def _notify(self, session: Session, event: str) -> None:
@@ -219,39 +304,60 @@ class RunningAgent:
         except Exception:
             log.exception("%s: a slim_session_event hook failed", self.agent.name)
 
+    async def _watch_roster(self, session: Session) -> None:
+        async for added, removed in session.watch_roster():
+            try:
+                self.plugins.hook.slim_membership_event(agent=self.agent, session=session,
+                                                        added=added, removed=removed)
+            except Exception:
+                log.exception("%s: a slim_membership_event hook failed", self.agent.name)
+
     async def _serve_session(self, session: Session) -> None:
         assert self._tg is not None
+        self._notify(session, "established")
         try:
-            while True:
-                try:
-                    msg = await session.get_message()
-                except SessionClosedError:
-                    return
-                except SessionError as exc:  # a lost or undecryptable message
-                    log.warning("%s: %s", self.agent.name, exc)
-                    continue
-                for replaced in self.plugins.hook.slim_after_receive(
-                        agent=self.agent, session=session, message=msg):
-                    if replaced is not None:
-                        msg = replaced
-                pt = msg.context.payload_type
-                if pt == RESULT:
-                    self._deliver_result(msg)
-                elif pt in (CALL, DESCRIBE):
-                    self._tg.start_soon(self._run_call, session, msg)
-                else:
-                    self._tg.start_soon(self._run_message, session, msg)
+            async with anyio.create_task_group() as watch:
+                if session.kind.name == "GROUP":
+                    watch.start_soon(self._watch_roster, session)
+                await self._receive_loop(session)
+                watch.cancel_scope.cancel()
         finally:
+            if session.dst is not None and self._groups.get(session.dst) is session:
+                del self._groups[session.dst]
             self._notify(session, "closed")
+
+    async def _receive_loop(self, session: Session) -> None:
+        assert self._tg is not None
+        while True:
+            try:
+                msg = await session.get_message()
+            except SessionClosedError:
+                return
+            except SessionError as exc:  # a lost or undecryptable message
+                log.warning("%s: %s", self.agent.name, exc)
+                continue
+            for replaced in self.plugins.hook.slim_after_receive(
+                    agent=self.agent, session=session, message=msg):
+                if replaced is not None:
+                    msg = replaced
+            meta = msg.context.metadata
+            pt = msg.context.payload_type
+            if pt == RESULT:
+                self._deliver(meta.get(CALL_ID, ""), msg)
+            elif REPLY_TO in meta:
+                self._deliver(meta[REPLY_TO], msg)
+            elif pt in (CALL, DESCRIBE):
+                self._tg.start_soon(self._run_call, session, msg)
+            else:
+                self._tg.start_soon(self._run_message, session, msg)
 
     async def _run_call(self, session: Session, msg: Message) -> None:
         call_id = msg.context.metadata.get(CALL_ID, "")
         async with self._limiter:
             try:
                 if msg.context.payload_type == DESCRIBE:
-                    result: Any = {"agent": str(self.name),
-                                   "description": self.agent.description,
-                                   "tools": [t.to_dict() for t in self.agent.tools]}
+                    result: Any = self.agent.card()
+                    result["agent"] = str(self.name)
                 else:
                     request = json.loads(msg.payload)
                     name = request.get("tool") if isinstance(request, dict) else None
@@ -280,18 +386,15 @@ class RunningAgent:
             data = json.dumps({"ok": False, **ToolError(
                 f"the result is not JSON: {exc}", code="bad_result").to_result()}).encode()
         try:
-            await session.publish_to(msg.context, data, payload_type=RESULT,
-                                     metadata={CALL_ID: call_id})
+            await self._send(session, data, payload_type=RESULT, metadata={CALL_ID: call_id},
+                             to=msg.context)
         except SessionClosedError:
             pass
 
     async def _run_message(self, session: Session, msg: Message) -> None:
         handler = self.agent._on_message
         if handler is None:
-            self._mailbox.append(msg)
-            e, self._mail_event = self._mail_event, None
-            if e is not None:
-                e.set()
+            self._post(Mail(next(self._mail_ids), msg, session))
             return
         async with self._limiter:
             try:
@@ -302,23 +405,58 @@ class RunningAgent:
                 self.failures += 1
                 reply = json.dumps(ToolError(f"{type(exc).__name__}: {exc}",
                                              code="handler_failed").to_result())
-                payload_type: str | None = "slim-agents/error"
+                payload_type: str | None = ERROR
             else:
                 payload_type = None
         if reply is not None:
             data = reply.encode() if isinstance(reply, str) else reply
+            meta = {}
+            if REQUEST_ID in msg.context.metadata:
+                meta[REPLY_TO] = msg.context.metadata[REQUEST_ID]
             try:
-                await session.publish_to(msg.context, data, payload_type=payload_type)
+                await self._send(session, data, payload_type=payload_type, metadata=meta,
+                                 to=msg.context)
             except SessionClosedError:
                 pass
 
-    def _deliver_result(self, msg: Message) -> None:
-        waiter = self._calls.get(msg.context.metadata.get(CALL_ID, ""))
-        if waiter is not None:
-            waiter[1].append(msg)
-            waiter[0].set()
+    def _post(self, mail: Mail) -> None:
+        self._mailbox.append(mail)
+        self._recent[mail.id] = mail
+        while len(self._recent) > self.agent.mailbox_size:
+            self._recent.popitem(last=False)
+        e, self._mail_event = self._mail_event, None
+        if e is not None:
+            e.set()
 
-    # -- calling others -----------------------------------------------------------------
+    def _deliver(self, key: str, msg: Message) -> None:
+        waiter = self._waiters.get(key)
+        if waiter is None:
+            log.debug("%s: a late reply (%s) is dropped", self.agent.name, key)
+            return
+        waiter.got.append(msg)
+        if len(waiter.got) >= waiter.want:
+            waiter.event.set()
+
+    async def _send(self, session: Session, payload: bytes, *, payload_type: str | None = None,
+                    metadata: dict[str, str] | None = None,
+                    to: MessageContext | Name | None = None) -> None:
+        meta = dict(metadata or {})
+        hook = self.plugins.hook.slim_before_send
+        impls = hook.get_hookimpls()
+        if impls:
+            args: dict[str, Any] = {"agent": self.agent, "session": session, "payload": payload,
+                    "metadata": meta}
+            for impl in reversed(impls):
+                replaced = impl.function(**{k: args[k] for k in impl.argnames})
+                if replaced is not None:
+                    payload = args["payload"] = replaced
+        if to is None:
+            await session.publish(payload, payload_type=payload_type, metadata=meta or None)
+        else:
+            await session.publish_to(to, payload, payload_type=payload_type,
+                                     metadata=meta or None)
+
+    # -- point to point -----------------------------------------------------------------
 
     async def session_with(self, target: Name | str) -> Session:
         """The (reused) reliable point-to-point session to ``target``."""
@@ -333,19 +471,24 @@ class RunningAgent:
                 self._tg.start_soon(self._serve_session, session)
             return session
 
+    async def _ask(self, session: Session, payload: bytes, *, want: int = 1,
+                   payload_type: str | None = None, key: str = REQUEST_ID) -> list[Message]:
+        """Send and collect ``want`` correlated answers (fewer if cancelled: see gather)."""
+        call_id = f"{self.name}#{next(self._ids)}"
+        waiter = _Waiter(want)
+        self._waiters[call_id] = waiter
+        try:
+            await self._send(session, payload, payload_type=payload_type,
+                             metadata={key: call_id})
+            await waiter.event.wait()
+        finally:
+            del self._waiters[call_id]
+        return waiter.got
+
     async def _exchange(self, target: Name | str, payload_type: str, body: bytes) -> Any:
         session = await self.session_with(target)
-        call_id = f"{self.name}#{next(self._ids)}"
-        event = anyio.Event()
-        box: list[Message] = []
-        self._calls[call_id] = (event, box)
-        try:
-            await session.publish(body, payload_type=payload_type,
-                                  metadata={CALL_ID: call_id})
-            await event.wait()
-        finally:
-            del self._calls[call_id]
-        reply = json.loads(box[0].payload)
+        [answer] = await self._ask(session, body, payload_type=payload_type, key=CALL_ID)
+        reply = json.loads(answer.payload)
         if not reply.get("ok"):
             err = reply.get("error") or {}
             raise ToolError(err.get("message", "the call failed"),
@@ -382,39 +525,161 @@ class RunningAgent:
     async def send(self, target: Name | str, payload: bytes | str) -> None:
         """Send a message to another agent's mailbox (no reply expected)."""
         session = await self.session_with(target)
-        await session.publish(payload.encode() if isinstance(payload, str) else payload)
+        await self._send(session, _bytes(payload))
 
     async def request(self, target: Name | str, payload: bytes | str) -> Message:
-        """Send a message and wait for the next message the target sends back."""
+        """Send a message and wait for the reply (its handler's return value, or a
+        :meth:`reply` to it). Bound the wait with a cancel scope."""
         session = await self.session_with(target)
-        await session.publish(payload.encode() if isinstance(payload, str) else payload)
-        return await self._next_mail_from(session)
+        [answer] = await self._ask(session, _bytes(payload))
+        return answer
 
-    async def _next_mail_from(self, session: Session) -> Message:
-        while True:
-            for msg in list(self._mailbox):
-                if msg.context.session_id == session.id:
-                    self._mailbox.remove(msg)
-                    return msg
-            if self._mail_event is None:
-                self._mail_event = anyio.Event()
-            await self._mail_event.wait()
+    async def reply(self, to: Mail | int, payload: bytes | str) -> None:
+        """Answer a mailbox message (see :meth:`read_mailbox`).
 
-    async def read_mailbox(self, limit: int = 100) -> list[Message]:
+        :raises ToolError: ``not_found`` when the message is unknown or too old.
+        """
+        mail = to if isinstance(to, Mail) else self._recent.get(to)
+        if mail is None:
+            raise ToolError(f"no recent message with id {to}", code="not_found")
+        meta = {}
+        if REQUEST_ID in mail.message.context.metadata:
+            meta[REPLY_TO] = mail.message.context.metadata[REQUEST_ID]
+        await self._send(mail.session, _bytes(payload), metadata=meta, to=mail.message.context)
+
+    # -- groups -------------------------------------------------------------------------
+
+    def group(self, channel: Name | str) -> Session:
+        """The group session this agent has on ``channel``.
+
+        :raises ToolError: ``not_member`` when it has none.
+        """
+        name = Name.parse(channel) if isinstance(channel, str) else channel
+        session = self._groups.get(name)
+        if session is None or session.is_closed:
+            raise ToolError(f"{self.name} is not in group {name}", code="not_member")
+        return session
+
+    @property
+    def groups(self) -> list[Name]:
+        return [n for n, s in self._groups.items() if not s.is_closed]
+
+    async def create_group(self, channel: Name | str, members: list[str] | None = None
+                           ) -> Session:
+        """Create a group on ``channel`` with this agent as moderator and invite ``members``.
+
+        Returns once every member has joined.
+        """
+        name = Name.parse(channel) if isinstance(channel, str) else channel
+        if name in self._groups and not self._groups[name].is_closed:
+            raise ToolError(f"{self.name} already has a group on {name}", code="exists")
+        session, handle = await self.app.start_session(name, GROUP_SESSION)
+        await handle
+        self._groups[name] = session
+        assert self._tg is not None
+        self._tg.start_soon(self._serve_session, session)
+        for member in members or ():
+            await session.invite(member)
+        return session
+
+    async def invite(self, channel: Name | str, member: Name | str) -> Name:
+        """Invite ``member`` to a group this agent moderates; returns its full name."""
+        return await self.group(channel).invite(member)
+
+    async def remove(self, channel: Name | str, member: Name | str) -> None:
+        """Remove ``member`` from a group this agent moderates."""
+        session = self.group(channel)
+        target = Name.parse(member) if isinstance(member, str) else member
+        if target.id is None:
+            matches = [p for p in session.participants if p.without_id() == target]
+            if not matches:
+                raise ToolError(f"{target} is not in group {channel}", code="not_found")
+            target = matches[0]
+        await session.remove(target)
+
+    async def leave(self, channel: Name | str) -> None:
+        """Leave a group (a moderator leaving closes it for everyone)."""
+        await self.group(channel).close()
+
+    async def broadcast(self, channel: Name | str, payload: bytes | str) -> None:
+        """Send a message to every member of a group."""
+        await self._send(self.group(channel), _bytes(payload))
+
+    async def gather(self, channel: Name | str, payload: bytes | str, *,
+                     count: int | None = None) -> AsyncIterator[Message]:
+        """Send a request to a group and yield the replies as they come.
+
+        Ends after ``count`` replies (every other member by default); bound
+        it with a cancel scope to keep what came in time::
+
+            with anyio.move_on_after(5):
+                async for reply in agent.gather(channel, "ready?"):
+                    replies.append(reply)
+        """
+        session = self.group(channel)
+        want = count if count is not None else max(len(session.participants) - 1, 1)
+        call_id = f"{self.name}#{next(self._ids)}"
+        waiter = _Waiter(want)
+        self._waiters[call_id] = waiter
+        try:
+            await self._send(session, _bytes(payload), metadata={REQUEST_ID: call_id})
+            given = 0
+            while given < want:
+                while given == len(waiter.got):
+                    waiter.event = anyio.Event()
+                    waiter.want = given + 1
+                    await waiter.event.wait()
+                given += 1
+                yield waiter.got[given - 1]
+        finally:
+            del self._waiters[call_id]
+
+    # -- discovery ----------------------------------------------------------------------
+
+    async def discover(self, prefix: str = "") -> list[AgentCard]:
+        """Agents the node can reach whose names start with ``prefix`` (this one excluded)."""
+        out = []
+        for entry in await self.app.lookup(prefix):
+            if entry.name == self.name:
+                continue
+            card = AgentCard(entry.name, entry.node)
+            if entry.card is not None:
+                try:
+                    info = json.loads(entry.card)
+                    card = AgentCard(entry.name, entry.node, str(info.get("description", "")),
+                                     list(info.get("tools", [])), True)
+                except (ValueError, AttributeError):
+                    pass  # an app that is not an agent: listed by name
+            out.append(card)
+        return out
+
+    # -- mailbox ------------------------------------------------------------------------
+
+    async def read_mailbox(self, limit: int = 100) -> list[Mail]:
         """Take up to ``limit`` waiting messages (those no handler took)."""
-        out: list[Message] = []
+        out: list[Mail] = []
         while self._mailbox and len(out) < limit:
             out.append(self._mailbox.popleft())
         await anyio.lowlevel.checkpoint()
         return out
 
-    async def wait_mailbox(self) -> Message:
+    async def wait_mailbox(self) -> Mail:
         """Wait for the next mailbox message (bound it with a cancel scope)."""
         while not self._mailbox:
             if self._mail_event is None:
                 self._mail_event = anyio.Event()
             await self._mail_event.wait()
         return self._mailbox.popleft()
+
+    def messaging_tools(self) -> list[Tool]:
+        """This agent's messaging as tools a model can call (send, request, groups, ...)."""
+        from ._messaging import messaging_tools
+
+        return messaging_tools(self)
+
+
+def _bytes(payload: bytes | str) -> bytes:
+    return payload.encode() if isinstance(payload, str) else payload
 
 
 def _remote_call(agent: RunningAgent, target: Name | str, name: str
@@ -432,6 +697,8 @@ def _jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, MessageContext):
         return {"source": str(value.source_name), "session": value.session_id}
+    if isinstance(value, Mapping):
+        return dict(value)
     if hasattr(value, "_asdict"):
         return value._asdict()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")

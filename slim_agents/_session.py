@@ -328,6 +328,20 @@ class Session:
             await self._roster_event.wait()
         return self.participants
 
+    async def watch_roster(self) -> AsyncIterator[tuple[list[Name], list[Name]]]:
+        """Yield ``(added, removed)`` each time the roster changes, until the session closes."""
+        seen = list(self._core.roster)
+        while self._core.state is not State.CLOSED:
+            if self._roster_event is None:
+                self._roster_event = anyio.Event()
+            await self._roster_event.wait()
+            now = list(self._core.roster)
+            added = [n for n in now if n not in seen]
+            removed = [n for n in seen if n not in now]
+            seen = now
+            if added or removed:
+                yield added, removed
+
     # -- driver hooks --------------------------------------------------------------------
 
     async def _wait_inbox_room(self) -> None:

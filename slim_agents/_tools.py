@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import logging
 import re
 import types
 import typing
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
 from node_lite import ConfigError, SlimError
+
+log = logging.getLogger("slim_agents.tools")
 
 __all__ = ["Tool", "ToolError", "tool", "to_anthropic", "to_openai"]
 
@@ -67,6 +70,21 @@ class Tool:
         if inspect.isawaitable(result):
             result = await result
         return result
+
+    async def run(self, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run the tool; a failure comes back as ``{"error": {...}}`` (what a model reads).
+
+        Unexpected exceptions are logged with their traceback. Cancellation
+        is not caught.
+        """
+        try:
+            return await self(arguments)
+        except ToolError as exc:
+            return exc.to_result()
+        except Exception as exc:
+            log.exception("tool %s failed", self.name)
+            return ToolError(f"{type(exc).__name__}: {exc}", code="failed",
+                             tool=self.name).to_result()
 
     def to_dict(self) -> dict[str, Any]:
         """The tool's public description (what travels to other agents)."""
