@@ -444,12 +444,17 @@ class RunningAgent:
         hook = self.plugins.hook.slim_before_send
         impls = hook.get_hookimpls()
         if impls:
-            args: dict[str, Any] = {"agent": self.agent, "session": session, "payload": payload,
-                    "metadata": meta}
+            # Each plugin sees the payload the previous one produced.
+            args: dict[str, Any] = {"agent": self.agent, "session": session,
+                                    "payload": payload, "metadata": meta}
             for impl in reversed(impls):
                 replaced = impl.function(**{k: args[k] for k in impl.argnames})
                 if replaced is not None:
-                    payload = args["payload"] = replaced
+                    if not isinstance(replaced, bytes):
+                        raise TypeError(f"slim_before_send of {impl.plugin_name} returned "
+                                        f"{type(replaced).__name__}, not bytes")
+                    payload = replaced
+                    args["payload"] = replaced
         if to is None:
             await session.publish(payload, payload_type=payload_type, metadata=meta or None)
         else:
