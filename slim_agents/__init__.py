@@ -19,6 +19,9 @@ from node_lite import load_trust_bundle as load_trust_bundle
 from node_lite import open_node as open_node
 
 from ._agent import Agent as Agent
+from ._agent import AgentCard as AgentCard
+from ._agent import Mail as Mail
+from ._agent import MessageHandler as MessageHandler
 from ._agent import RunningAgent as RunningAgent
 from ._app import App as App
 from ._app import open_app as open_app
@@ -36,6 +39,8 @@ from ._errors import SessionClosedError as SessionClosedError
 from ._errors import SessionError as SessionError
 from ._errors import SessionRejectedError as SessionRejectedError
 from ._errors import SessionTimeoutError as SessionTimeoutError
+from ._plugins import PluginError as PluginError
+from ._plugins import framework_adapter as framework_adapter
 from ._reports import DeliveryReport as DeliveryReport
 from ._reports import Message as Message
 from ._reports import MessageContext as MessageContext
@@ -43,12 +48,21 @@ from ._session import Handle as Handle
 from ._session import Session as Session
 from ._session_e2e import DecryptError as DecryptError
 from ._session_e2e import Encryption as Encryption
+from ._swarm import AgentSpec as AgentSpec
+from ._swarm import RestartPolicy as RestartPolicy
+from ._swarm import Swarm as Swarm
+from ._swarm import SwarmError as SwarmError
+from ._swarm import open_swarm as open_swarm
 from ._tools import Tool as Tool
 from ._tools import ToolError as ToolError
+from ._tools import to_anthropic as to_anthropic
+from ._tools import to_openai as to_openai
 from ._tools import tool as tool
 
 __all__ = [
     "Agent",
+    "AgentCard",
+    "AgentSpec",
     "App",
     "AuthenticationError",
     "ConfigError",
@@ -63,14 +77,18 @@ __all__ = [
     "JoinInfo",
     "JwtProvider",
     "JwtVerifier",
+    "Mail",
     "Message",
     "MessageContext",
+    "MessageHandler",
     "MessageLostError",
     "Name",
     "NoRouteError",
     "NodeError",
     "NotModeratorError",
     "ParticipantError",
+    "PluginError",
+    "RestartPolicy",
     "RunningAgent",
     "Session",
     "SessionClosedError",
@@ -84,11 +102,17 @@ __all__ = [
     "SigningIdentity",
     "SlimError",
     "StaticJwtProvider",
+    "Swarm",
+    "SwarmError",
     "Tool",
     "ToolError",
+    "framework_adapter",
     "jwks_from_public_keys",
     "load_trust_bundle",
     "open_app",
     "open_node",
+    "open_swarm",
+    "to_anthropic",
+    "to_openai",
     "tool",
 ]

@@ -225,12 +225,13 @@ class Agent:
 
 
 class _Waiter:
-    __slots__ = ("event", "got", "want")
+    __slots__ = ("closed", "event", "got", "want")
 
     def __init__(self, want: int) -> None:
         self.event = anyio.Event()
         self.got: list[Message] = []
         self.want = want
+        self.closed: str | None = None  # why the session ended before the answers came
 
 
 class RunningAgent:
@@ -246,6 +247,8 @@ class RunningAgent:
         self._peer_locks: dict[Name, anyio.Lock] = {}
         self._groups: dict[Name, Session] = {}
         self._waiters: dict[str, _Waiter] = {}
+        # Waiters by the session their answers come on: they fail when it closes.
+        self._session_waiters: dict[Session, set[str]] = {}
         self._ids = itertools.count(1)
         self._mail_ids = itertools.count(1)
         self._mailbox: deque[Mail] = deque(maxlen=agent.mailbox_size)
@@ -324,6 +327,11 @@ class RunningAgent:
         finally:
             if session.dst is not None and self._groups.get(session.dst) is session:
                 del self._groups[session.dst]
+            for call_id in self._session_waiters.pop(session, ()):
+                waiter = self._waiters.get(call_id)
+                if waiter is not None:
+                    waiter.closed = session.close_reason or "closed"
+                    waiter.event.set()
             self._notify(session, "closed")
 
     async def _receive_loop(self, session: Session) -> None:
@@ -476,23 +484,63 @@ class RunningAgent:
                 self._tg.start_soon(self._serve_session, session)
             return session
 
-    async def _ask(self, session: Session, payload: bytes, *, want: int = 1,
-                   payload_type: str | None = None, key: str = REQUEST_ID) -> list[Message]:
-        """Send and collect ``want`` correlated answers (fewer if cancelled: see gather)."""
+    def _expect(self, session: Session, want: int) -> tuple[str, _Waiter]:
         call_id = f"{self.name}#{next(self._ids)}"
         waiter = _Waiter(want)
         self._waiters[call_id] = waiter
-        try:
-            await self._send(session, payload, payload_type=payload_type,
-                             metadata={key: call_id})
-            await waiter.event.wait()
-        finally:
-            del self._waiters[call_id]
-        return waiter.got
+        self._session_waiters.setdefault(session, set()).add(call_id)
+        return call_id, waiter
+
+    def _forget(self, session: Session, call_id: str) -> None:
+        del self._waiters[call_id]
+        ids = self._session_waiters.get(session)
+        if ids is not None:
+            ids.discard(call_id)
+
+    async def _ask(self, target: Name | str, payload: bytes, *,
+                   payload_type: str | None = None, key: str = REQUEST_ID) -> Message:
+        """Send on the session to ``target`` and wait for the correlated answer.
+
+        When the session ends first (the peer restarted and forgot it), the
+        question is asked once more on a new session.
+        """
+        for attempt in (1, 2):
+            session = await self.session_with(target)
+            call_id, waiter = self._expect(session, 1)
+
+            def unreachable(w: _Waiter = waiter) -> None:
+                w.closed = "unreachable"
+                w.event.set()
+
+            stop_watching = session.on_unreachable(unreachable)
+            try:
+                await self._send(session, payload, payload_type=payload_type,
+                                 metadata={key: call_id})
+                await waiter.event.wait()
+            except SessionClosedError:
+                if attempt == 2:
+                    raise
+                continue
+            finally:
+                stop_watching()
+                self._forget(session, call_id)
+            if waiter.got:
+                return waiter.got[0]
+            if attempt == 2:
+                raise SessionClosedError(session.id, waiter.closed or "closed")
+            self._drop_peer(session)
+        raise AssertionError("unreachable")
+
+    def _drop_peer(self, session: Session) -> None:
+        """Forget a session whose peer is gone; the next ask opens a new one."""
+        for name, s in list(self._peers.items()):
+            if s is session:
+                del self._peers[name]
+        if not session.is_closed and self._tg is not None:
+            self._tg.start_soon(_close_quietly, session)
 
     async def _exchange(self, target: Name | str, payload_type: str, body: bytes) -> Any:
-        session = await self.session_with(target)
-        [answer] = await self._ask(session, body, payload_type=payload_type, key=CALL_ID)
+        answer = await self._ask(target, body, payload_type=payload_type, key=CALL_ID)
         reply = json.loads(answer.payload)
         if not reply.get("ok"):
             err = reply.get("error") or {}
@@ -535,9 +583,7 @@ class RunningAgent:
     async def request(self, target: Name | str, payload: bytes | str) -> Message:
         """Send a message and wait for the reply (its handler's return value, or a
         :meth:`reply` to it). Bound the wait with a cancel scope."""
-        session = await self.session_with(target)
-        [answer] = await self._ask(session, _bytes(payload))
-        return answer
+        return await self._ask(target, _bytes(payload))
 
     async def reply(self, to: Mail | int, payload: bytes | str) -> None:
         """Answer a mailbox message (see :meth:`read_mailbox`).
@@ -623,21 +669,21 @@ class RunningAgent:
         """
         session = self.group(channel)
         want = count if count is not None else max(len(session.participants) - 1, 1)
-        call_id = f"{self.name}#{next(self._ids)}"
-        waiter = _Waiter(want)
-        self._waiters[call_id] = waiter
+        call_id, waiter = self._expect(session, want)
         try:
             await self._send(session, _bytes(payload), metadata={REQUEST_ID: call_id})
             given = 0
             while given < want:
                 while given == len(waiter.got):
+                    if waiter.closed is not None:
+                        return
                     waiter.event = anyio.Event()
                     waiter.want = given + 1
                     await waiter.event.wait()
                 given += 1
                 yield waiter.got[given - 1]
         finally:
-            del self._waiters[call_id]
+            self._forget(session, call_id)
 
     # -- discovery ----------------------------------------------------------------------
 
@@ -681,6 +727,14 @@ class RunningAgent:
         from ._messaging import messaging_tools
 
         return messaging_tools(self)
+
+
+async def _close_quietly(session: Session) -> None:
+    with anyio.move_on_after(5):
+        try:
+            await session.close()
+        except SessionError:
+            pass
 
 
 def _bytes(payload: bytes | str) -> bytes:

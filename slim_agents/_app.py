@@ -48,6 +48,7 @@ from ._session_core import (
     RosterChanged,
     SessionCore,
     TicketDone,
+    Unreachable,
     WindowOpen,
 )
 
@@ -293,6 +294,10 @@ class App:
                 wrapper = self._sessions.get(event.session.sid)
                 if wrapper is not None:
                     wrapper._wake_roster()
+            elif type(event) is Unreachable:
+                wrapper = self._sessions.get(event.session.sid)
+                if wrapper is not None:
+                    wrapper._peer_unreachable()
         deadline = core.get_timer()
         if deadline is not None and deadline < self._timer_at and self._timer_wake is not None:
             self._timer_wake.set()

@@ -48,6 +48,8 @@ from ._e2e import SigningIdentity
 from ._errors import SessionError
 from ._protocol import (
     MAX_SESSION_ID,
+    META_LEAVING,
+    TRUE,
     Kind,
     Member,
     ProtocolViolation,
@@ -124,6 +126,7 @@ class AppCore:
         #: Directory answers from the node, taken by the driver.
         self.lookups: list[LookupResult] = []
         self._card: bytes | None = None
+        self._told_unknown: dict[tuple[Any, int], float] = {}
         self._now = 0.0
 
     # -- owner interface for sessions ------------------------------------------------------
@@ -329,6 +332,23 @@ class AppCore:
             self._answer(d, reply, {})
         else:
             self.counters["no_session"] += 1
+            if kind == Kind.MSG and d.get("st") == SessionType.POINT_TO_POINT:
+                self._forget_peer_session(d, now)
+
+    def _forget_peer_session(self, d: dict[str, Any], now: float) -> None:
+        """Tell a peer that this app has no such session (it restarted, say), so the
+        peer's session closes at once instead of retrying into the void."""
+        key = (tuple(d["src"]), d.get("sid", 0))
+        last = self._told_unknown.get(key)
+        if last is not None and now - last < 1.0:
+            return  # once a second per session: retries must not multiply answers
+        self._told_unknown[key] = now
+        while len(self._told_unknown) > 1024:
+            del self._told_unknown[next(iter(self._told_unknown))]
+        self._out.append(build_frame(self.wire, d["src"], fanout=1, sid=d.get("sid", 0),
+                                     st=d.get("st", 0), kind=Kind.LEAVE_REQUEST,
+                                     mid=d.get("mid", 0), body=encode_body({}),
+                                     metadata={META_LEAVING: TRUE}, identity=self.token()))
 
     def _answer(self, d: dict[str, Any], kind: int, body: dict[str, Any], *,
                 error: bool = False) -> None:

@@ -12,6 +12,7 @@ from node_lite._process import add_node_arguments, run_from_args
 from ._cli_examples import add_group_arguments, add_p2p_arguments, run, run_group, run_p2p
 from ._ctl import add_ctl_arguments, run_ctl
 from ._demo import main as run_demo_main
+from ._swarm import add_swarm_arguments, run_swarm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the group tutorial in one command: an embedded node, "
                           "three apps, an encrypted chat, a removal, a channel delete")
     demo.set_defaults(func=run_demo_main)
+    swarm = sub.add_parser("swarm", help="run many agents across worker processes")
+    add_swarm_arguments(swarm)
+    swarm.set_defaults(func=lambda a: run(run_swarm, a))
     return parser
 
 

@@ -1,7 +1,7 @@
 # The anyio face of a session: awaitable operations over a SessionCore.
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
@@ -81,6 +81,7 @@ class Session:
         self._inbox_event: anyio.Event | None = None
         self._window_event: anyio.Event | None = None
         self._roster_event: anyio.Event | None = None
+        self._unreachable: set[Callable[[], None]] = set()
         self._room_event: anyio.Event | None = None
         self._gets = 0
         self._managed = False  # created by a controller command
@@ -365,6 +366,19 @@ class Session:
         e, self._window_event = self._window_event, None
         if e is not None:
             e.set()
+
+    def on_unreachable(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when the node reports no route to this point-to-point
+        session's peer (it may have restarted under a new instance id).
+
+        Returns a function that removes the callback. Retries go on regardless.
+        """
+        self._unreachable.add(callback)
+        return lambda: self._unreachable.discard(callback)
+
+    def _peer_unreachable(self) -> None:
+        for callback in list(self._unreachable):
+            callback()
 
     def _wake_roster(self) -> None:
         e, self._roster_event = self._roster_event, None

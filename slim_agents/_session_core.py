@@ -115,6 +115,13 @@ class WindowOpen:
 
 
 @dataclass(slots=True)
+class Unreachable:
+    """The node found no route to the peer of a point-to-point session."""
+
+    session: SessionCore
+
+
+@dataclass(slots=True)
 class RosterChanged:
     session: SessionCore
     added: tuple[Name, ...] = ()
@@ -1224,6 +1231,10 @@ class SessionCore:
         """The node could not route a frame of this session."""
         self._now = now
         c = self._controls.get(ref) if ref is not None else None
+        if c is None and code == "no_route" and not self.group:
+            # A data message found no peer. Retries go on (the peer may be
+            # reconnecting), but the driver hears of it at once.
+            self.owner.emit(Unreachable(self))
         if c is None or code != "no_route":
             return
         if c.waiting is None or (len(c.waiting) == 1 and c.multicast is None):

@@ -6,6 +6,7 @@
 # the descriptions; some providers reject undescribed fields).
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import inspect
@@ -129,6 +130,11 @@ def _doc_parts(doc: str | None) -> tuple[str, dict[str, str], str | None]:
         for m in re.finditer(r"^\s+(\w+)(?:\s*\([^)]*\))?\s*:\s*(.+?)(?=\n\s+\w+\s*(?:\(|:)|\Z)",
                              section.group(2), re.S | re.M):
             params.setdefault(m.group(1), " ".join(m.group(2).split()))
+    numpy = re.search(r"^Parameters\n-+\n(.*?)(?=\n\S+\n-+\n|\Z)", text, re.S | re.M)
+    if numpy:
+        for m in re.finditer(r"^(\w+)(?:\s*:[^\n]*)?\n((?:[ \t]+\S[^\n]*\n?)+)",
+                             numpy.group(1), re.M):
+            params.setdefault(m.group(1), " ".join(m.group(2).split()))
     summary = re.split(r"\n\s*\n|\n\s*:|\n(?:Args|Arguments|Parameters|Returns):", text)[0]
     return " ".join(summary.split()), params, returns
 
@@ -183,6 +189,44 @@ def _schema(tp: Any, where: str, depth: int) -> dict[str, Any]:
     raise ConfigError(f"{where}: cannot describe type {tp!r} in a tool schema")
 
 
+def _converter(tp: Any) -> Callable[[Any], Any] | None:
+    """What turns a JSON value into the annotated type (None: it already is one)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is typing.Annotated:
+        return _converter(args[0])
+    if tp is bytes:
+        return lambda v: base64.b64decode(v) if isinstance(v, str) else v
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return lambda v: v if isinstance(v, tp) else tp(v)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp, include_extras=True)
+        fields: dict[str, Callable[[Any], Any]] = {}
+        for f in dataclasses.fields(tp):
+            convert = _converter(hints.get(f.name, Any))
+            if f.init and convert is not None:
+                fields[f.name] = convert
+
+        def build(v: Any) -> Any:
+            if not isinstance(v, dict):
+                return v
+            return tp(**{k: fields[k](x) if k in fields and x is not None else x
+                         for k, x in v.items()})
+        return build
+    if origin in (Union, types.UnionType):
+        options = [(a, _converter(a)) for a in args if a is not type(None)]
+        if len(options) == 1 and options[0][1] is not None:
+            inner = options[0][1]
+            return lambda v: None if v is None else inner(v)
+        return None
+    if origin in (list, Sequence, set, frozenset, tuple) and args:
+        item = _converter(args[0])
+        if item is None and origin is list:
+            return None
+        kind: Any = list if origin is Sequence else origin
+        return lambda v: kind(item(x) if item else x for x in v) if isinstance(v, list) else v
+    return None
+
+
 def _object_schema(tp: type, where: str, depth: int) -> dict[str, Any]:
     hints = typing.get_type_hints(tp, include_extras=True)
     _, docs, _ = _doc_parts(tp.__doc__)
@@ -223,11 +267,16 @@ def tool(func: Callable[..., Any] | None = None, *, name: str | None = None,
 def tool_from_function(f: Callable[..., Any], *, name: str | None = None,
                        description: str | None = None) -> Tool:
     sig = inspect.signature(f)
-    hints = typing.get_type_hints(f, include_extras=True)
+    try:
+        hints = typing.get_type_hints(f, include_extras=True)
+    except NameError as exc:
+        raise ConfigError(f"tool {name or f.__name__!r}: an annotation cannot be resolved "
+                          f"({exc}); define the types at module level") from exc
     summary, docs, returns_doc = _doc_parts(f.__doc__)
     tname = name or f.__name__
     props: dict[str, Any] = {}
     required = []
+    converters: dict[str, Callable[[Any], Any]] = {}
     for pname, param in sig.parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise ConfigError(f"tool {tname!r}: *args and **kwargs cannot be described")
@@ -241,6 +290,9 @@ def tool_from_function(f: Callable[..., Any], *, name: str | None = None,
             raise ConfigError(f"tool {tname!r}: describe parameter {pname!r} in the docstring "
                               f"(:param {pname}: ...) or with Annotated[..., 'description']")
         props[pname] = schema_for(hint, desc, f"tool {tname!r} parameter {pname!r}")
+        convert = _converter(hint)
+        if convert is not None:
+            converters[pname] = convert
         if param.default is inspect.Parameter.empty:
             required.append(pname)
         else:
@@ -252,9 +304,13 @@ def tool_from_function(f: Callable[..., Any], *, name: str | None = None,
         except ConfigError:
             returns = {"description": returns_doc or "the result"}
     func = f
-    if not inspect.iscoroutinefunction(f):
+    if not inspect.iscoroutinefunction(f) or converters:
         async def func(**kwargs: Any) -> Any:
-            return f(**kwargs)  # a plain function runs as is: it is expected to be quick
+            for k, convert in converters.items():
+                if k in kwargs:
+                    kwargs[k] = convert(kwargs[k])
+            result = f(**kwargs)  # a plain function runs as is: it is expected to be quick
+            return await result if inspect.isawaitable(result) else result
 
     return Tool(name=tname, description=description or summary or tname,
                 parameters={"type": "object", "properties": props, "required": required,
@@ -284,6 +340,10 @@ def check_arguments(schema: Mapping[str, Any], args: Mapping[str, Any], tool_nam
                         tool=tool_name)
 
 
+def _ANY(value: Any) -> bool:
+    return True
+
+
 _TYPES: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),
     "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -303,7 +363,11 @@ def _check(schema: Mapping[str, Any], value: Any, where: str) -> str | None:
     if "enum" in schema and value not in schema["enum"]:
         return f"{where} must be one of {schema['enum']}"
     t = schema.get("type")
-    if t is not None and not _TYPES[t](value):
+    if isinstance(t, list):  # ["string", "null"]: any of them (unknown names pass)
+        if t and not any(_TYPES.get(x, _ANY)(value) for x in t):
+            return f"{where} must be one of the types {t}"
+        t = next((x for x in t if _TYPES.get(x, _ANY)(value)), None)
+    elif t is not None and not _TYPES.get(t, _ANY)(value):
         return f"{where} must be of type {t}"
     if t == "object":
         props = schema.get("properties", {})

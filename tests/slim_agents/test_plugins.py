@@ -12,8 +12,13 @@ import pytest
 
 from node_lite import NodeConfig, open_node
 from slim_agents import Agent
-from slim_agents._plugins import ALLOW_ENV, TRACE_ENV, PluginError, framework_adapter, \
-    make_plugin_manager
+from slim_agents._plugins import (
+    ALLOW_ENV,
+    TRACE_ENV,
+    PluginError,
+    framework_adapter,
+    make_plugin_manager,
+)
 from tests.helpers import unique
 
 pytestmark = pytest.mark.anyio
@@ -91,7 +96,7 @@ def test_an_allowed_plugin_that_fails_to_import_is_a_plugin_error(
     modules = install(tmp_path, {"good": TOOL_PLUGIN.format(name="good"),
                                  "broken": "raise RuntimeError('no config')\n"})
     monkeypatch.setenv(ALLOW_ENV, "good,broken")
-    with pytest.raises(PluginError, match="'broken'.*no config"):
+    with pytest.raises(PluginError, match=r"'broken'.*no config"):
         make_plugin_manager()
     monkeypatch.setenv(ALLOW_ENV, "good")  # not allowed: never imported, no error
     assert "good" in loaded(make_plugin_manager())
