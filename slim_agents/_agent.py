@@ -474,6 +474,9 @@ class RunningAgent:
     async def session_with(self, target: Name | str) -> Session:
         """The (reused) reliable point-to-point session to ``target``."""
         name = Name.parse(target) if isinstance(target, str) else target
+        session = self._peers.get(name)
+        if session is not None and not session.is_closed:
+            return session  # the common case: no lock, no checkpoint
         lock = self._peer_locks.setdefault(name, anyio.Lock())
         async with lock:
             session = self._peers.get(name)
