@@ -144,13 +144,18 @@ class Swarm:
         self.restart = restart
         self.log_level = log_level
         self.on_progress = on_progress
+        # Worker w holds specs w, w + n, w + 2n, ... (see open_swarm).
+        self._names = [spec.name for _, spec in sorted(
+            ((i * len(workers) + w.index, spec) for w in workers
+             for i, spec in enumerate(w.specs)), key=lambda pair: pair[0])]
         self._changed = anyio.Event()
         self._stopping = False
         self._tg: TaskGroup | None = None
 
     @property
     def names(self) -> list[str]:
-        return [s.name for w in self.workers for s in w.specs]
+        """The agents' names, in the order of the specs."""
+        return self._names
 
     @property
     def ready_count(self) -> int:

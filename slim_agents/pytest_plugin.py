@@ -15,6 +15,8 @@ Fixtures:
   namespace unique to the worker and the test.
 * ``slim_app`` / ``slim_agent`` (function, async): factories of connected apps and
   running agents, closed at teardown.
+* ``slim_swarm`` (function, async): agents in worker processes on this test's node,
+  all stopped at teardown.
 
 Helpers that wait for a state with a deadline: :func:`slim_wait_until`,
 :func:`slim_messages`.
@@ -42,6 +44,7 @@ from ._errors import SessionClosedError
 from ._plugins import make_plugin_manager
 from ._reports import Message
 from ._session import Session
+from ._swarm import AgentSpec, Swarm, open_swarm
 
 __all__ = [
     "AgentFactory",
@@ -49,6 +52,7 @@ __all__ = [
     "NameFactory",
     "SlimNode",
     "SlimTimeoutError",
+    "SwarmFactory",
     "slim_messages",
     "slim_wait_until",
 ]
@@ -298,5 +302,31 @@ async def slim_agent(slim_test_node: SlimNode, slim_name: NameFactory
 
 
 # -- swarms -------------------------------------------------------------------------------
-# Reserved for the slim_swarm fixture (added with the swarm runtime).
+
+
+class SwarmFactory(Protocol):
+    """``swarm = await slim_swarm(factory, count, processes=2)`` -> a running :class:`Swarm`."""
+
+    async def __call__(self, factory: str | Callable[..., Agent], count: int, /, *,
+                       name: str = "agent-{i}", processes: int | None = None,
+                       **kwargs: Any) -> Swarm: ...
+
+
+@pytest.fixture
+async def slim_swarm(slim_test_node: SlimNode, slim_name: NameFactory
+                     ) -> AsyncIterator[SwarmFactory]:
+    """``swarm = await slim_swarm(make_agent, 8, processes=2)``: ``count`` agents made by
+    ``make_agent(name, **kwargs)`` (a module-level function, or ``"module:function"``)
+    in worker processes connected to this test's node, named ``slim_name("agent-{i}")``.
+    Returns once every agent is connected; every process is stopped at teardown."""
+    async with AsyncExitStack() as stack:
+        async def start(factory: str | Callable[..., Agent], count: int, /, *,
+                        name: str = "agent-{i}", processes: int | None = None,
+                        **kwargs: Any) -> Swarm:
+            specs = AgentSpec.many(factory, _full_name(slim_name, name), count, **kwargs)
+            return await stack.enter_async_context(open_swarm(
+                specs, node=slim_test_node.url, secret=slim_test_node.secret,
+                processes=processes))
+
+        yield start
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import anyio
 import pytest
@@ -123,3 +124,15 @@ async def test_ctrl_c_stops_the_swarm_command_and_leaves_nothing_behind() -> Non
         err = await proc.stderr.receive() if proc.stderr else b""
     assert b"connected 6/6" in err
     assert all(gone(pid) for pid in ready["pids"])
+
+
+async def test_the_pytest_plugin_starts_a_swarm_on_the_test_node(
+        slim_swarm: Any, slim_agent: Any, slim_name: Any) -> None:
+    swarm = await slim_swarm(worker, 4, processes=2, greeting="yo")
+    user = await slim_agent("user")
+    with anyio.fail_after(20):
+        answers = [await user.call(name, "whoami") for name in swarm.names]
+        reply = await user.request(slim_name("agent-3"), "hi")
+    assert [a["name"] for a in answers] == [slim_name(f"agent-{i}") for i in range(4)]
+    assert len({a["pid"] for a in answers}) == 2
+    assert reply.payload.decode() == f"yo from {slim_name('agent-3')}: hi"
