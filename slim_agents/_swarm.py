@@ -26,7 +26,15 @@ from typing import Any
 import anyio
 from anyio.abc import Process, TaskGroup
 
-from node_lite import ConfigError, Node, NodeConfig, ServerConfig, SlimError, open_node
+from node_lite import (
+    ConfigError,
+    Node,
+    NodeConfig,
+    ServerConfig,
+    SlimError,
+    open_node,
+    open_node_process,
+)
 
 log = logging.getLogger("slim_agents.swarm")
 
@@ -328,8 +336,9 @@ async def open_swarm(specs: Sequence[AgentSpec], *, node: Node | str | None = No
     """Run ``specs`` across ``processes`` worker processes until the block ends.
 
     Returns once every agent is connected. ``node`` is a node of this
-    process (it needs a TCP server), a node URL, or None to start one here
-    on 127.0.0.1 port 0. Workers run on the caller's async backend.
+    process (it needs a TCP server), a node URL, ``"subprocess"`` to start a
+    node process for the swarm, or None to start one in this process on
+    127.0.0.1 port 0. Workers run on the caller's async backend.
 
     :raises SwarmError: when the agents cannot all start.
     """
@@ -346,6 +355,12 @@ async def open_swarm(specs: Sequence[AgentSpec], *, node: Node | str | None = No
             secret = secret or DEV_SECRET
             node = await stack.enter_async_context(open_node(NodeConfig(
                 shared_secret=secret, servers=(ServerConfig(endpoint="127.0.0.1:0"),))))
+        elif node == "subprocess":
+            secret = secret or DEV_SECRET
+            process = await stack.enter_async_context(open_node_process(
+                ("--endpoint", "127.0.0.1:0", "--shared-secret", secret,
+                 "--log-level", "warn")))
+            node = process.url
         url = node if isinstance(node, str) else _tcp_url(node)
         swarm = Swarm(url, secret or DEV_SECRET, workers, backend, restart or RestartPolicy(),
                       log_level, on_progress)

@@ -136,3 +136,14 @@ async def test_the_pytest_plugin_starts_a_swarm_on_the_test_node(
     assert [a["name"] for a in answers] == [slim_name(f"agent-{i}") for i in range(4)]
     assert len({a["pid"] for a in answers}) == 2
     assert reply.payload.decode() == f"yo from {slim_name('agent-3')}: hi"
+
+
+async def test_a_swarm_on_a_node_subprocess() -> None:
+    ns = unique("sub")
+    specs = AgentSpec.many("tests.slim_agents.swarm_agents:worker", f"org/{ns}/w-{{i}}", 3)
+    with anyio.fail_after(60):
+        async with open_swarm(specs, node="subprocess", processes=1) as swarm:
+            user = Agent(f"org/{ns}/user", plugins=make_plugin_manager(allow=False))
+            async with user.run(swarm.url, secret=swarm.secret) as u:
+                answers = [await u.call(n, "whoami") for n in swarm.names]
+    assert [a["name"] for a in answers] == swarm.names
