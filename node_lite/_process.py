@@ -118,6 +118,8 @@ class NodeProcess:
 
     process: Process
     endpoints: tuple[str, ...]
+    #: The command-line arguments the node was started with (after ``-m node_lite``).
+    args: tuple[str, ...] = ()
 
     @property
     def endpoint(self) -> str:
@@ -159,7 +161,7 @@ async def open_node_process(
         line = buffered.split(b"\n", 1)[0].decode(errors="replace")
         if not line.startswith(READY_PREFIX):
             raise SlimError(f"node process did not become ready (got {line!r})")
-        yield NodeProcess(process, tuple(line[len(READY_PREFIX):].split()))
+        yield NodeProcess(process, tuple(line[len(READY_PREFIX):].split()), tuple(args))
     finally:
         with anyio.CancelScope(shield=True):
             if process.returncode is None:

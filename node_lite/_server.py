@@ -183,17 +183,23 @@ class Node:
             self.endpoints.append(f"{shown}:{port}" if ":" not in shown else f"[{shown}]:{port}")
             self.ports.append(port)
             log.info("starting server %s%s", self.endpoints[-1], " (tls)" if ctx else "")
-        tg.start_soon(self._accept_loop, listener, ctx)
+        # Started means accepting: serve() reports readiness with every task in place.
+        await tg.start(self._accept_loop, listener, ctx)
 
-    async def _accept_loop(self, listener: Any, ctx: ssl.SSLContext | None) -> None:
+    async def _accept_loop(self, listener: Any, ctx: ssl.SSLContext | None, *,
+                           task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with listener:
             with self._accept_scope:
                 async with anyio.create_task_group() as tg:
                     for sub in listener.listeners:
-                        tg.start_soon(self._accept_one_listener, sub, ctx)
+                        await tg.start(self._accept_one_listener, sub, ctx)
+                    task_status.started()
 
-    async def _accept_one_listener(self, listener: Any, ctx: ssl.SSLContext | None) -> None:
+    async def _accept_one_listener(self, listener: Any, ctx: ssl.SSLContext | None, *,
+                                   task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                                   ) -> None:
         assert self._tg is not None
+        task_status.started()
         while True:
             try:
                 stream = await listener.accept()

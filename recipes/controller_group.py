@@ -17,7 +17,9 @@ to the app, which carries it out in its group session:
     participant delete -c <channel> <name>    the moderator removes <name>
     channel delete <channel>                  the moderator closes the group for everyone
 
-Apps only wait for the sessions that these operations give them.
+Apps only wait for the sessions that these operations give them. The
+controller and its client (open_controller, call_controller) come from
+node_lite._controller, the module behind `slim-agents controller` and `ctl`.
 """
 
 from __future__ import annotations
@@ -105,18 +107,17 @@ async def run(server: str, node: Node | str, args: argparse.Namespace) -> int:
         removed = members.pop(leaving)
         print(f"  {leaving}: session closed ({await removed.wait_closed()})")
         heard += await say("moderator", group, f"{leaving} has left us", members)
+        try:
+            msg = await removed.get_message()
+            raise RuntimeError(f"{leaving} heard {msg.payload!r} after its removal")
+        except SessionClosedError:
+            pass
 
         # 5. Deleting the channel closes the group for every member.
         await ctl(server, "channel_delete", channel=channel)
         for n, s in members.items():
             print(f"  {n}: session closed ({await s.wait_closed()})")
         channels = (await ctl(server, "channel_list"))["channels"]
-
-        try:
-            msg = await removed.get_message()
-            raise RuntimeError(f"{leaving} heard {msg.payload!r} after its removal")
-        except SessionClosedError:
-            pass
     if channel in channels:
         raise RuntimeError(f"{channel} is still listed after its deletion")
     print(f"OK: channel {channel}: {heard} messages heard, {leaving} removed, channel deleted")
@@ -138,7 +139,7 @@ async def main(args: argparse.Namespace) -> int:
                     print(f"controller {controller.northbound}, node {node.url} registered")
                     return await run(controller.northbound, node, args)
     except (RuntimeError, TimeoutError) as exc:
-        print(f"FAILED: {exc or 'timed out'}")
+        print(f"FAILED: {str(exc) or 'timed out'}")
         return 1
 
 

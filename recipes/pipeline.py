@@ -92,14 +92,13 @@ async def run_pipeline(node: Node | str, args: argparse.Namespace) -> int:
                 tg.start_soon(run_stage, me, step, next_stage)
                 print(f"stage {i + 1}: {name} -> {next_stage or 'the client'}")
             tg.start_soon(feed)
-            with anyio.fail_after(args.timeout):
-                while len(results) < args.items:
-                    item = json.loads((await client.wait_mailbox()).message.payload)
-                    window.release()
-                    overtakes += item["seq"] != len(results)
-                    early[item["seq"]] = item
-                    while len(results) in early:  # put the results back in order by seq
-                        results.append(early.pop(len(results)))
+            while len(results) < args.items:
+                item = json.loads((await client.wait_mailbox()).message.payload)
+                window.release()
+                overtakes += item["seq"] != len(results)
+                early[item["seq"]] = item
+                while len(results) in early:  # put the results back in order by seq
+                    results.append(early.pop(len(results)))
             tg.cancel_scope.cancel()  # the stages loop forever
 
     # Check: every result, in the order sent, equals the steps applied here.
@@ -118,10 +117,15 @@ async def run_pipeline(node: Node | str, args: argparse.Namespace) -> int:
 
 
 async def main(args: argparse.Namespace) -> int:
-    if args.node:
-        return await run_pipeline(args.node, args)
-    async with open_node() as node:  # embedded: the agents connect in memory
-        return await run_pipeline(node, args)
+    try:
+        with anyio.fail_after(args.timeout):
+            if args.node:
+                return await run_pipeline(args.node, args)
+            async with open_node() as node:  # embedded: the agents connect in memory
+                return await run_pipeline(node, args)
+    except TimeoutError:
+        print(f"FAILED: not every result came back within {args.timeout:g} s")
+        return 1
 
 
 if __name__ == "__main__":

@@ -102,13 +102,12 @@ async def run_table(node: Node | str, args: argparse.Namespace) -> int:
             await stack.enter_async_context(
                 member(seat, passes_to, adjourned[i]).run(node, secret=args.secret))
         me = await stack.enter_async_context(chair.agent.run(node, secret=args.secret))
-        with anyio.fail_after(args.timeout):
-            group = await me.create_group(CHANNEL, seats)
-            print(f"{MODERATOR} opened {CHANNEL} with {len(seats)} members")
-            await chair.open_round(group, turn=1)
-            await chair.done.wait()
-            for event in adjourned:  # every member saw the adjourn message
-                await event.wait()
+        group = await me.create_group(CHANNEL, seats)
+        print(f"{MODERATOR} opened {CHANNEL} with {len(seats)} members")
+        await chair.open_round(group, turn=1)
+        await chair.done.wait()
+        for event in adjourned:  # every member saw the adjourn message
+            await event.wait()
 
     transcript = sorted(chair.transcript)  # by turn: handlers run concurrently
     for turn, speaker, text in transcript:
@@ -123,10 +122,15 @@ async def run_table(node: Node | str, args: argparse.Namespace) -> int:
 
 
 async def main(args: argparse.Namespace) -> int:
-    if args.node:
-        return await run_table(args.node, args)
-    async with open_node() as node:  # embedded: the agents connect in memory
-        return await run_table(node, args)
+    try:
+        with anyio.fail_after(args.timeout):
+            if args.node:
+                return await run_table(args.node, args)
+            async with open_node() as node:  # embedded: the agents connect in memory
+                return await run_table(node, args)
+    except TimeoutError:
+        print(f"FAILED: the table did not adjourn within {args.timeout:g} s")
+        return 1
 
 
 if __name__ == "__main__":

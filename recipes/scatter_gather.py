@@ -61,33 +61,41 @@ def slices(limit: int, parts: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(limit * i // parts for i in range(parts + 1)))
 
 
-async def main(args: argparse.Namespace) -> int:
+async def scatter(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    """Start the swarm, call the roll, hand out the slices: each worker's answer by name."""
     specs = AgentSpec.many(worker, "org/scatter/worker-{i}", args.workers)
-    with anyio.fail_after(args.timeout):
-        async with open_swarm(specs, node=args.node, secret=args.secret,
-                              processes=args.processes) as swarm:
-            print(f"swarm ready: {len(swarm.names)} workers in processes {swarm.pids}")
-            coordinator = Agent("org/scatter/coordinator")
-            async with coordinator.run(swarm.url, secret=swarm.secret) as me:
-                # Gather: one group message, one reply per member.
-                await me.create_group("org/scatter/all", swarm.names)
-                replies = [m async for m in me.gather("org/scatter/all", "roll call")]
-                for reply in replies:
-                    print(f"  roll call: {reply.payload.decode()}")
+    async with open_swarm(specs, node=args.node, secret=args.secret,
+                          processes=args.processes) as swarm:
+        print(f"swarm ready: {len(swarm.names)} workers in processes {swarm.pids}")
+        coordinator = Agent("org/scatter/coordinator")
+        async with coordinator.run(swarm.url, secret=swarm.secret) as me:
+            # Gather: one message to the group, one reply per member.
+            await me.create_group("org/scatter/all", swarm.names)
+            async for reply in me.gather("org/scatter/all", "roll call"):
+                print(f"  roll call: {reply.payload.decode()}")
 
-                # Scatter: one tool call per worker, all in flight at once.
-                answers: dict[str, dict[str, int]] = {}
+            # Scatter: one tool call per worker, all in flight at once.
+            answers: dict[str, dict[str, int]] = {}
 
-                async def ask(name: str, start: int, stop: int) -> None:
-                    answers[name] = await me.call(name, "count_primes", start=start, stop=stop)
-                    print(f"  {name} [{start}, {stop}): {answers[name]['count']} primes "
-                          f"(pid {answers[name]['pid']})")
+            async def ask(name: str, start: int, stop: int) -> None:
+                answers[name] = await me.call(name, "count_primes", start=start, stop=stop)
+                print(f"  {name} [{start}, {stop}): {answers[name]['count']} primes "
+                      f"(pid {answers[name]['pid']})")
 
-                async with anyio.create_task_group() as tg:
-                    for name, (start, stop) in zip(swarm.names,
-                                                   slices(args.limit, len(swarm.names)),
-                                                   strict=True):
-                        tg.start_soon(ask, name, start, stop)
+            async with anyio.create_task_group() as tg:
+                parts = slices(args.limit, len(swarm.names))
+                for name, (start, stop) in zip(swarm.names, parts, strict=True):
+                    tg.start_soon(ask, name, start, stop)
+    return answers
+
+
+async def main(args: argparse.Namespace) -> int:
+    try:
+        with anyio.fail_after(args.timeout):
+            answers = await scatter(args)
+    except TimeoutError:
+        print(f"FAILED: the workers did not all answer within {args.timeout:g} s")
+        return 1
 
     # Reduce, and check against the same count done here.
     total = sum(a["count"] for a in answers.values())

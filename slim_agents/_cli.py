@@ -13,6 +13,7 @@ from ._cli_examples import add_group_arguments, add_p2p_arguments, run, run_grou
 from ._ctl import add_ctl_arguments, run_ctl
 from ._demo import main as run_demo_main
 from ._swarm import add_swarm_arguments, run_swarm
+from ._trace import add_trace_arguments, run_trace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     p2p.set_defaults(func=lambda a: run(run_p2p, a))
     demo = sub.add_parser("demo", help="the group tutorial in one command: an embedded node, "
                           "three apps, an encrypted chat, a removal, a channel delete")
+    demo.add_argument("--trace", metavar="FILE", default=None,
+                      help="also record the session's frames to FILE (render with "
+                      "slim-agents trace render FILE)")
     demo.set_defaults(func=run_demo_main)
+    trace = sub.add_parser("trace", help="record session frames at a node; draw them as a "
+                           "sequence diagram")
+    add_trace_arguments(trace)
+    trace.set_defaults(func=run_trace)
     swarm = sub.add_parser("swarm", help="run many agents across worker processes")
     add_swarm_arguments(swarm)
     swarm.set_defaults(func=lambda a: run(run_swarm, a))

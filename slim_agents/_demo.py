@@ -3,6 +3,7 @@
 # printed the way the tutorial shows it, then a removal and a channel delete.
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -17,6 +18,7 @@ from ._cli_examples import FALLBACK_WARNING, display
 from ._config import SessionConfig
 from ._errors import SessionClosedError
 from ._session import Session
+from ._trace import TraceRecorder, record_node
 
 SECRET = "demo-shared-secret-for-development-only-0123456789"
 SCRIPT = [
@@ -41,11 +43,19 @@ class _Tap:
             self.leaks += 1
 
 
-async def run_demo(out: Callable[[str], None] = print, *, encrypt: bool = True) -> int:
-    """Run the scripted group chat; returns the exit status."""
+async def run_demo(out: Callable[[str], None] = print, *, encrypt: bool = True,
+                   trace: str | None = None) -> int:
+    """Run the scripted group chat; returns the exit status.
+
+    :param trace: a file to record the session's frames to (JSON lines).
+    """
     tap = _Tap()
     async with open_node(NodeConfig()) as node, AsyncExitStack() as stack:
         _tap_node(node, tap)
+        if trace is not None:
+            trace_file = stack.enter_context(
+                await anyio.to_thread.run_sync(functools.partial(open, trace, "w")))
+            stack.enter_context(record_node(node, TraceRecorder(trace_file)))
         out(f"Embedded node listening on {node.endpoint} (no server to start by hand)")
         out(FALLBACK_WARNING)
         apps = {}
@@ -134,7 +144,8 @@ def _tap_node(node: Any, tap: _Tap) -> None:
 
 def main(args: Any = None) -> int:
     try:
-        return int(anyio.run(run_demo))
+        trace = getattr(args, "trace", None)
+        return int(anyio.run(functools.partial(run_demo, trace=trace)))
     except KeyboardInterrupt:
         return 130
     except TimeoutError:

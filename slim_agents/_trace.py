@@ -1,0 +1,334 @@
+# Session traces: the frames a node forwards (or an agent sends and gets),
+# recorded as JSON lines and drawn as Mermaid sequence diagrams.
+#
+# A trace never holds an encrypted body, and holds a message's text only
+# when asked to and when the session is known to be unencrypted (its join
+# request carried no key material).
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import msgpack
+
+from node_lite import Node, ProtocolError
+from node_lite.wire import FrameDecoder, MessageKind, decode_frame
+
+from .hookspecs import hookimpl
+
+__all__ = ["TracePlugin", "TraceRecorder", "load_trace", "record_node", "render_mermaid"]
+
+# What each session message kind is called in a trace and a diagram.
+KIND_LABELS = {
+    MessageKind.MSG: "msg",
+    MessageKind.MSG_ACK: "ack",
+    MessageKind.RTX_REQUEST: "rtx request",
+    MessageKind.RTX_REPLY: "rtx reply",
+    MessageKind.DISCOVERY_REQUEST: "discovery request",
+    MessageKind.DISCOVERY_REPLY: "discovery reply",
+    MessageKind.JOIN_REQUEST: "join request",
+    MessageKind.JOIN_REPLY: "join reply",
+    MessageKind.LEAVE_REQUEST: "leave request",
+    MessageKind.LEAVE_REPLY: "leave reply",
+    MessageKind.GROUP_UPDATE: "group update",
+    MessageKind.GROUP_WELCOME: "welcome",
+    MessageKind.GROUP_CLOSE: "close",
+    MessageKind.GROUP_PROPOSAL: "proposal",
+    MessageKind.GROUP_ACK: "group ack",
+    MessageKind.GROUP_NACK: "group nack",
+    MessageKind.HEARTBEAT: "heartbeat",
+}
+# Frames the recorder keeps in memory when it writes to no file.
+MAX_EVENTS = 100_000
+
+
+def _name(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 4:
+        org, ns, app, i = value
+        return f"{org}/{ns}/{app}" if i is None else f"{org}/{ns}/{app}/{i}"
+    return "?"
+
+
+class TraceRecorder:
+    """Turns the frames it is fed into trace events (dicts), kept or written as JSON lines.
+
+    :param out: a text file to write one JSON object per line to (else kept in
+        :attr:`events`, at most ``MAX_EVENTS``).
+    :param sessions: record only these session ids (None: all).
+    :param text: characters of a message's text to keep, for sessions known to be
+        unencrypted (0: none).
+    """
+
+    def __init__(self, out: IO[str] | None = None, *, sessions: Iterable[int] | None = None,
+                 text: int = 0, clock: Callable[[], float] = time.time) -> None:
+        self.out = out
+        self.sessions = set(sessions) if sessions is not None else None
+        self.text = text
+        self.clock = clock
+        self.events: list[dict[str, Any]] = []
+        self.dropped = 0
+        self._decoders: dict[int, FrameDecoder] = {}
+        self._plain: dict[int, bool] = {}  # session id -> known unencrypted
+
+    # -- feeding --------------------------------------------------------------------------
+
+    def feed_bytes(self, conn_id: int, data: bytes) -> None:
+        """Bytes as read from one connection, in any chunking."""
+        decoder = self._decoders.get(conn_id)
+        if decoder is None:
+            decoder = self._decoders[conn_id] = FrameDecoder(max_frame_size=1 << 30)
+        try:
+            frames = decoder.feed(data)
+        except ProtocolError:
+            del self._decoders[conn_id]  # the node drops this connection too
+            return
+        for frame in frames:
+            try:
+                self.feed_envelope(decode_frame(frame[4:]))
+            except ProtocolError:
+                self.dropped += 1
+
+    def forget(self, conn_id: int) -> None:
+        self._decoders.pop(conn_id, None)
+
+    def feed_envelope(self, d: dict[str, Any]) -> None:
+        """One decoded frame (publishes are recorded; control frames are not)."""
+        if d.get("t") != "pub":
+            return
+        sid = d.get("sid", 0)
+        if self.sessions is not None and sid not in self.sessions:
+            return
+        try:
+            kind = MessageKind(d.get("k", 0))
+        except ValueError:
+            kind = MessageKind.UNSPECIFIED
+        body = d.get("body", b"")
+        if kind == MessageKind.JOIN_REQUEST:
+            self._plain[sid] = not _has_keys(body)
+        event: dict[str, Any] = {
+            "ts": round(self.clock(), 6), "sid": sid, "kind": KIND_LABELS.get(kind, "other"),
+            "src": _name(d.get("src")), "dst": _name(d.get("dst")), "fanout": d.get("fan", 1),
+            "mid": d.get("mid", 0), "size": len(body) if isinstance(body, bytes | bytearray) else 0,
+        }
+        if d.get("st") == 2:
+            event["group"] = True
+        if d.get("pt"):
+            event["type"] = d["pt"]
+        if d.get("err"):
+            event["error"] = True
+        if kind == MessageKind.MSG and self.text and self._plain.get(sid) \
+                and isinstance(body, bytes):
+            event["text"] = body[:self.text * 4].decode(errors="replace")[:self.text]
+        self.add(event)
+
+    def add(self, event: dict[str, Any]) -> None:
+        if self.out is not None:
+            self.out.write(json.dumps(event, separators=(",", ":")) + "\n")
+        elif len(self.events) < MAX_EVENTS:
+            self.events.append(event)
+        else:
+            self.dropped += 1
+
+
+def _has_keys(body: Any) -> bool:
+    """Whether a join request carries key material (an encrypted session)."""
+    if not isinstance(body, bytes):
+        return True
+    try:
+        d = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception:  # undecodable: assume the worst, never show text
+        return True
+    return not isinstance(d, dict) or d.get("mls") is not None
+
+
+@contextmanager
+def record_node(node: Node, recorder: TraceRecorder) -> Iterator[TraceRecorder]:
+    """Record what ``node`` reads from its connections for the duration of the block."""
+    core = node.core
+    original = core.data_received
+
+    def data_received(conn_id: int, data: bytes, now: float) -> Any:
+        recorder.feed_bytes(conn_id, data)
+        return original(conn_id, data, now)
+
+    core.data_received = data_received  # type: ignore[method-assign]
+    try:
+        yield recorder
+    finally:
+        core.data_received = original  # type: ignore[method-assign]
+
+
+def load_trace(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """Events from a JSON-lines trace (blank lines skipped)."""
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+# -- rendering --------------------------------------------------------------------------
+
+
+def _short(name: str) -> str:
+    parts = name.split("/")
+    if len(parts) == 4:
+        return f"{parts[2]}/{parts[3][:6]}"
+    return parts[-1] if parts else name
+
+
+def render_mermaid(events: Iterable[dict[str, Any]], *, title: str | None = None,
+                   acks: bool = True, heartbeats: bool = False) -> str:
+    """A Mermaid ``sequenceDiagram`` of trace events, in their order.
+
+    Participants are the apps and channels in order of first appearance;
+    group messages go to their channel; message text appears only if the
+    trace holds it (see :class:`TraceRecorder`).
+    """
+    lines = ["sequenceDiagram"]
+    if title:
+        lines.append(f"    title {title}")
+    ids: dict[str, str] = {}
+    body: list[str] = []
+
+    def who(name: str) -> str:
+        if name not in ids:
+            ids[name] = f"p{len(ids)}"
+            kind = "participant"
+            label = _short(name) if name.count("/") == 3 else name
+            lines.append(f"    {kind} {ids[name]} as {label}")
+        return ids[name]
+
+    for e in events:
+        kind = e.get("kind", "other")
+        if kind == "heartbeat" and not heartbeats:
+            continue
+        if kind in ("ack", "group ack") and not acks:
+            continue
+        src, dst = who(e.get("src", "?")), who(e.get("dst", "?"))
+        label = kind
+        if kind in ("msg", "ack", "rtx request", "rtx reply"):
+            label = f"{kind} #{e.get('mid', 0)}"
+        if "text" in e:
+            text = str(e["text"]).replace('"', "'").replace("\n", " ").replace(";", ",")
+            label += f": {text}"
+        elif kind == "msg":
+            label += f" ({e.get('size', 0)} B)"
+        if e.get("error"):
+            label += " [error]"
+        arrow = "-->>" if kind.endswith(("reply", "ack", "nack")) else "->>"
+        body.append(f"    {src}{arrow}{dst}: {label}")
+    return "\n".join(lines + body) + "\n"
+
+
+def phases(events: Iterable[dict[str, Any]]) -> list[str]:
+    """The kinds of a trace in order, consecutive repeats collapsed (for checks)."""
+    out: list[str] = []
+    for e in events:
+        k = e.get("kind", "other")
+        if not out or out[-1] != k:
+            out.append(k)
+    return out
+
+
+# -- the `slim-agents trace` command ----------------------------------------------------
+
+
+def add_trace_arguments(parser: Any) -> None:
+    from node_lite._process import add_node_arguments
+
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    record = sub.add_parser("record", help="run a node that records every session's frames")
+    add_node_arguments(record)
+    record.add_argument("--out", required=True, help="trace file to write (JSON lines)")
+    record.add_argument("--session", type=int, action="append", default=None,
+                        help="record only this session id (repeatable)")
+    record.add_argument("--text", type=int, default=0,
+                        help="keep up to N characters of unencrypted messages (default 0)")
+    render = sub.add_parser("render", help="draw a trace as a Mermaid sequence diagram")
+    render.add_argument("trace", help="trace file (JSON lines), - for stdin")
+    render.add_argument("--session", type=int, default=None, help="only this session id")
+    render.add_argument("--no-acks", action="store_true", help="leave acknowledgements out")
+    render.add_argument("--title", default=None)
+
+
+def run_trace(args: Any) -> int:
+    import sys
+
+    if args.action == "render":
+        with (open(args.trace) if args.trace != "-" else sys.stdin) as f:
+            events = load_trace(f)
+        if args.session is not None:
+            events = [e for e in events if e.get("sid") == args.session]
+        print("```mermaid")
+        print(render_mermaid(events, title=args.title, acks=not args.no_acks), end="")
+        print("```")
+        return 0
+    return _record(args)
+
+
+def _record(args: Any) -> int:
+    import signal
+    import sys
+
+    import anyio
+
+    from node_lite import ConfigError, SlimError, open_node
+    from node_lite._process import READY_PREFIX, config_from_args, configure_logging
+
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.log_level)
+
+    async def main(out: IO[str]) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            recorder = TraceRecorder(out, sessions=args.session, text=args.text)
+            async with open_node(cfg) as node:
+                with record_node(node, recorder):
+                    print(f"{READY_PREFIX} {' '.join(node.endpoints)}", flush=True)
+                    async for _ in signals:
+                        break
+
+    try:
+        with open(args.out, "w", buffering=1) as out:
+            anyio.run(main, out, backend=args.backend)
+    except SlimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class TracePlugin:
+    """A plugin recording an agent's own messages (through the message hooks).
+
+    Register it on an agent's plugin manager; it sees the payloads the agent
+    sends and receives after decryption, so it records sizes and types, and
+    text only when ``recorder.text`` asks for it.
+    """
+
+    def __init__(self, recorder: TraceRecorder) -> None:
+        self.recorder = recorder
+
+    @hookimpl
+    def slim_before_send(self, agent: Any, session: Any, payload: bytes,
+                         metadata: dict[str, str]) -> None:
+        self._add(str(agent.name), str(session.dst), session, "send", payload)
+
+    @hookimpl
+    def slim_after_receive(self, agent: Any, session: Any, message: Any) -> None:
+        self._add(str(message.context.source_name), str(agent.name), session, "receive",
+                  message.payload, message.context.payload_type)
+
+    def _add(self, src: str, dst: str, session: Any, direction: str, payload: bytes,
+             payload_type: str | None = None) -> None:
+        event: dict[str, Any] = {"ts": round(self.recorder.clock(), 6), "sid": session.id,
+                                 "kind": "msg", "src": src, "dst": dst, "size": len(payload),
+                                 "dir": direction}
+        if payload_type and payload_type != "msg":
+            event["type"] = payload_type
+        if self.recorder.text:
+            event["text"] = payload[:self.recorder.text * 4].decode(
+                errors="replace")[:self.recorder.text]
+        self.recorder.add(event)
