@@ -1,0 +1,83 @@
+"""What recording a trace at the node costs: p2p throughput with and without it.
+
+    python bench/trace.py               # asyncio, 3 interleaved reps
+    python bench/trace.py --backend trio
+
+The same reliable and best-effort point-to-point runs as bench/sessions.py
+(64 B and 1 KiB), through a node process started either plainly or by
+`slim-agents trace record` (recording every frame to a file); the plain
+node is the baseline, measured in the same run. Target: recording costs
+less than 10 % of p2p throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._harness import fmt_rate, median, print_table, quiet_gate, spawn, spread
+from bench.sessions import SECRET
+
+SESSIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sessions.py")
+
+
+def run(backend: str, size: int, reliable: bool, traced: bool) -> float:
+    quiet_gate()
+    with tempfile.TemporaryDirectory() as tmp:
+        node_args = ["--endpoint", "127.0.0.1:0", "--backend", backend, "--log-level", "warn",
+                     "--shared-secret", SECRET]
+        if traced:
+            argv = ["-m", "slim_agents._cli", "trace", "record", *node_args,
+                    "--out", os.path.join(tmp, "trace.jsonl")]
+        else:
+            argv = ["-m", "node_lite", *node_args]
+        node = spawn(argv, ready_prefix="node_lite ready ")
+        url = "http://" + node.ready["text"]
+        recv = spawn([SESSIONS, "role", "receiver", "--url", url, "--name", "bench/ns/receiver",
+                      "--backend", backend])
+        send = spawn([SESSIONS, "role", "sender", "--url", url, "--target", "bench/ns/receiver",
+                      "--size", str(size), "--backend", backend]
+                     + (["--reliable"] if reliable else []))
+        try:
+            return float(recv.result()["rate"])
+        finally:
+            for c in (send, recv, node):
+                c.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    print(f"trace recording cost, backend {args.backend}, {args.reps} interleaved reps, "
+          f"{os.cpu_count()} CPUs; apps and node in separate processes")
+    res: dict[tuple[int, bool, bool], list[float]] = {}
+    for rep in range(args.reps):
+        for size in (64, 1024):
+            for reliable in (False, True):
+                for traced in (False, True):
+                    res.setdefault((size, reliable, traced), []).append(
+                        run(args.backend, size, reliable, traced))
+        print(f"  rep {rep + 1}/{args.reps} done", file=sys.stderr)
+    rows = []
+    for size in (64, 1024):
+        for reliable in (False, True):
+            plain, traced = res[(size, reliable, False)], res[(size, reliable, True)]
+            cost = 1 - median(traced) / median(plain)
+            rows.append([f"{size} B", "reliable" if reliable else "best effort",
+                         f"{fmt_rate(median(traced))}/s ±{spread(traced):.0%}",
+                         f"{fmt_rate(median(plain))}/s ±{spread(plain):.0%}",
+                         f"{median(traced) / median(plain):.2f}x",
+                         "ok" if cost < 0.10 else f"COSTS {cost:.0%}"])
+    print_table("p2p throughput through a recording node vs a plain node",
+                ["size", "mode", "recording", "plain", "ratio", "target <10%"], rows)
+
+
+if __name__ == "__main__":
+    main()
