@@ -14,7 +14,7 @@ import itertools
 import json
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +137,9 @@ class Agent:
         self._tools: dict[str, Tool] = {}
         self._on_message: MessageHandler | None = None
         self._on_invite: InviteHandler | None = None
+        self._on_start: list[Callable[[RunningAgent], Coroutine[Any, Any, None]]] = []
+        #: The running agent while :meth:`run` is active (handlers use it to reach others).
+        self.running: RunningAgent | None = None
 
     # -- decorators ---------------------------------------------------------------------
 
@@ -165,6 +168,13 @@ class Agent:
         :meth:`RunningAgent.read_mailbox`).
         """
         self._on_message = func
+        return func
+
+    def on_start(self, func: Callable[[RunningAgent], Coroutine[Any, Any, None]]
+                 ) -> Callable[[RunningAgent], Coroutine[Any, Any, None]]:
+        """Run ``func(running_agent)`` as a task once the agent is connected (a loop that
+        reads the mailbox, say); it is cancelled when the agent stops."""
+        self._on_start.append(func)
         return func
 
     def on_invite(self, func: InviteHandler) -> InviteHandler:
@@ -213,9 +223,13 @@ class Agent:
             async with anyio.create_task_group() as tg:
                 running._tg = tg
                 tg.start_soon(running._accept_sessions)
+                for start in self._on_start:
+                    tg.start_soon(start, running)
+                self.running = running
                 try:
                     yield running
                 finally:
+                    self.running = None
                     tg.cancel_scope.cancel()
 
     async def serve(self, node: Node | str | None = None, **kwargs: Any) -> None:
@@ -251,7 +265,9 @@ class RunningAgent:
         self._session_waiters: dict[Session, set[str]] = {}
         self._ids = itertools.count(1)
         self._mail_ids = itertools.count(1)
-        self._mailbox: deque[Mail] = deque(maxlen=agent.mailbox_size)
+        # Bounded: when full, the sessions stop being read (backpressure), nothing is dropped.
+        self._mailbox: deque[Mail] = deque()
+        self._room_event: anyio.Event | None = None
         # Recent mail by id, so that a model can reply after reading it.
         self._recent: OrderedDict[int, Mail] = OrderedDict()
         self._mail_event: anyio.Event | None = None
@@ -356,6 +372,16 @@ class RunningAgent:
                 self._deliver(meta[REPLY_TO], msg)
             elif pt in (CALL, DESCRIBE):
                 self._tg.start_soon(self._run_call, session, msg)
+            elif self.agent._on_message is None:
+                # Straight into the mailbox, in arrival order; wait while it is full.
+                while len(self._mailbox) >= self.agent.mailbox_size:
+                    if self._room_event is None:
+                        log.warning("%s: the mailbox is full (%d); reading pauses until "
+                                    "read_mailbox or wait_mailbox takes some", self.agent.name,
+                                    self.agent.mailbox_size)
+                        self._room_event = anyio.Event()
+                    await self._room_event.wait()
+                self._post(Mail(next(self._mail_ids), msg, session))
             else:
                 self._tg.start_soon(self._run_message, session, msg)
 
@@ -710,12 +736,18 @@ class RunningAgent:
     # -- mailbox ------------------------------------------------------------------------
 
     async def read_mailbox(self, limit: int = 100) -> list[Mail]:
-        """Take up to ``limit`` waiting messages (those no handler took)."""
+        """Take up to ``limit`` waiting messages (those no handler took), oldest first."""
         out: list[Mail] = []
         while self._mailbox and len(out) < limit:
             out.append(self._mailbox.popleft())
+        self._wake_room()
         await anyio.lowlevel.checkpoint()
         return out
+
+    def _wake_room(self) -> None:
+        e, self._room_event = self._room_event, None
+        if e is not None:
+            e.set()
 
     async def wait_mailbox(self) -> Mail:
         """Wait for the next mailbox message (bound it with a cancel scope)."""
@@ -723,7 +755,9 @@ class RunningAgent:
             if self._mail_event is None:
                 self._mail_event = anyio.Event()
             await self._mail_event.wait()
-        return self._mailbox.popleft()
+        mail = self._mailbox.popleft()
+        self._wake_room()
+        return mail
 
     def messaging_tools(self) -> list[Tool]:
         """This agent's messaging as tools a model can call (send, request, groups, ...)."""

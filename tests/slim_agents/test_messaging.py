@@ -291,3 +291,49 @@ async def test_a_handler_failure_answers_a_request_with_an_error(node: Node,
     assert answer.context.payload_type == "slim-agents/error"
     assert json.loads(answer.payload)["error"]["code"] == "handler_failed"
     assert "message handler failed" in caplog.text
+
+
+async def test_the_mailbox_keeps_arrival_order_and_pushes_back_when_full(
+        node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    ns = unique("order")
+    rx = Agent(f"org/{ns}/rx", mailbox=10, plugins=quiet_pm())
+    tx = Agent(f"org/{ns}/tx", plugins=quiet_pm())
+    async with rx.run(node, secret=SECRET) as r, tx.run(node, secret=SECRET) as t:
+        with anyio.fail_after(20):
+            async def send_all() -> None:
+                for i in range(50):
+                    await t.send(r.name, str(i))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send_all)
+                await wait_until(lambda: len(r._mailbox) == 10, message="a full mailbox")
+                assert "the mailbox is full" in caplog.text
+                got = []
+                while len(got) < 50:
+                    got.append(int((await r.wait_mailbox()).message.payload))
+    assert got == list(range(50))  # in order, and nothing dropped
+
+
+async def test_handlers_reach_their_running_agent_and_start_hooks_run(node: Node) -> None:
+    ns = unique("relay")
+    relay = Agent(f"org/{ns}/relay", plugins=quiet_pm())
+    started: list[str] = []
+
+    @relay.on_start
+    async def hello(running: Any) -> None:
+        started.append(str(running.name))
+
+    @relay.on_message
+    async def forward(msg: Message, session: Session) -> str:
+        assert relay.running is not None
+        answer = await relay.running.request(f"org/{ns}/echo", msg.payload)
+        return answer.payload.decode() + "!"
+
+    boss = Agent(f"org/{ns}/boss", plugins=quiet_pm())
+    async with echo_agent(f"org/{ns}/echo").run(node, secret=SECRET), \
+            relay.run(node, secret=SECRET) as r, boss.run(node, secret=SECRET) as b:
+        with anyio.fail_after(15):
+            answer = await b.request(f"org/{ns}/relay", "hop")
+            await wait_until(lambda: bool(started), message="on_start ran")
+        assert started == [str(r.name)]
+    assert answer.payload == b"HOP!" and relay.running is None
