@@ -9,6 +9,7 @@
 # error result and is logged.
 from __future__ import annotations
 
+import contextvars
 import inspect
 import itertools
 import json
@@ -62,6 +63,16 @@ DEFAULT_MAILBOX = 1000
 # Sessions agents open to call each other: reliable, so a lost call is retried.
 CALL_SESSION = SessionConfig(timeout=1.0, max_retries=10)
 GROUP_SESSION = SessionConfig.group(timeout=1.0, max_retries=10)
+
+# The message a handler or tool is answering (trace context for its reply, say).
+_incoming: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
+    "slim_agents_incoming", default=None)
+
+
+def current_message() -> Message | None:
+    """The message the running handler or tool call is answering (None elsewhere)."""
+    return _incoming.get()
+
 
 MessageHandler = Callable[[Message, Session], Awaitable[bytes | str | None]]
 InviteHandler = Callable[[JoinInfo], "bool | str | Awaitable[bool | str]"]
@@ -386,6 +397,7 @@ class RunningAgent:
                 self._tg.start_soon(self._run_message, session, msg)
 
     async def _run_call(self, session: Session, msg: Message) -> None:
+        _incoming.set(msg)  # this task's own context: seen by hooks and the tool
         call_id = msg.context.metadata.get(CALL_ID, "")
         async with self._limiter:
             try:
@@ -426,6 +438,7 @@ class RunningAgent:
             pass
 
     async def _run_message(self, session: Session, msg: Message) -> None:
+        _incoming.set(msg)
         handler = self.agent._on_message
         if handler is None:
             self._post(Mail(next(self._mail_ids), msg, session))
@@ -625,7 +638,12 @@ class RunningAgent:
         meta = {}
         if REQUEST_ID in mail.message.context.metadata:
             meta[REPLY_TO] = mail.message.context.metadata[REQUEST_ID]
-        await self._send(mail.session, _bytes(payload), metadata=meta, to=mail.message.context)
+        token = _incoming.set(mail.message)
+        try:
+            await self._send(mail.session, _bytes(payload), metadata=meta,
+                             to=mail.message.context)
+        finally:
+            _incoming.reset(token)
 
     # -- groups -------------------------------------------------------------------------
 

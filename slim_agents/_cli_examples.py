@@ -130,8 +130,15 @@ def _config(args: argparse.Namespace, *, group: bool) -> SessionConfig:
 async def _open(args: argparse.Namespace) -> Any:
     endpoint = _endpoint(args.slim)
     if args.enable_opentelemetry:
-        print("-> OpenTelemetry export is not available yet; running without it",
-              file=sys.stderr, flush=True)
+        from ._otel import enable_tracing
+
+        collector = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318")
+        try:
+            enable_tracing(endpoint=collector)
+            print(f"-> OpenTelemetry: agent spans go to {collector} (plain app sessions "
+                  "are not traced yet)", file=sys.stderr, flush=True)
+        except ConfigError as exc:
+            print(f"-> {exc}; running without it", file=sys.stderr, flush=True)
     return open_app(args.local, node=endpoint, **_identity(args)), endpoint
 
 

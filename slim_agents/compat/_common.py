@@ -55,6 +55,7 @@ from node_lite import Name as NativeName
 from .._app import App, open_app
 from .._config import SessionConfig, SessionKind
 from .._errors import SessionClosedError
+from .._otel import enable_tracing, endpoint_from_config
 from .._reports import DeliveryReport
 from .._reports import MessageContext as NativeMessageContext
 from .._session import Handle
@@ -517,13 +518,20 @@ _LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
 def init_tracing(config: Mapping[str, Any] | None = None) -> Awaitable[None]:
     """Set the log level of this package's loggers from ``config["log_level"]``.
 
-    OpenTelemetry export is not implemented (the setting is accepted and
-    ignored). Returns an awaitable that is already done, so both
-    ``init_tracing(...)`` and ``await init_tracing(...)`` work.
+    With ``{"opentelemetry": {"enabled": True, "http": {"endpoint": ...}}}``
+    agents' spans are exported over OTLP/HTTP (the ``otel`` extra). Returns an
+    awaitable that is already done, so both ``init_tracing(...)`` and
+    ``await init_tracing(...)`` work.
     """
     level = _LEVELS.get(str((config or {}).get("log_level", "info")).lower(), logging.INFO)
     for name in ("slim_agents", "node_lite"):
         logging.getLogger(name).setLevel(level)
+    endpoint = endpoint_from_config(config)
+    if endpoint is not None:
+        try:
+            enable_tracing(endpoint=endpoint)
+        except ConfigError as exc:  # the extra is not installed: say so, run without
+            logging.getLogger("slim_agents").warning("%s", exc)
     return _Done()
 
 
