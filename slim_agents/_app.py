@@ -542,6 +542,25 @@ class App:
                 self._tg.cancel_scope.cancel()
 
 
+_OWN_SCHEMES = ("http", "https", "tcp")
+
+
+def _foreign_scheme(url: str) -> bool:
+    scheme, sep, _ = url.partition("://")
+    return bool(sep) and scheme.lower() not in _OWN_SCHEMES
+
+
+def _backend_for(url: str) -> Any:
+    """The backend a plugin offers for ``url`` (through the ``slim_backend`` hook)."""
+    from ._plugins import PluginError, plugin_manager
+
+    backend = plugin_manager().hook.slim_backend(url=url)
+    if backend is None:
+        raise PluginError(f"no installed plugin serves {url!r}; for upstream SLIM install "
+                          "the upstream extra (pip install 'slim-agents[upstream]')")
+    return backend
+
+
 async def _either(a: anyio.Event, b: anyio.Event) -> None:
     """Return once ``a`` or ``b`` is set."""
     async with anyio.create_task_group() as tg:
@@ -600,6 +619,14 @@ async def open_app(
     :raises ConnectError: when the node cannot be reached.
     :raises AuthenticationError: when the node refuses the identity.
     """
+    if isinstance(node, str) and _foreign_scheme(node):
+        # Another network (upstream SLIM, say): a backend plugin provides the app.
+        backend = _backend_for(node)
+        async with backend.open_app(name, node=node, secret=secret, provider=provider,
+                                    verifier=verifier, tls=tls, limits=limits,
+                                    invite_policy=invite_policy) as foreign:
+            yield foreign
+        return
     base = _base_name(name)
     signing = signing_identity or SigningIdentity.generate()
     provider, verifier = _identity(base, secret, provider, verifier, signing)

@@ -116,5 +116,9 @@ def slim_backend(url: str) -> Any | None:
     """A transport backend for a node URL this plugin understands, or None.
 
     Lets apps run over another network (such as upstream SLIM through
-    ``slim-bindings``) chosen by the URL's scheme.
+    ``slim-bindings``) chosen by the URL's scheme: :func:`slim_agents.open_app`
+    asks this hook for any scheme other than ``http``, ``https`` and ``tcp``.
+    The backend is an object with ``open_app(name, *, node, secret, provider,
+    verifier, tls, limits, invite_policy)``, an async context manager giving an
+    object with :class:`~slim_agents.App`'s methods.
     """
