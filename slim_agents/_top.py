@@ -1,0 +1,174 @@
+# `slim-agents top`: a live view of a node — links, apps, channels with their
+# members, message rates and drops per connection. Uses rich (the `top` extra)
+# on a terminal; prints plain text blocks when stdout is not a terminal.
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import anyio
+
+__all__ = ["Snapshot", "render_text", "snapshot_from_report"]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One look at a node (what :func:`node_lite.Node.report` returns, parsed)."""
+
+    at: float
+    node: str
+    endpoints: list[str]
+    totals: Mapping[str, int]
+    links: list[Mapping[str, Any]]
+    connections: list[Mapping[str, Any]]
+    channels: Mapping[str, list[str]]
+    drops: Mapping[str, int] = field(default_factory=dict)
+
+
+def snapshot_from_report(report: Mapping[str, Any], at: float | None = None) -> Snapshot:
+    return Snapshot(at=time.monotonic() if at is None else at, node=str(report.get("node")),
+                    endpoints=list(report.get("endpoints", [])),
+                    totals=dict(report.get("totals", {})), links=list(report.get("links", [])),
+                    connections=list(report.get("connections", [])),
+                    channels={str(k): list(v) for k, v in report.get("channels", {}).items()},
+                    drops=dict(report.get("drops", {})))
+
+
+def _rates(now: Snapshot, before: Snapshot | None) -> dict[int, tuple[float, float]]:
+    """Frames/s in and out per connection id since the previous snapshot."""
+    if before is None:
+        return {}
+    dt = max(now.at - before.at, 1e-6)
+    old = {c["id"]: c for c in before.connections}
+    out = {}
+    for c in now.connections:
+        prev = old.get(c["id"])
+        if prev is not None:
+            out[c["id"]] = ((c["frames_in"] - prev["frames_in"]) / dt,
+                            (c["frames_out"] - prev["frames_out"]) / dt)
+    return out
+
+
+def _rows(now: Snapshot, before: Snapshot | None) -> list[list[str]]:
+    rates = _rates(now, before)
+    rows = []
+    for c in sorted(now.connections, key=lambda c: (c["kind"], str(c.get("name")))):
+        rin, rout = rates.get(c["id"], (0.0, 0.0))
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(c.get("drops", {}).items())) or "-"
+        rows.append([c["kind"], str(c.get("name") or c.get("peer") or "-"),
+                     f"{rin:,.0f}", f"{rout:,.0f}", str(c.get("pending_frames", 0)), drops])
+    return rows
+
+
+def render_text(now: Snapshot, before: Snapshot | None = None) -> str:
+    """The view as plain text (what a non-terminal gets, one block per refresh)."""
+    t = now.totals
+    lines = [f"node {now.node} on {', '.join(now.endpoints) or '-'}: "
+             f"{t.get('frames_in', 0):,} frames in, {t.get('frames_out', 0):,} out"]
+    if now.drops:
+        lines.append("drops: " + ", ".join(f"{k} {v}" for k, v in sorted(now.drops.items())))
+    for link in now.links:
+        state = "up" if link.get("connected") else "down"
+        lines.append(f"link {link.get('endpoint')} -> {link.get('peer') or '?'}: {state}")
+    lines.append("channels:")
+    if not now.channels:
+        lines.append("  (none)")
+    for channel, members in sorted(now.channels.items()):
+        lines.append(f"  {channel}: {', '.join(sorted(members))}")
+    header = ["kind", "name", "in/s", "out/s", "queued", "drops"]
+    rows = _rows(now, before)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    lines.append("connections:")
+    lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for r in rows:
+        lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    return "\n".join(lines) + "\n"
+
+
+def _render_rich(now: Snapshot, before: Snapshot | None) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+
+    t = now.totals
+    head = Table.grid(padding=(0, 2))
+    head.add_row(f"[bold]node[/] {now.node}", ", ".join(now.endpoints),
+                 f"{t.get('frames_in', 0):,} frames in", f"{t.get('frames_out', 0):,} out")
+    links = Table("link", "peer", "state", title="links", expand=True)
+    for link in now.links:
+        links.add_row(str(link.get("endpoint")), str(link.get("peer") or "?"),
+                      "[green]up[/]" if link.get("connected") else "[red]down[/]")
+    channels = Table("channel", "members", title="channels", expand=True)
+    for channel, members in sorted(now.channels.items()):
+        channels.add_row(channel, ", ".join(sorted(members)))
+    conns = Table("kind", "name", "in/s", "out/s", "queued", "drops", title="connections",
+                  expand=True)
+    for r in _rows(now, before):
+        conns.add_row(*r)
+    return Group(head, links, channels, conns)
+
+
+async def run_top(fetch: Callable[[], Any], *, interval: float = 1.0, count: int | None = None,
+                  out: IO[str] | None = None) -> None:
+    """Refresh every ``interval`` seconds (``count`` times, or until cancelled).
+
+    ``fetch`` is an async function returning a node report.
+    """
+    stream = out or sys.stdout
+    live = None
+    if stream.isatty():
+        try:
+            from rich.console import Console
+            from rich.live import Live
+
+            live = Live(console=Console(file=stream), auto_refresh=False)
+        except ImportError:
+            live = None  # no rich: plain text blocks
+    before: Snapshot | None = None
+    shown = 0
+    if live is not None:
+        live.start()
+    try:
+        while count is None or shown < count:
+            now = snapshot_from_report(await fetch())
+            if live is not None:
+                live.update(_render_rich(now, before), refresh=True)
+            else:
+                stream.write(render_text(now, before) + "\n")
+                stream.flush()
+            before = now
+            shown += 1
+            if count is None or shown < count:
+                await anyio.sleep(interval)  # the refresh period, not a wait for state
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def node_report(node: Any) -> dict[str, Any]:
+    """A report of a node of this process (the same shape a node sends over the wire)."""
+    stats = node.statistics(per_connection=True)
+    names = {c.conn_id: c.name for c in stats.per_connection}
+    channels: dict[str, list[str]] = {}
+    for name, kind, conn in node.core.table.entries():
+        if name.id is None and kind in ("local", "static"):
+            channels.setdefault(str(name), []).append(str(names.get(conn) or f"conn {conn}"))
+    return {
+        "node": stats.node_id, "endpoints": list(stats.endpoints),
+        "totals": {"frames_in": stats.frames_in, "frames_out": stats.frames_out,
+                   "bytes_in": stats.bytes_in, "bytes_out": stats.bytes_out,
+                   "accepted": stats.accepted, "refused": stats.refused,
+                   "routes": stats.routes},
+        "drops": dict(stats.drops),
+        "links": [{"endpoint": link.endpoint, "connected": link.connected,
+                   "peer": link.peer_node} for link in stats.links],
+        "connections": [{"id": c.conn_id, "kind": c.kind, "name": c.name, "peer": c.peer_node,
+                         "frames_in": c.frames_in, "frames_out": c.frames_out,
+                         "bytes_in": c.bytes_in, "bytes_out": c.bytes_out,
+                         "pending_frames": c.pending_frames, "drops": dict(c.drops)}
+                        for c in stats.per_connection],
+        "channels": channels,
+    }

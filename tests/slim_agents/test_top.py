@@ -1,0 +1,63 @@
+"""The live view: a node's links, apps, channels with their members, rates and drops."""
+
+from __future__ import annotations
+
+import io
+
+import anyio
+import pytest
+
+from node_lite import NodeConfig, open_node
+from slim_agents import SessionConfig, open_app
+from slim_agents._top import node_report, render_text, run_top, snapshot_from_report
+from tests.helpers import SECRET, unique
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_top_prints_the_channel_and_its_members_for_a_running_group() -> None:
+    ns = unique("top")
+    async with open_node(NodeConfig(shared_secret=SECRET)) as node, \
+            open_app(f"org/{ns}/mod", node=node, secret=SECRET) as mod, \
+            open_app(f"org/{ns}/c1", node=node, secret=SECRET) as c1, \
+            open_app(f"org/{ns}/c2", node=node, secret=SECRET) as c2:
+        session, ready = await mod.start_session(
+            f"org/{ns}/chat", SessionConfig.group(timeout=1.0, max_retries=5))
+        with anyio.fail_after(10):
+            await ready
+            for member in (c1, c2):
+                await session.invite(f"org/{ns}/{member.name.app}")
+                await member.listen_for_session()
+            for _ in range(5):
+                await (await session.publish(b"tick"))
+
+        async def fetch() -> dict[str, object]:
+            await anyio.lowlevel.checkpoint()
+            return node_report(node)
+
+        out = io.StringIO()
+        await run_top(fetch, interval=0.01, count=2, out=out)
+    text = out.getvalue()
+    block = text.strip().split("\n\n")[-1]
+    channel_line = next(line for line in block.splitlines()
+                        if line.strip().startswith(f"org/{ns}/chat:"))
+    assert all(str(a.name) in channel_line for a in (mod, c1, c2))
+    assert "connections:" in block and str(c1.name) in block
+    assert text.count("node ") == 2  # two refreshes
+
+
+def test_rates_and_drops_in_the_text_view(anyio_backend: str) -> None:
+    def report(frames: int, drops: dict[str, int]) -> dict[str, object]:
+        return {"node": "n1", "endpoints": ["127.0.0.1:1"], "totals": {"frames_in": frames},
+                "drops": drops, "links": [{"endpoint": "x:1", "connected": False}],
+                "connections": [{"id": 1, "kind": "app", "name": "org/ns/a/1",
+                                 "frames_in": frames, "frames_out": 0, "pending_frames": 3,
+                                 "drops": drops}], "channels": {}}
+
+    before = snapshot_from_report(report(100, {}), at=10.0)
+    now = snapshot_from_report(report(300, {"slow_consumer": 2}), at=12.0)
+    text = render_text(now, before)
+    assert "drops: slow_consumer 2" in text and "link x:1 -> ?: down" in text
+    row = next(line for line in text.splitlines() if "org/ns/a/1" in line)
+    assert row.split()[2:5] == ["100", "0", "3"]  # 200 frames in 2 s
+    assert "(none)" in text
