@@ -249,6 +249,40 @@ class Agent:
             await anyio.sleep_forever()
 
 
+class _Slots:
+    """Bounded concurrency without a scheduling point when a slot is free."""
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiters: deque[anyio.Event] = deque()
+
+    async def __aenter__(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event in self._waiters:
+                self._waiters.remove(event)
+            elif event.is_set():
+                self._release()  # handed a slot while being cancelled: pass it on
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # the slot goes straight to the next waiter
+        else:
+            self._free += 1
+
+
 class _Waiter:
     __slots__ = ("closed", "event", "got", "want")
 
@@ -267,7 +301,7 @@ class RunningAgent:
         self.plugins = pm
         self._app: App | None = None
         self._tg: TaskGroup | None = None
-        self._limiter = anyio.CapacityLimiter(agent.concurrency)
+        self._limiter = _Slots(agent.concurrency)
         self._peers: dict[Name, Session] = {}
         self._peer_locks: dict[Name, anyio.Lock] = {}
         self._groups: dict[Name, Session] = {}
@@ -371,10 +405,11 @@ class RunningAgent:
             except SessionError as exc:  # a lost or undecryptable message
                 log.warning("%s: %s", self.agent.name, exc)
                 continue
-            for replaced in self.plugins.hook.slim_after_receive(
-                    agent=self.agent, session=session, message=msg):
-                if replaced is not None:
-                    msg = replaced
+            after = self.plugins.hook.slim_after_receive
+            if after.get_hookimpls():
+                for replaced in after(agent=self.agent, session=session, message=msg):
+                    if replaced is not None:
+                        msg = replaced
             meta = msg.context.metadata
             pt = msg.context.payload_type
             if pt == RESULT:

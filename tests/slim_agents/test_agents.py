@@ -110,3 +110,34 @@ async def test_an_invite_policy_plugin_declines_an_invitation(node: Node) -> Non
         with anyio.fail_after(10), pytest.raises(SessionRejectedError) as info:
             await u.call(shy_name, "anything")
     assert info.value.code == "declined" and "closed for the day" in str(info.value)
+
+
+async def test_handler_slots_bound_concurrency_and_survive_cancellation() -> None:
+    from slim_agents._agent import _Slots
+
+    slots = _Slots(2)
+    running = peak = done = 0
+    gate = anyio.Event()
+
+    async def work() -> None:
+        nonlocal running, peak, done
+        async with slots:
+            running += 1
+            peak = max(peak, running)
+            await gate.wait()
+            running -= 1
+            done += 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(work)
+        await anyio.wait_all_tasks_blocked()
+        assert running == 2 and len(slots._waiters) == 3
+        with anyio.move_on_after(0):  # a waiter cancelled while queued leaves the queue
+            async with slots:
+                raise AssertionError("no slot was free")
+        assert len(slots._waiters) == 3
+        gate.set()
+    assert peak == 2 and done == 5
+    async with slots, slots:  # every slot came back
+        pass
