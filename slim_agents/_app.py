@@ -45,8 +45,10 @@ from ._session_core import (
     Closed,
     Established,
     InboxReady,
+    ModeratorLost,
     RosterChanged,
     SessionCore,
+    State,
     TicketDone,
     Unreachable,
     WindowOpen,
@@ -162,10 +164,20 @@ class App:
                 self._conn = None
                 self._connected = anyio.Event()
                 self._offline.set()
+                self._abandon_goodbyes()
             if self._closing or not self._reconnect:
                 return
             await anyio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, RECONNECT_MAX)
+
+    def _abandon_goodbyes(self) -> None:
+        """Sessions closing when the connection drops close here: nobody can be told."""
+        closing = [w for w in self._sessions.values() if w._core.state is State.CLOSING]
+        if closing:
+            now = time.time()
+            for wrapper in closing:
+                wrapper._core._finish_close("closed", now)
+            self._pump()
 
     async def _read_loop(self, conn: NodeConnection) -> None:
         core = self.core
@@ -286,6 +298,7 @@ class App:
                     wrapper._wake_window()
                     wrapper._wake_roster()
                     wrapper._wake_room()
+                    wrapper._wake_lost()
             elif type(event) is WindowOpen:
                 wrapper = self._sessions.get(event.session.sid)
                 if wrapper is not None:
@@ -294,6 +307,10 @@ class App:
                 wrapper = self._sessions.get(event.session.sid)
                 if wrapper is not None:
                     wrapper._wake_roster()
+            elif type(event) is ModeratorLost:
+                wrapper = self._sessions.get(event.session.sid)
+                if wrapper is not None:
+                    wrapper._wake_lost()
             elif type(event) is Unreachable:
                 wrapper = self._sessions.get(event.session.sid)
                 if wrapper is not None:

@@ -43,7 +43,12 @@ from node_lite.wire import (
     encode_frame,
 )
 
-from ._config import SessionConfig, SessionKind
+from ._config import (
+    DEFAULT_HEARTBEAT_MISSES,
+    DEFAULT_MODERATOR_GRACE,
+    SessionConfig,
+    SessionKind,
+)
 from ._e2e import SigningIdentity
 from ._errors import SessionError
 from ._protocol import (
@@ -57,6 +62,7 @@ from ._protocol import (
     build_frame,
     decode_body,
     encode_body,
+    heartbeat_of,
     name_of,
     reliability_of,
 )
@@ -385,6 +391,7 @@ class AppCore:
         if group and channel is None:
             raise ProtocolViolation("join request: a group needs a channel")
         rel = reliability_of(body.get("rel"))
+        hb = heartbeat_of(body.get("hb")) if group else None
         mls = body.get("mls") is not None
         moderator = Member(name_of(d["src"], "src"), subject)
         info = JoinInfo(moderator=moderator.name, moderator_subject=subject,
@@ -403,9 +410,13 @@ class AppCore:
                 self._answer(d, Kind.JOIN_REPLY, {"code": "declined", "msg": reason},
                              error=True)
                 return
+        # Liveness follows the moderator's settings (none from one that sends none).
         config = SessionConfig(
             kind=info.kind, timeout=rel[0] if rel else None,
-            max_retries=rel[1] if rel else None, mls_enabled=mls, metadata=info.metadata)
+            max_retries=rel[1] if rel else None, mls_enabled=mls, metadata=info.metadata,
+            heartbeat_interval=hb[0] if hb else None,
+            heartbeat_misses=hb[1] if hb else DEFAULT_HEARTBEAT_MISSES,
+            moderator_grace=hb[2] if hb else DEFAULT_MODERATOR_GRACE)
         session = SessionCore(self, d["sid"], config, initiator=False,
                               destination=channel if channel is not None else moderator.name,
                               now=now)

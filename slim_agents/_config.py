@@ -14,6 +14,12 @@ DEFAULT_CONTROL_INTERVAL = 1.0
 DEFAULT_CONTROL_RETRIES = 10
 # Messages waiting in a session's inbox for get_message().
 DEFAULT_MAX_INBOX = 10_000
+# Group liveness, as upstream: the moderator pings every 10 s and a member silent
+# for 3 intervals is offline; members that stop hearing the moderator for as long
+# keep going for a minute (sending in the current epoch), then close.
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+DEFAULT_HEARTBEAT_MISSES = 3
+DEFAULT_MODERATOR_GRACE = 60.0
 
 
 class SessionKind(enum.Enum):
@@ -56,6 +62,17 @@ class SessionConfig:
     #: default signs in groups; a point-to-point session has one possible sender
     #: besides us, so the group key already proves it.
     sender_auth: str | None = None
+    #: Groups only (set by the moderator, members follow it): the moderator pings
+    #: the members this often (None: no heartbeats). A member that has not answered
+    #: for ``heartbeat_misses`` intervals is offline: publishes report it
+    #: ``unreachable`` at once instead of waiting for it.
+    heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL
+    heartbeat_misses: int = DEFAULT_HEARTBEAT_MISSES
+    #: A member that has not heard the moderator for ``heartbeat_misses`` intervals
+    #: sees ``moderator_lost``, goes on for this long, then closes ("moderator_lost").
+    moderator_grace: float = DEFAULT_MODERATOR_GRACE
+    #: Moderator policy: remove (and rekey without) a member as soon as it is offline.
+    remove_offline: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, SessionKind):
@@ -79,10 +96,29 @@ class SessionConfig:
             value = getattr(self, attr)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{attr} must be a positive integer")
+        interval = _seconds(self.heartbeat_interval, "heartbeat_interval")
+        if interval is not None and interval < 0.01:
+            raise ConfigError("heartbeat_interval must be at least 0.01 s")
+        object.__setattr__(self, "heartbeat_interval", interval)
+        grace = _seconds(self.moderator_grace, "moderator_grace")
+        if grace is None:
+            raise ConfigError("moderator_grace must be a positive number of seconds")
+        object.__setattr__(self, "moderator_grace", grace)
+        misses = self.heartbeat_misses
+        if isinstance(misses, bool) or not isinstance(misses, int) or not 1 <= misses <= 100:
+            raise ConfigError(f"heartbeat_misses must be an integer in [1, 100], got "
+                              f"{misses!r}")
+        if not isinstance(self.remove_offline, bool):
+            raise ConfigError("remove_offline must be a boolean")
 
     @property
     def reliable(self) -> bool:
         return self.timeout is not None and self.max_retries is not None
+
+    @property
+    def heartbeats(self) -> bool:
+        """Whether this session tracks liveness (groups with an interval)."""
+        return self.kind is SessionKind.GROUP and self.heartbeat_interval is not None
 
     @property
     def control_interval(self) -> float:

@@ -45,6 +45,14 @@ class SessionRejectedError(SessionError):
         self.detail = message
 
 
+class JoinFailedError(SessionRejectedError):
+    """An invitee could not join: its key package or the welcome failed a check.
+
+    ``name`` is the invitee and ``code`` the check (``key_package``, ``binding``,
+    ``bad_welcome``, ...). The group is left as it was before the invite.
+    """
+
+
 class SessionTimeoutError(SessionError, TimeoutError):
     """A session handshake got no answer within its retries."""
 

@@ -192,3 +192,13 @@ def reliability_of(value: object) -> tuple[float, int] | None:
     if type(value) is not list or len(value) != 2:
         raise ProtocolViolation("rel: expected [timeout_ms, max_retries]")
     return int_of(value[0], "rel", 1, 3_600_000) / 1000.0, int_of(value[1], "rel", 0, 1000)
+
+
+def heartbeat_of(value: object) -> tuple[float, int, float] | None:
+    """A join request's ``hb``: (interval, misses, moderator grace), or None (no heartbeats)."""
+    if value is None:
+        return None
+    if type(value) is not list or len(value) != 3:
+        raise ProtocolViolation("hb: expected [interval_ms, misses, grace_ms]")
+    return (int_of(value[0], "hb", 10, 3_600_000) / 1000.0, int_of(value[1], "hb", 1, 100),
+            int_of(value[2], "hb", 1, 86_400_000) / 1000.0)

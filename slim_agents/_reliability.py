@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -98,15 +98,24 @@ class SendStream(Generic[T]):
         return mid
 
     def track(self, mid: int, record: T, size: int, recipients: Iterable[Name],
-              now: float) -> Pending[T] | None:
+              now: float, unreachable: Collection[Name] = ()) -> Pending[T] | None:
         """Remember a sent message until its recipients acknowledge it.
 
-        Returns ``None`` when there is nobody to wait for.
+        Recipients in ``unreachable`` fail at once (known to be offline). Returns
+        ``None`` when there is nobody to wait for, and a message not kept (its
+        ``waiting`` empty) when every recipient failed.
         """
         names = tuple(recipients)
         if not names:
             return None
         p = Pending(mid, record, size, names, set(names), now + self.timeout)
+        if unreachable:
+            for name in names:
+                if name in unreachable:
+                    p.waiting.discard(name)
+                    p.failed[name] = "unreachable"
+            if not p.waiting:
+                return p
         self.pending[mid] = p
         self.pending_bytes += size
         self._timers.append((p.deadline, mid, 0))

@@ -83,6 +83,7 @@ class Session:
         self._roster_event: anyio.Event | None = None
         self._unreachable: set[Callable[[], None]] = set()
         self._room_event: anyio.Event | None = None
+        self._lost_event: anyio.Event | None = None
         self._gets = 0
         self._managed = False  # created by a controller command
 
@@ -127,6 +128,22 @@ class Session:
     @property
     def is_moderator(self) -> bool:
         return self._core.is_moderator
+
+    @property
+    def offline(self) -> list[Name]:
+        """Members this side no longer waits for: they stopped answering heartbeats (or,
+        at a member, the moderator stopped sending them). Publishes report them
+        ``unreachable`` until they are heard again."""
+        return sorted(self._core.offline, key=str)
+
+    @property
+    def moderator_lost(self) -> bool:
+        """A member has not heard the moderator for ``heartbeat_misses`` intervals.
+
+        Sending goes on; the session closes (``"moderator_lost"``) after
+        ``moderator_grace`` unless the moderator is heard again.
+        """
+        return self._core.moderator_lost
 
     @property
     def is_closed(self) -> bool:
@@ -287,13 +304,22 @@ class Session:
         await Handle[Any](self._app, ticket)
 
     async def close(self) -> None:
-        """Close the session; members (or the peer) are told. Closing twice is harmless."""
-        if self._core.state is State.CLOSED and self._core._close_ticket is None:
+        """Close the session; members (or the peer) are told. Closing twice is harmless.
+
+        Without a connection to the node nobody can be told: the session then
+        closes here at once (also when the connection drops while waiting).
+        """
+        core = self._core
+        if core.state is State.CLOSED and core._close_ticket is None:
             return
-        ticket = self._core.close(self._app._now())
-        self._app._after(self._core)
+        app = self._app
+        ticket = core.close(app._now())
+        app._after(core)
+        if not ticket.resolved and not app.connected:
+            core._finish_close("closed", app._now())  # (a lost connection does the same)
+            app._pump()
         try:
-            await Handle[Any](self._app, ticket)
+            await Handle[Any](app, ticket)
         except SessionClosedError:
             pass
 
@@ -310,6 +336,18 @@ class Session:
         ticket = self._core.rotate_keys(self._app._now(), suspect=suspect)
         self._app._after(self._core)
         await Handle[Any](self._app, ticket)
+
+    async def wait_moderator_lost(self) -> None:
+        """Wait until this member stops hearing the moderator (see :attr:`moderator_lost`).
+
+        :raises SessionClosedError: if the session closes first.
+        """
+        while not self._core.moderator_lost:
+            if self._core.state is State.CLOSED:
+                raise SessionClosedError(self.id, self._core.close_reason or "closed")
+            if self._lost_event is None:
+                self._lost_event = anyio.Event()
+            await self._lost_event.wait()
 
     async def wait_closed(self) -> str:
         """Wait until the session is closed (by anyone); returns the reason."""
@@ -357,6 +395,11 @@ class Session:
         if e is not None:
             e.set()
 
+    def _wake_lost(self) -> None:
+        e, self._lost_event = self._lost_event, None
+        if e is not None:
+            e.set()
+
     def _wake_room(self) -> None:
         e, self._room_event = self._room_event, None
         if e is not None:
@@ -390,6 +433,7 @@ class Session:
         return {"id": core.sid, "state": core.state.value, "members": len(core.members),
                 "published": core.published, "received": core.received,
                 "inbox": len(core.inbox), "dropped": core.dropped,
+                "offline": len(core.offline), "moderator_lost": core.moderator_lost,
                 "retransmissions": core._send.retransmissions if core._send else 0,
                 "acks_pending": len(core._send.pending) if core._send else 0}
 

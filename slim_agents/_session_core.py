@@ -13,6 +13,12 @@
 # * Data is best effort, or reliable when configured (see _reliability): one
 #   stream per sender for messages to the group, one per (sender, recipient)
 #   for directed messages.
+# * Liveness (groups with heartbeats): the moderator pings the channel every
+#   interval and each member answers it alone. Members silent for `misses`
+#   intervals are offline: the moderator lists them in its pings, and every
+#   sender stops waiting for them (reported "unreachable"). A member that stops
+#   hearing the moderator for as long sees `moderator_lost`, then closes after a
+#   grace period. Nothing of this touches the data path.
 # * Inputs are frames (decoded maps) and `now`; outputs go through the owner
 #   (frames to send, events); nothing here does I/O or reads a clock.
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import enum
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -32,6 +39,7 @@ from ._e2e import E2EError
 from ._errors import (
     DeliveryError,
     DeliveryTimeoutError,
+    JoinFailedError,
     MessageLostError,
     NotModeratorError,
     ParticipantError,
@@ -41,6 +49,7 @@ from ._errors import (
     SessionTimeoutError,
 )
 from ._protocol import (
+    MAX_ROSTER,
     META_LEAVING,
     META_PUBLISH_TO,
     TRUE,
@@ -78,6 +87,9 @@ Key = tuple[Any, ...]
 ANSWER_CACHE = 256
 # Data frames a joining member keeps until its welcome arrives.
 EARLY_FRAMES = 1024
+# Members a moderator removed lately, told so again if they answer a heartbeat
+# (they were unreachable when it happened).
+REMEMBER_GONE = 256
 _NO_METADATA: Mapping[str, str] = MappingProxyType({})
 _NO_FAILURES: Mapping[Name, str] = MappingProxyType({})
 
@@ -126,6 +138,13 @@ class RosterChanged:
     session: SessionCore
     added: tuple[Name, ...] = ()
     removed: tuple[Name, ...] = ()
+
+
+@dataclass(slots=True)
+class ModeratorLost:
+    """A member stopped hearing the moderator (or heard it again: see ``moderator_lost``)."""
+
+    session: SessionCore
 
 
 @dataclass(slots=True)
@@ -229,6 +248,20 @@ class SessionCore:
         self._aad_send: bytes | None = None
         self._aad_recv: dict[tuple[Key, bool], bytes] = {}
         self._joiner = ""
+        # Liveness (see the module comment). `_hb_at` is the next heartbeat of a
+        # moderator, or when a member gives up on hearing the moderator.
+        self._hb_at: float | None = None
+        self._hb_seq = 0
+        self._heard: dict[Key, float] = {}
+        self._gone: OrderedDict[Key, float] = OrderedDict()
+        self._reported_off: set[Name] = set()  # a member: what the moderator's pings say
+        self._leaving: set[Key] = set()  # moderator: members that left, removal pending
+        #: Members this side does not wait for (publishes report them unreachable).
+        self.offline: frozenset[Name] = frozenset()
+        self.moderator_lost = False
+        if initiator and config.heartbeats:
+            assert config.heartbeat_interval is not None
+            self._hb_at = now + config.heartbeat_interval
         if config.mls_enabled:
             self.keys = SessionKeys(
                 owner.signing, owner.identity_of, window=config.window, now=now,
@@ -405,9 +438,13 @@ class SessionCore:
             ticket.resolve(DeliveryReport(mid, names, reliable=False))
             return ticket
         meta = dict(metadata) if metadata else None
-        if stream.track(mid, _Outgoing(payload, payload_type, meta, ticket), len(payload) + 64,
-                        names, now) is None:
+        offline = self.offline
+        p = stream.track(mid, _Outgoing(payload, payload_type, meta, ticket), len(payload) + 64,
+                         names, now, offline)
+        if p is None:
             ticket.resolve(DeliveryReport(mid, (), reliable=True))
+        elif offline and not p.waiting:
+            self._complete(p)
         return ticket
 
     def _publish_direct(self, payload: bytes, now: float, payload_type: str | None,
@@ -444,8 +481,10 @@ class SessionCore:
         if stream is None:
             ticket.resolve(DeliveryReport(mid, (name,), reliable=False))
             return ticket
-        stream.track(mid, _Outgoing(payload, payload_type, meta, ticket, direct_to=name),
-                     len(payload) + 64, (name,), now)
+        p = stream.track(mid, _Outgoing(payload, payload_type, meta, ticket, direct_to=name),
+                         len(payload) + 64, (name,), now, self.offline)
+        if p is not None and not p.waiting:
+            self._complete(p)
         return ticket
 
     def invite(self, name: Name, now: float) -> Ticket:
@@ -502,15 +541,25 @@ class SessionCore:
             return ticket
         self.state = State.CLOSING
         others = self._recipients()
-        if not others:
+        if not others or (self.group and self.moderator_lost):
+            # nobody to tell (or nobody answering): closing needs no goodbye
             self._finish_close("closed", now)
             ticket.resolve(None)
             return ticket
         if self.group and self.is_moderator:
             assert self.channel is not None
-            self._control(Kind.GROUP_CLOSE, self.channel.to_wire(),
-                          {"roster": [m.to_wire() for m in self.members.values()]}, now,
-                          waiting=others, fanout=2, on_reply=lambda *a: None,
+            body = {"roster": [m.to_wire() for m in self.members.values()]}
+            # Offline members (and members on their way out) are not waited for.
+            online = [k for k in others if self.members[k].name not in self.offline
+                      and k not in self._leaving]
+            if not online:
+                self.owner.send(self._frame(self.channel.to_wire(), Kind.GROUP_CLOSE,
+                                            self.owner.random_mid(), fanout=2,
+                                            body=encode_body(body)))
+                self._finish_close("closed", now)
+                return ticket
+            self._control(Kind.GROUP_CLOSE, self.channel.to_wire(), body, now,
+                          waiting=online, fanout=2, on_reply=lambda *a: None,
                           on_done=lambda: self._closed_after_ack(ticket),
                           on_fail=lambda e, w: self._closed_after_ack(ticket))
             return ticket
@@ -608,6 +657,11 @@ class SessionCore:
             assert self.config.timeout is not None
             assert self.config.max_retries is not None
             body["rel"] = [int(self.config.timeout * 1000), self.config.max_retries]
+        if self.config.heartbeats:
+            cfg = self.config
+            assert cfg.heartbeat_interval is not None
+            body["hb"] = [round(cfg.heartbeat_interval * 1000), cfg.heartbeat_misses,
+                          max(1, round(cfg.moderator_grace * 1000))]
         if self.keys is not None:
             body["mls"] = self.keys.join_body()
         joined: list[tuple[Member, object]] = []
@@ -633,8 +687,10 @@ class SessionCore:
             try:
                 commit, welcome = keys.add(key_package, member.subject, now)
             except E2EError as exc:
-                exc.session_id = self.sid
-                self._op_failed(ticket, exc, now)
+                self.owner.count(f"e2e:{exc.code}")
+                error = JoinFailedError(member.name, exc.code, str(exc), session_id=self.sid)
+                error.__cause__ = exc
+                self._op_failed(ticket, error, now)
                 return
             # Commits made before the welcome goes out (removing members that failed
             # this update) are sent along with it.
@@ -684,6 +740,8 @@ class SessionCore:
             elif on_ack is not None:
                 on_ack(k, d)
 
+        if self._leaving:
+            waiting = [k for k in waiting if k not in self._leaving]  # closed already
         if not waiting:
             then(set())
             return
@@ -725,6 +783,8 @@ class SessionCore:
         def on_done() -> None:
             self.members[key] = member
             self._roster_changed()
+            self._heard[key] = self._now
+            self._gone.pop(key, None)
             if not self.group:
                 self.destination = member.name
                 self.state = State.ESTABLISHED
@@ -734,6 +794,12 @@ class SessionCore:
             self._op_done(ticket, member.name, self._now)
 
         def on_fail(error: BaseException, missing: set[Key]) -> None:
+            if isinstance(error, SessionRejectedError) and \
+                    not isinstance(error, JoinFailedError):
+                failed = JoinFailedError(error.name, error.code, error.detail,
+                                         session_id=self.sid)
+                failed.__cause__ = error
+                error = failed
             # The members (and the group keys) already count the invitee: take it back out.
             if self.group:
                 self._remove_members([member], self._now, ack_from_gone=False,
@@ -744,10 +810,11 @@ class SessionCore:
         self._control(Kind.GROUP_WELCOME, member.name.to_wire(), body, now, waiting=None,
                       on_reply=on_reply, on_done=on_done, on_fail=on_fail)
 
-    def _remove_step_update(self, key: Key, ticket: Ticket, now: float, *, notify: bool) -> None:
+    def _remove_step_update(self, key: Key, ticket: Ticket, now: float, *, notify: bool,
+                            reason: str = "removed") -> None:
         member = self.members.get(key)
-        if member is None:
-            self._op_done(ticket, None, now)
+        if member is None or (reason == "unreachable" and member.name not in self.offline):
+            self._op_done(ticket, None, now)  # gone already, or back in the meantime
             return
 
         def after_update() -> None:
@@ -760,7 +827,8 @@ class SessionCore:
             else:
                 self._op_done(ticket, member.name, self._now)
 
-        self._remove_members([member], now, ack_from_gone=notify, then=after_update)
+        self._remove_members([member], now, ack_from_gone=notify, then=after_update,
+                             reason=reason)
 
     def _purge(self, keys: set[Key], now: float, *, then: Callable[[], None]) -> None:
         """Remove members that stopped answering or fell out of step, and tell them so."""
@@ -784,6 +852,8 @@ class SessionCore:
         gone_keys = {_key(m.name.to_wire()) for m in gone}
         others = [k for k in self.members if k != self.local_key and k not in gone_keys]
         body: dict[str, Any] = {"op": "remove", "gone": [m.to_wire() for m in gone]}
+        if reason == "unreachable":
+            body["why"] = reason  # members report it so too
         bodies = self._commit_bodies(body, others, now, [m.subject for m in gone])
         waiting = others + [k for k in gone_keys if ack_from_gone and k in self.members]
 
@@ -897,6 +967,15 @@ class SessionCore:
         if member is None:
             return
         self._roster_changed()
+        if member.name in self.offline:
+            self.offline = self.offline - {member.name}
+        self._reported_off.discard(member.name)
+        self._heard.pop(key, None)
+        self._leaving.discard(key)
+        if self.is_moderator:
+            self._gone[key] = now
+            while len(self._gone) > REMEMBER_GONE:
+                self._gone.popitem(last=False)
         self._recv.pop(key, None)
         self._recv_direct.pop(key, None)
         done = []
@@ -947,6 +1026,9 @@ class SessionCore:
             return
         if kind == Kind.RTX_REQUEST:
             self._on_rtx_request(src_key, d, now)
+            return
+        if kind == Kind.HEARTBEAT:
+            self._on_heartbeat(src_key, d, now)
             return
         if kind in (Kind.DISCOVERY_REPLY, Kind.JOIN_REPLY, Kind.GROUP_ACK, Kind.GROUP_NACK,
                     Kind.LEAVE_REPLY):
@@ -1275,6 +1357,9 @@ class SessionCore:
             self._reply(d, Kind.GROUP_ACK, self._ack_body())
             return
         keys = self.keys
+        if keys is not None and not keys.welcome_is_ours(body.get("mls")):
+            self.owner.count("e2e:foreign_welcome")  # an old one replayed: not ours to judge
+            return
         if keys is not None:
             assert self.moderator is not None
             try:
@@ -1302,6 +1387,8 @@ class SessionCore:
                     item[1], "next", 1)
         self.state = State.ESTABLISHED
         self._deadline = None
+        if self.config.heartbeats:
+            self._hb_at = now + self._silence()
         self._reply(d, Kind.GROUP_ACK, self._ack_body())
         self.owner.emit(Established(self))
         early, self._early = self._early, []
@@ -1360,10 +1447,11 @@ class SessionCore:
             self._reply(d, Kind.GROUP_ACK, reply)
         elif op == "remove":
             self._reply(d, Kind.GROUP_ACK, self._ack_body())
+            reason = "unreachable" if body.get("why") == "unreachable" else "removed"
             for who in gone:
                 key = _key(who.name.to_wire())
                 if key != self.local_key:
-                    self._drop_member(key, "removed", now)
+                    self._drop_member(key, reason, now)
         else:
             self._reply(d, Kind.GROUP_ACK, self._ack_body())
             # The refresh used our last envelope key: send the next one.
@@ -1407,6 +1495,7 @@ class SessionCore:
         if leaving and self.group and self.is_moderator:
             # A member leaves on its own: confirm, then tell the others.
             self._reply(d, Kind.LEAVE_REPLY, {})
+            self._leaving.add(key)
             ticket = Ticket("remove")
             self._queue(lambda t: self._remove_step_update(key, ticket, t, notify=False), ticket,
                         now)
@@ -1425,6 +1514,9 @@ class SessionCore:
 
     def get_timer(self) -> float | None:
         best = self._deadline
+        hb = self._hb_at
+        if hb is not None and (best is None or hb < best):
+            best = hb
         keys = self.keys
         if keys is not None:
             t = keys.timer()
@@ -1462,6 +1554,10 @@ class SessionCore:
             self._deadline = None
             if self.state is State.JOINING:
                 self._finish_close("no welcome", now, announce=False)
+                return
+        if self._hb_at is not None and now >= self._hb_at:
+            self._heartbeat(now)
+            if self.state is State.CLOSED:
                 return
         keys = self.keys
         if keys is not None:
@@ -1527,6 +1623,127 @@ class SessionCore:
                                   for m in lost]
                     self._deliver(items + list(released))
 
+    # -- liveness (groups with heartbeats) -------------------------------------------------
+
+    def _silence(self) -> float:
+        """How long a member may stay silent before it counts as gone."""
+        interval = self.config.heartbeat_interval
+        assert interval is not None
+        return interval * self.config.heartbeat_misses
+
+    def _heartbeat(self, now: float) -> None:
+        cfg = self.config
+        interval = cfg.heartbeat_interval
+        assert interval is not None
+        if not self.is_moderator:
+            # A member's deadline for hearing the moderator passed.
+            if self.moderator_lost:
+                self._finish_close("moderator_lost", now, announce=False)
+                return
+            self.moderator_lost = True
+            self.owner.count("moderator_lost")
+            self._hb_at = now + cfg.moderator_grace
+            self._member_offline(now)
+            self.owner.emit(ModeratorLost(self))
+            return
+        self._hb_at = now + interval
+        if self.state is not State.ESTABLISHED:
+            return
+        # Silent for `misses` intervals (half an interval is left for the answer's
+        # travel, since the check runs when the next ping leaves).
+        limit = (cfg.heartbeat_misses - 0.5) * interval
+        heard = self._heard
+        newly: list[Key] = []
+        for key, m in self.members.items():
+            if key == self.local_key:
+                continue
+            last = heard.get(key)
+            if last is None:
+                heard[key] = now
+            elif now - last >= limit and m.name not in self.offline:
+                newly.append(key)
+        if newly:
+            self.owner.count("members_offline")
+            self._set_offline(self.offline | {self.members[k].name for k in newly}, now)
+            if cfg.remove_offline:
+                for key in newly:
+                    self._queue_removal(key, now)
+        if len(self.members) > 1:
+            self._hb_seq = self._hb_seq % 0xFFFF_FFFF + 1
+            body = encode_body({"off": [n.to_wire() for n in self.offline]}) \
+                if self.offline else b""
+            dst, fanout = self._control_dst()
+            self.owner.send(self._frame(dst, Kind.HEARTBEAT, self._hb_seq, fanout=fanout,
+                                        body=body, control=False))
+
+    def _queue_removal(self, key: Key, now: float) -> None:
+        ticket = Ticket("remove")
+        self._queue(lambda t: self._remove_step_update(key, ticket, t, notify=False,
+                                                       reason="unreachable"), ticket, now)
+
+    def _on_heartbeat(self, src_key: Key, d: dict[str, Any], now: float) -> None:
+        if src_key == self.local_key:
+            return  # our own ping, back from the channel
+        if self.is_moderator:
+            # A member answers; one we removed while it was away learns it now.
+            if src_key in self.members:
+                self._heard[src_key] = now
+                name = self.members[src_key].name
+                if name in self.offline:
+                    self._set_offline(self.offline - {name}, now)
+            elif src_key in self._gone:
+                self.owner.send(self._frame(d["src"], Kind.LEAVE_REQUEST,
+                                            self.owner.random_mid()))
+            else:
+                self.owner.count("heartbeat_from_non_member")
+            return
+        if self.state is not State.ESTABLISHED or not self._from_moderator(d):
+            self.owner.count("heartbeat_ignored")
+            return
+        body = d.get("body")
+        reported: set[Name] = set()
+        if body:
+            off = decode_body(body).get("off")
+            if type(off) is not list or len(off) > MAX_ROSTER:
+                raise ProtocolViolation("heartbeat: expected a list of names")
+            for wire in off:
+                member = self.members.get(_key(name_of(wire, "off").to_wire()))
+                if member is not None and member.name != self.local:
+                    reported.add(member.name)
+        if self.config.heartbeats:
+            self._hb_at = now + self._silence()
+        recovered = self.moderator_lost
+        self.moderator_lost = False
+        self._reported_off = reported
+        self._member_offline(now)
+        if recovered:
+            self.owner.emit(ModeratorLost(self))
+        self.owner.send(self._frame(d["src"], Kind.HEARTBEAT, d["mid"], control=False))
+
+    def _member_offline(self, now: float) -> None:
+        """A member's offline set: what the moderator reports, and the moderator if lost."""
+        off = set(self._reported_off)
+        if self.moderator_lost and self.moderator is not None:
+            off.add(self.moderator.name)
+        if off != self.offline:
+            self._set_offline(off, now)
+
+    def _set_offline(self, names: AbstractSet[Name], now: float) -> None:
+        """Stop waiting for members that went offline (their messages fail "unreachable")."""
+        added = names - self.offline
+        self.offline = frozenset(names)
+        if not added:
+            return
+        done: list[Any] = []
+        for stream in (self._send, *self._send_direct.values()):
+            if stream is not None and stream.pending:
+                for name in added:
+                    done += stream.drop_recipient(name, "unreachable")
+        for p in done:
+            self._complete(p)
+        if done:
+            self._window_check()
+
     def _expire_held(self, keys: SessionKeys, now: float) -> None:
         # A reliable sender resends what was never acknowledged; best effort learns of the loss.
         for d in keys.expired(now):
@@ -1549,6 +1766,7 @@ class SessionCore:
         was_established = self.state in (State.ESTABLISHED, State.CLOSING)
         self.state = State.CLOSED
         self.close_reason = reason
+        self._hb_at = None
         error = SessionClosedError(self.sid, reason)
         # Pending control messages are dropped without running their follow-ups
         # (an operation must not go on in a closed session); their tickets fail here.
@@ -1603,5 +1821,5 @@ class _Rejected(Exception):
         return SessionRejectedError(name, code, msg, session_id=sid)
 
 
-__all__ = ["Closed", "Established", "InboxReady", "RosterChanged", "SessionCore", "State",
-           "TicketDone", "WindowFull", "WindowOpen"]
+__all__ = ["Closed", "Established", "InboxReady", "ModeratorLost", "RosterChanged",
+           "SessionCore", "State", "TicketDone", "WindowFull", "WindowOpen"]

@@ -17,7 +17,7 @@ import msgpack
 from node_lite import Identity, Name
 
 from ._e2e import E2EError, GroupState, KeyPackageSecret, SigningIdentity, make_key_package
-from ._e2e_base import as_bin
+from ._e2e_base import as_bin, as_map, open_signed, unpack
 from ._e2e_identity import decode_key_package
 
 __all__ = ["DecryptError", "Encryption", "SessionKeys", "aad_head", "aad_tail"]
@@ -134,6 +134,23 @@ class SessionKeys:
             raise E2EError("key_package", "key package of another identity", sender=subject)
         assert self.state is not None
         return self.state.add(key_package, self.verify, now)
+
+    def welcome_is_ours(self, welcome: object) -> bool:
+        """Whether a Welcome names our pending key package.
+
+        A replayed Welcome of an earlier join names another one: it is ignored
+        rather than refused, so it cannot end the join under way. An unreadable
+        one (or any, without a pending key package) counts as ours and is refused.
+        """
+        secret = self.kp_secret
+        if secret is None:
+            return True
+        try:
+            tbs, _ = open_signed(welcome, "welcome")
+            ref = as_map(unpack(tbs, "welcome.tbs"), "welcome.tbs").get("kp_ref")
+        except E2EError:
+            return True
+        return ref == secret.ref
 
     def join(self, welcome: object, moderator: str, now: float) -> None:
         """Invitee: enter the group from the Welcome."""
