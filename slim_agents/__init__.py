@@ -37,6 +37,7 @@ from ._errors import NotModeratorError as NotModeratorError
 from ._errors import ParticipantError as ParticipantError
 from ._errors import SessionClosedError as SessionClosedError
 from ._errors import SessionError as SessionError
+from ._errors import JoinFailedError as JoinFailedError
 from ._errors import SessionRejectedError as SessionRejectedError
 from ._errors import SessionTimeoutError as SessionTimeoutError
 from ._plugins import PluginError as PluginError
@@ -74,6 +75,7 @@ __all__ = [
     "E2EError",
     "Encryption",
     "Handle",
+    "JoinFailedError",
     "JoinInfo",
     "JwtProvider",
     "JwtVerifier",
