@@ -32,12 +32,12 @@ from ._e2e import E2EError as E2EError
 from ._e2e import SigningIdentity as SigningIdentity
 from ._errors import DeliveryError as DeliveryError
 from ._errors import DeliveryTimeoutError as DeliveryTimeoutError
+from ._errors import JoinFailedError as JoinFailedError
 from ._errors import MessageLostError as MessageLostError
 from ._errors import NotModeratorError as NotModeratorError
 from ._errors import ParticipantError as ParticipantError
 from ._errors import SessionClosedError as SessionClosedError
 from ._errors import SessionError as SessionError
-from ._errors import JoinFailedError as JoinFailedError
 from ._errors import SessionRejectedError as SessionRejectedError
 from ._errors import SessionTimeoutError as SessionTimeoutError
 from ._plugins import PluginError as PluginError
