@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from . import wire as wire
+from ._acl import AclRule as AclRule
+from ._acl import ChannelModerator as ChannelModerator
+from ._acl import SubscribeAcl as SubscribeAcl
 from ._auth import DEFAULT_CLOCK_SKEW as DEFAULT_CLOCK_SKEW
 from ._auth import DEFAULT_VALIDITY as DEFAULT_VALIDITY
 from ._auth import Identity as Identity
@@ -42,6 +45,7 @@ from ._jwt import StaticJwtProvider as StaticJwtProvider
 from ._jwt import jwks_from_public_keys as jwks_from_public_keys
 from ._jwt import load_trust_bundle as load_trust_bundle
 from ._limits import Limits as Limits
+from ._limits import RatePolicy as RatePolicy
 from ._limits import SlowConsumerPolicy as SlowConsumerPolicy
 from ._names import Name as Name
 from ._names import instance_id_for as instance_id_for
@@ -58,7 +62,9 @@ __all__ = [
     "DEFAULT_CLOCK_SKEW",
     "DEFAULT_VALIDITY",
     "READY_PREFIX",
+    "AclRule",
     "AuthenticationError",
+    "ChannelModerator",
     "ClientConfig",
     "ConfigError",
     "ConnectError",
@@ -83,6 +89,7 @@ __all__ = [
     "NodeProcess",
     "NodeStatistics",
     "ProtocolError",
+    "RatePolicy",
     "RoutingTable",
     "ServerConfig",
     "SharedSecretProvider",
@@ -90,6 +97,7 @@ __all__ = [
     "SlimError",
     "SlowConsumerPolicy",
     "StaticJwtProvider",
+    "SubscribeAcl",
     "TlsConfig",
     "TokenProvider",
     "TokenVerifier",

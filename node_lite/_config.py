@@ -1,6 +1,7 @@
 # Node configuration: frozen dataclasses, validated on creation, and the
 # loader for upstream's YAML format (the tutorial's file is accepted as
-# written). Extensions of ours live under the service: `auth` and `limits`.
+# written). Extensions of ours live under the service: `auth`, `limits` and
+# `acl` (subscribe rules and moderated channels, see _acl.py).
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from ._acl import AclRule, SubscribeAcl
 from ._errors import ConfigError
-from ._limits import Limits, SlowConsumerPolicy
+from ._limits import Limits, RatePolicy, SlowConsumerPolicy
 
 DEFAULT_NODE_ID = "slim/0"
 # Upstream's data-plane port, used when an endpoint gives none.
@@ -162,6 +164,7 @@ class NodeConfig:
         the node in development mode (tokens are read, not checked).
     :param token_secret: the node's own identity secret for links and the
         controller (the tutorial's ``controller.token_provider.shared_secret``).
+    :param acl: who may subscribe to what; the default allows everything.
     """
 
     node_id: str = DEFAULT_NODE_ID
@@ -173,10 +176,13 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     log_level: str = "info"
     drain_timeout: float = 10.0
+    acl: SubscribeAcl = field(default_factory=SubscribeAcl)
 
     def __post_init__(self) -> None:
         if not self.node_id or not isinstance(self.node_id, str):
             raise ConfigError("node_id must be a non-empty string")
+        if not isinstance(self.acl, SubscribeAcl):
+            raise ConfigError("acl must be a SubscribeAcl")
         if self.log_level.lower() not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
 
@@ -252,7 +258,7 @@ def _limits(raw: object, where: str) -> Limits:
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"{where}: unknown limits {sorted(unknown)}")
-    for key in ("write_deadline", "hello_timeout", "keepalive"):
+    for key in ("write_deadline", "hello_timeout", "keepalive", "read_timeout"):
         if key in d:
             d[key] = parse_duration(d[key], f"{where}.{key}")
     if "slow_consumer" in d:
@@ -260,10 +266,43 @@ def _limits(raw: object, where: str) -> Limits:
             d["slow_consumer"] = SlowConsumerPolicy(d["slow_consumer"])
         except ValueError:
             raise ConfigError(f"{where}.slow_consumer: one of wait, drop, disconnect") from None
+    if "rate_policy" in d:
+        try:
+            d["rate_policy"] = RatePolicy(d["rate_policy"])
+        except ValueError:
+            raise ConfigError(f"{where}.rate_policy: one of pause, drop") from None
     try:
         return Limits(**d)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _acl(raw: object, where: str) -> SubscribeAcl:
+    d = _map(raw, where)
+    unknown = set(d) - {"default", "moderated", "rules"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    rules = []
+    for i, r in enumerate(_list(d.get("rules"), f"{where}.rules")):
+        w = f"{where}.rules[{i}]"
+        rd = _map(r, w)
+        extra = set(rd) - {"subjects", "allow", "deny"}
+        if extra:
+            raise ConfigError(f"{w}: unknown keys {sorted(extra)}")
+        try:
+            rules.append(AclRule(subjects=tuple(_list(rd.get("subjects", ["*"]), f"{w}.subjects")),
+                                 allow=tuple(_list(rd.get("allow"), f"{w}.allow")),
+                                 deny=tuple(_list(rd.get("deny"), f"{w}.deny"))))
+        except ConfigError as exc:
+            raise ConfigError(f"{w}: {exc}") from None
+    kwargs: dict[str, Any] = {"rules": tuple(rules)}
+    for key in ("default", "moderated"):
+        if key in d:
+            kwargs[key] = tuple(_list(d[key], f"{where}.{key}"))
+    try:
+        return SubscribeAcl(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def config_from_mapping(doc: object) -> NodeConfig:
@@ -327,11 +366,12 @@ def config_from_mapping(doc: object) -> NodeConfig:
     auth = _map(service.get("auth"), f"{where}.auth")
     shared_secret = _opt_str(auth.get("shared_secret"), f"{where}.auth.shared_secret")
     limits = _limits(service.get("limits"), f"{where}.limits")
+    acl = _acl(service.get("acl"), f"{where}.acl")
     return NodeConfig(
         node_id=node_id, servers=tuple(servers), links=tuple(links),
         controller_clients=tuple(ctl_clients), shared_secret=shared_secret,
         token_secret=token_secret, limits=limits, log_level=log_level.lower(),
-        drain_timeout=drain,
+        drain_timeout=drain, acl=acl,
     )
 
 

@@ -17,10 +17,15 @@
 # * A frame never goes back out the connection it came in on.
 # * Writes go to sinks; a sink over its limit is handled by the slow-consumer
 #   policy here (drop or disconnect) or reported to the driver (wait).
+# * An app connection may have an inbound token bucket: over it, publishes
+#   are dropped (DROP) or the driver is told to pause reading (PAUSE).
+# * A subscription passes the subscribe ACL, then (for a claimed or
+#   moderated channel) the moderator's grant, before it touches the table.
 from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -29,6 +34,7 @@ from typing import Any, Protocol
 
 import msgpack
 
+from ._acl import SubscribeAcl, check_grant
 from ._auth import Identity, TokenProvider, TokenVerifier, parse_unverified
 from ._errors import (
     AuthenticationError,
@@ -37,7 +43,7 @@ from ._errors import (
     ProtocolError,
     UnknownMessageTypeError,
 )
-from ._limits import Limits, SlowConsumerPolicy
+from ._limits import Limits, RatePolicy, SlowConsumerPolicy
 from ._names import Name, instance_id_for
 from ._routing import RoutingTable
 from .wire import (
@@ -69,11 +75,16 @@ from .wire import (
 
 log = logging.getLogger("node_lite.node")
 
-# Frames before the hello is accepted are tiny; bound pre-auth work.
+# Frames before the hello is accepted are tiny; bound pre-auth work. (Tokens
+# are verified synchronously here, one at a time, so there is no pool of
+# concurrent verifications to bound with a semaphore as upstream does;
+# Limits.max_connections bounds the connections waiting for their hello.)
 PRE_AUTH_MAX_FRAME = 16 * 1024
 # A connection that sends this many malformed frames within the window is closed.
 MALFORMED_STRIKES = 3
 MALFORMED_WINDOW = 10.0
+# At most one rate_limited error per connection in this many seconds (the rest are counted).
+RATE_ERROR_INTERVAL = 1.0
 
 
 class ConnKind(enum.Enum):
@@ -143,6 +154,14 @@ class _Conn:
     flows: list[_Flow] = field(default_factory=list)
     card: bytes | None = None
     closed: bool = False
+    read_deadline: float | None = None  # set while part of a frame is held
+    read_paused: bool = False  # the driver stopped reading: silence is ours, not the peer's
+    # inbound token bucket (app connections, when a rate is configured)
+    tokens_frames: float = math.inf
+    tokens_bytes: float = math.inf
+    rate_at: float = 0.0
+    rate_error_at: float = -math.inf
+    rate_dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,10 +195,19 @@ class NodeCore:
         peer_token: TokenProvider | None = None,
         rng: random.Random | None = None,
         flow_cache: bool = True,
+        acl: SubscribeAcl | None = None,
     ) -> None:
         self.node_id = node_id
         self.flow_cache = flow_cache
         self.limits = limits or Limits()
+        self.acl = acl or SubscribeAcl()
+        self._rate_limited = self.limits.rate_limited
+        # claimed channel (service, id) -> the moderator's public key
+        self._claims: dict[tuple[tuple[str, str, str], int | None], bytes] = {}
+        #: When the driver's timer is due (set by get_timer); a new earlier
+        #: deadline sets ``timer_poke`` so the driver re-reads get_timer.
+        self.timer_due = math.inf
+        self.timer_poke = False
         self.verifier = verifier
         self.peer_token = peer_token
         self.table = RoutingTable(node_id, rng=rng)
@@ -208,6 +236,12 @@ class NodeCore:
             opened_at=now, deadline=now + self.limits.hello_timeout,
         )
         self._conns[conn_id] = conn
+        if not dial and len(self._conns) > self.limits.max_connections:
+            self.refused += 1
+            self.drops["max_connections"] += 1
+            self._fail(conn, ErrorCode.LIMIT_EXCEEDED,
+                       f"the node serves at most {self.limits.max_connections} connections")
+            return
         if dial:
             token = self.peer_token.get_token(now=now) if self.peer_token else ""
             self._write(conn, encode_frame(Hello(token=token, role="peer", node_id=self.node_id)))
@@ -229,12 +263,23 @@ class NodeCore:
         if conn.kind is ConnKind.PEER:
             log.info("link to %s (conn %d) is down", conn.peer_node, conn_id)
         self._send_updates(self.table.remove_connection(conn_id))
+        if self._claims:
+            for claim in list(self._claims):
+                self._release_claim(claim)
 
     def get_timer(self) -> float | None:
         """The next time :meth:`handle_timer` must run, if any."""
-        deadlines = [d for c in self._conns.values() for d in (c.deadline, c.next_ping)
-                     if d is not None]
-        return min(deadlines) if deadlines else None
+        deadlines = [d for c in self._conns.values()
+                     for d in (c.deadline, c.next_ping,
+                               None if c.read_paused else c.read_deadline) if d is not None]
+        due = min(deadlines) if deadlines else None
+        self.timer_due = math.inf if due is None else due
+        return due
+
+    def _arm(self, deadline: float) -> None:
+        if deadline < self.timer_due:
+            self.timer_due = deadline
+            self.timer_poke = True
 
     def handle_timer(self, now: float) -> None:
         """Close connections whose hello did not arrive in time; keep links alive."""
@@ -246,6 +291,12 @@ class NodeCore:
                 conn.deadline = None
                 self.refused += 1
                 self._fail(conn, ErrorCode.UNAUTHENTICATED, "no hello before the deadline")
+            elif conn.read_deadline is not None and now >= conn.read_deadline \
+                    and not conn.read_paused:
+                conn.read_deadline = None
+                self.drops["read_timeout"] += 1
+                self._fail(conn, ErrorCode.READ_TIMEOUT,
+                           f"part of a frame held for {self.limits.read_timeout:g} s")
             elif conn.next_ping is not None and now >= conn.next_ping:
                 if now - conn.last_rx > 3 * keepalive:
                     conn.next_ping = None
@@ -271,6 +322,20 @@ class NodeCore:
         self.touched = []
         conn.last_rx = now
         conn.bytes_in += len(data)
+        # Held until cleared below, when no partial frame is left.
+        conn.read_deadline = deadline = now + self.limits.read_timeout
+        if deadline < self.timer_due:
+            self._arm(deadline)
+        limits = self.limits
+        # PAUSE charges everything read; DROP charges (and drops) publishes only.
+        drop_mode = pause_mode = False
+        if self._rate_limited and conn.kind is ConnKind.APP:
+            self._refill(conn, now)
+            if limits.rate_policy is RatePolicy.DROP:
+                drop_mode = True
+            else:
+                pause_mode = True
+                conn.tokens_bytes -= len(data)
         decoder = conn.decoder
         try:
             buf = decoder.prepare(data)
@@ -287,6 +352,7 @@ class NodeCore:
         table = self.table
         size = len(buf)
         pos = frames = 0
+        use_flows = True
         # One walk over the frame lengths; runs of frames that match a known
         # flow are forwarded as one slice (see "Flow cache" above).
         while size - pos >= 4:
@@ -300,7 +366,7 @@ class NodeCore:
             if end > size:
                 break
             frames += 1
-            if flows:
+            if flows and use_flows:
                 for flow in flows:
                     if buf.startswith(flow.prefix, pos + 4, end):
                         break
@@ -331,6 +397,12 @@ class NodeCore:
                         head = buf[pos:pos + 4] + prefix
                         pos = end
                         run += 1
+                    if drop_mode and not self._take(conn, run, pos - start):
+                        # Over the rate: walk these frames one by one instead.
+                        pos = start
+                        frames -= 1
+                        use_flows = False
+                        continue
                     frames += run - 1
                     chunk = view[start:pos]
                     for target in flow.targets:
@@ -345,7 +417,10 @@ class NodeCore:
                 d = decode_frame(frame[4:], check_ext=check_ext and span_may_hold_timestamp(
                     buf, end - len(frame), end))
                 if d["t"] == "pub" and conn.kind in _ROUTING:
-                    self._on_publish(conn, frame, d, buf, end - len(frame))
+                    if drop_mode and not self._take(conn, 1, len(frame)):
+                        self._rate_drop(conn, d, now)
+                    else:
+                        self._on_publish(conn, frame, d, buf, end - len(frame))
                 else:
                     self._on_control(conn, d, now)
             except UnknownMessageTypeError as exc:
@@ -364,7 +439,71 @@ class NodeCore:
                 decoder.keep(buf, pos)
             except FrameTooLargeError as exc:
                 self._fail(conn, ErrorCode.FRAME_TOO_LARGE, str(exc))
+            if not decoder.buffered:
+                conn.read_deadline = None
+            if pause_mode:
+                conn.tokens_frames -= frames
         return congested
+
+    # -- inbound rate ----------------------------------------------------------------
+
+    def _refill(self, conn: _Conn, now: float) -> None:
+        elapsed = now - conn.rate_at
+        if elapsed > 0:
+            limits = self.limits
+            conn.rate_at = now
+            burst = limits.rate_burst
+            conn.tokens_frames = min(conn.tokens_frames + elapsed * limits.rate_frames,
+                                     limits.rate_frames * burst)
+            conn.tokens_bytes = min(conn.tokens_bytes + elapsed * limits.rate_bytes,
+                                    limits.rate_bytes * burst)
+
+    def _take(self, conn: _Conn, frames: int, size: int) -> bool:
+        if conn.tokens_frames >= frames and conn.tokens_bytes >= size:
+            conn.tokens_frames -= frames
+            conn.tokens_bytes -= size
+            return True
+        return False
+
+    def _rate_drop(self, conn: _Conn, d: dict[str, Any], now: float) -> None:
+        self.drops["rate_limited"] += 1
+        conn.drops["rate_limited"] += 1
+        conn.rate_dropped += 1
+        if now - conn.rate_error_at >= RATE_ERROR_INTERVAL:
+            conn.rate_error_at = now
+            dropped, conn.rate_dropped = conn.rate_dropped, 0
+            mid, sid = d.get("mid"), d.get("sid")
+            self._error(conn, ErrorCode.RATE_LIMITED,
+                        f"over the inbound rate limit: {dropped} publish(es) dropped",
+                        ref=mid if type(mid) is int else None,
+                        session_id=sid if type(sid) is int else None)
+
+    def reading_paused(self, conn_id: int, paused: bool, now: float) -> None:
+        """The driver stops (or resumes) reading ``conn_id`` for flow control.
+
+        While paused the read timeout does not run; on resume it restarts.
+        """
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return
+        conn.read_paused = paused
+        if not paused and conn.read_deadline is not None:
+            conn.read_deadline = deadline = now + self.limits.read_timeout
+            self._arm(deadline)
+
+    def read_pause(self, conn_id: int, now: float) -> float:
+        """Seconds the driver should wait before reading ``conn_id`` again (PAUSE policy)."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.closed or conn.kind is not ConnKind.APP \
+                or not self._rate_limited:
+            return 0.0
+        self._refill(conn, now)
+        wait = 0.0  # a bucket below zero only exists for a finite rate
+        if conn.tokens_frames < 0:
+            wait = -conn.tokens_frames / self.limits.rate_frames
+        if conn.tokens_bytes < 0:
+            wait = max(wait, -conn.tokens_bytes / self.limits.rate_bytes)
+        return wait
 
     def _strike(self, conn: _Conn, exc: ProtocolError, now: float) -> None:
         self.drops["malformed"] += 1
@@ -397,7 +536,7 @@ class NodeCore:
                 self._fail(conn, ErrorCode.UNAUTHENTICATED, "expected hello_ack")
             return
         if isinstance(msg, Subscribe):
-            self._on_subscribe(conn, msg)
+            self._on_subscribe(conn, msg, now)
         elif isinstance(msg, Unsubscribe):
             self._on_unsubscribe(conn, msg)
         elif isinstance(msg, Ping):
@@ -492,6 +631,10 @@ class NodeCore:
         conn.kind = ConnKind.APP
         conn.name = hello.name
         conn.name_wire = hello.name.to_wire()
+        limits = self.limits
+        conn.rate_at = now
+        conn.tokens_frames = limits.rate_frames * limits.rate_burst
+        conn.tokens_bytes = limits.rate_bytes * limits.rate_burst
         self._write(conn, encode_frame(HelloAck(
             conn_id=conn.id, node_id=self.node_id, max_frame_size=self.limits.max_frame_size)))
         # Unicast and anycast to the app work from the first moment.
@@ -524,16 +667,62 @@ class NodeCore:
         full = self.table.add_link(conn.id, peer_node)
         self._write(conn, encode_frame(full))
 
-    def _on_subscribe(self, conn: _Conn, msg: Subscribe) -> None:
+    def _on_subscribe(self, conn: _Conn, msg: Subscribe, now: float) -> None:
         if conn.kind is not ConnKind.APP:
             raise MalformedFrameError("subscriptions come from apps; links send route updates")
         if conn.subscriptions >= self.limits.max_subscriptions:
+            self.drops["subscribe_limit"] += 1
             self._ack(conn, msg.request_id, ok=False, code=ErrorCode.LIMIT_EXCEEDED,
                       message=f"at most {self.limits.max_subscriptions} subscriptions")
             return
+        refusal = self._subscribe_refusal(conn, msg, now)
+        if refusal is not None:
+            self.drops["forbidden_subscribe"] += 1
+            conn.drops["forbidden_subscribe"] += 1
+            log.info("conn %d: subscribe to %s refused: %s", conn.id, msg.name, refusal)
+            self._ack(conn, msg.request_id, ok=False, code=ErrorCode.FORBIDDEN_SUBSCRIBE,
+                      message=refusal)
+            return
+        if msg.claim is not None:
+            self._claims[(msg.name.service, msg.name.id)] = msg.claim
         conn.subscriptions += 1
         self._send_updates(self.table.subscribe(msg.name, conn.id))
         self._ack(conn, msg.request_id)
+
+    def _subscribe_refusal(self, conn: _Conn, msg: Subscribe, now: float) -> str | None:
+        """Why the ACL or the channel's moderator refuses this subscription, if they do."""
+        acl = self.acl
+        if acl.is_open and not self._claims and msg.claim is None:
+            return None
+        name = msg.name
+        subject = conn.identity.subject if conn.identity else ""
+        if not acl.allows(subject, conn.name, name):
+            return f"the subscribe ACL does not allow {name}"
+        key = (name.service, name.id)
+        claimed = self._claims.get(key)
+        if msg.claim is not None:
+            if name.id is not None:
+                return "only a channel (a name without an instance id) can be claimed"
+            if claimed is not None:
+                return None if claimed == msg.claim else \
+                    f"{name} is moderated by another key"
+            if any(c != conn.id for c in self.table.local_connections(name)):
+                return f"{name} already has subscribers; it can only be claimed while unused"
+            return None
+        if claimed is None:
+            if acl.is_moderated(name):
+                return f"{name} is moderated and its moderator has not claimed it"
+            return None
+        if msg.grant is None:
+            return f"{name} is moderated: a grant from its moderator is required"
+        assert conn.name is not None
+        return check_grant(claimed, msg.grant, name, conn.name, now)
+
+    def _release_claim(self, key: tuple[tuple[str, str, str], int | None]) -> None:
+        # A claim lasts while the channel has subscribers here (a moderator that
+        # reconnects re-claims with the same key).
+        if not self.table.local_connections(Name(*key[0], key[1])):
+            del self._claims[key]
 
     def _on_unsubscribe(self, conn: _Conn, msg: Unsubscribe) -> None:
         if conn.kind is not ConnKind.APP:
@@ -541,6 +730,9 @@ class NodeCore:
         existed, updates = self.table.unsubscribe(msg.name, conn.id)
         if existed:
             conn.subscriptions -= 1
+            key = (msg.name.service, msg.name.id)
+            if key in self._claims:
+                self._release_claim(key)
         self._send_updates(updates)
         self._ack(conn, msg.request_id, ok=existed,
                   code=None if existed else "not_subscribed",
@@ -564,6 +756,14 @@ class NodeCore:
                 self.drops["forbidden_source"] += 1
                 self._error(conn, ErrorCode.FORBIDDEN_SOURCE,
                             f"this connection may only send as {conn.name}",
+                            ref=d.get("mid"), session_id=d.get("sid"))
+                return
+            if self._claims and (service, dst[3]) in self._claims \
+                    and conn.id not in self.table.local_connections(Name(*dst)):
+                # Only members of a moderated channel speak on it.
+                self.drops["forbidden_publish"] += 1
+                self._error(conn, ErrorCode.FORBIDDEN_PUBLISH,
+                            f"{Name(*dst)} is moderated; only its subscribers publish to it",
                             ref=d.get("mid"), session_id=d.get("sid"))
                 return
             origins = None
@@ -604,6 +804,10 @@ class NodeCore:
         if not buf.startswith(prefix, start + 4):
             return
         flows = conn.flows
+        for old in flows:
+            if old.prefix == prefix:  # re-learned after a rate-limited walk: replace it
+                flows.remove(old)
+                break
         if len(flows) >= MAX_FLOWS:
             flows.pop()
         flows.insert(0, _Flow(prefix, tuple(c for c in conns if c is not None),
@@ -706,7 +910,7 @@ class NodeCore:
 
     def _close(self, conn: _Conn, code: str | None, message: str) -> None:
         conn.closed = True
-        conn.deadline = conn.next_ping = None
+        conn.deadline = conn.next_ping = conn.read_deadline = None
         conn.sink.close(code, message)
 
     def _send_updates(self, updates: dict[int, RouteUpdate]) -> None:

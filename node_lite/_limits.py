@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, fields
 
 from ._errors import ConfigError
@@ -23,6 +24,26 @@ DEFAULT_MAX_TOKEN_SIZE = 8192
 DEFAULT_TTL = 8
 # Links ping this often and are dropped after three silent intervals.
 DEFAULT_KEEPALIVE = 5.0
+# A connection holding part of a frame that sends nothing for this long is closed.
+DEFAULT_READ_TIMEOUT = 30.0
+# Connections one node serves at once (inbound, any state); more are refused.
+DEFAULT_MAX_CONNECTIONS = 10_000
+# Inbound rate of an app connection: unlimited unless configured (the design's
+# 5 000 frames/s would cap single-stream throughput, which benchmarks measure).
+DEFAULT_RATE_BURST = 2.0
+
+
+class RatePolicy(enum.Enum):
+    """What a node does with an app connection that sends faster than its rate limit.
+
+    PAUSE: the node stops reading the connection until its token bucket
+    refills (backpressure; nothing is lost).
+    DROP: publishes over the limit are dropped and the sender gets
+    ``err rate_limited`` (at most one per second, with the count).
+    """
+
+    PAUSE = "pause"
+    DROP = "drop"
 
 
 class SlowConsumerPolicy(enum.Enum):
@@ -57,6 +78,18 @@ class Limits:
     ttl: int = DEFAULT_TTL
     keepalive: float = DEFAULT_KEEPALIVE
     slow_consumer: SlowConsumerPolicy = SlowConsumerPolicy.WAIT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: Token bucket per app connection: frames and bytes per second (inf = off),
+    #: holding up to ``rate_burst`` seconds' worth.
+    rate_frames: float = math.inf
+    rate_bytes: float = math.inf
+    rate_burst: float = DEFAULT_RATE_BURST
+    rate_policy: RatePolicy = RatePolicy.PAUSE
+
+    @property
+    def rate_limited(self) -> bool:
+        return math.isfinite(self.rate_frames) or math.isfinite(self.rate_bytes)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -64,6 +97,10 @@ class Limits:
             if f.name == "slow_consumer":
                 if not isinstance(value, SlowConsumerPolicy):
                     raise ConfigError(f"slow_consumer must be a SlowConsumerPolicy, got {value!r}")
+                continue
+            if f.name == "rate_policy":
+                if not isinstance(value, RatePolicy):
+                    raise ConfigError(f"rate_policy must be a RatePolicy, got {value!r}")
                 continue
             # "not > 0" also refuses NaN
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
@@ -76,3 +113,8 @@ class Limits:
             raise ConfigError("max_pending_bytes must be at least max_frame_size")
         if self.ttl > 255:
             raise ConfigError("ttl must be at most 255")
+        if self.rate_burst < 1:
+            raise ConfigError("rate_burst must be at least 1 (seconds of rate)")
+        if self.rate_bytes * self.rate_burst < self.max_frame_size:
+            # a bucket that cannot hold one full frame would refuse it forever
+            raise ConfigError("rate_bytes * rate_burst must be at least max_frame_size")

@@ -134,6 +134,12 @@ class RoutingTable:
             served.append(origin)
         return out
 
+    def local_connections(self, name: Name) -> list[int]:
+        """Connections routed ``name`` exactly (subscriptions and static routes), no wildcard."""
+        svc = self._services.get(name.service)
+        conns = svc.local.get(name.id) if svc else None
+        return list(conns) if conns else []
+
     def names_for(self, conn: int) -> list[Name]:
         """Local names routed to ``conn``."""
         return [

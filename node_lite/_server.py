@@ -22,6 +22,7 @@ from ._auth import SharedSecretProvider, SharedSecretVerifier, TokenProvider, To
 from ._config import ClientConfig, NodeConfig, ServerConfig, split_endpoint
 from ._core import ConnectionStatistics, ConnKind, NodeCore
 from ._errors import ConfigError, ProtocolError
+from ._limits import RatePolicy
 from ._names import Name
 from ._transport import (
     Outbox,
@@ -113,7 +114,7 @@ class Node:
         if peer_token is None and secret is not None:
             peer_token = SharedSecretProvider(f"node/{cfg.node_id}".replace(":", "_"), secret)
         self.core = NodeCore(cfg.node_id, limits=cfg.limits, verifier=verifier,
-                             peer_token=peer_token, rng=rng)
+                             peer_token=peer_token, rng=rng, acl=cfg.acl)
         self._ids = itertools.count(1)
         self._outboxes: dict[int, Outbox] = {}
         self._batch = WriteBatch()
@@ -247,6 +248,7 @@ class Node:
         size = read_size(stream)
         core = self.core
         batch = self._batch
+        rate_pause = limits.rate_limited and limits.rate_policy is RatePolicy.PAUSE
         try:
             async with anyio.create_task_group() as tg:
                 async def write() -> None:
@@ -270,6 +272,9 @@ class Node:
                         break
                     finally:
                         batch.active = False
+                    if core.timer_poke:
+                        core.timer_poke = False
+                        self._poke_timer()
                     if core.command_results:
                         self._relay_command_results()
                     touched, core.touched = core.touched, []
@@ -285,7 +290,20 @@ class Node:
                             log.exception("conn %d: flushing a consumer failed", conn_id)
                             sink.wake_writer()  # type: ignore[attr-defined]
                     if congested:
+                        core.reading_paused(conn_id, True, time.time())
                         await self._wait_congested(congested)
+                        core.reading_paused(conn_id, False, time.time())
+                    if rate_pause:
+                        pause = core.read_pause(conn_id, time.time())
+                        if pause > 0:
+                            # Over its rate: leave the bytes in the socket (backpressure).
+                            core.reading_paused(conn_id, True, time.time())
+                            with anyio.move_on_after(pause):
+                                await outbox.wait_finished()
+                            core.reading_paused(conn_id, False, time.time())
+                    if core.timer_poke:
+                        core.timer_poke = False
+                        self._poke_timer()
                 # The peer is gone or the core closed it: flush what is queued, then stop.
                 outbox.close(None, "connection ended")
         finally:

@@ -35,6 +35,7 @@ from ._names import MAX_ID, Name
 
 __all__ = [
     "MAX_CARD_SIZE",
+    "MAX_GRANT_SIZE",
     "PROTOCOL_VERSION",
     "Announce",
     "Command",
@@ -119,13 +120,18 @@ class ErrorCode(enum.StrEnum):
     UNAUTHENTICATED = "unauthenticated"
     FORBIDDEN_SOURCE = "forbidden_source"
     FORBIDDEN_SUBSCRIBE = "forbidden_subscribe"
+    FORBIDDEN_PUBLISH = "forbidden_publish"
     RATE_LIMITED = "rate_limited"
     SLOW_CONSUMER = "slow_consumer"
     LIMIT_EXCEEDED = "limit_exceeded"
     NO_ROUTE = "no_route"
     TTL_EXPIRED = "ttl_expired"
     SHUTTING_DOWN = "shutting_down"
+    READ_TIMEOUT = "read_timeout"
 
+
+# Largest moderator grant a subscribe may carry.
+MAX_GRANT_SIZE = 2048
 
 # -- field checks -----------------------------------------------------------------------
 # Each returns the checked value or raises MalformedFrameError/LimitExceededError.
@@ -290,15 +296,32 @@ class Subscribe:
     TYPE: ClassVar[str] = "sub"
     name: Name
     request_id: int = 0
+    #: A moderator's Ed25519 public key claiming the channel (see ChannelModerator).
+    claim: bytes | None = None
+    #: A moderator-signed grant for a moderated channel.
+    grant: bytes | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "name": self.name.to_wire(),
-                "rid": self.request_id}
+        d: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": self.TYPE,
+                             "name": self.name.to_wire(), "rid": self.request_id}
+        if self.claim is not None:
+            d["claim"] = self.claim
+        if self.grant is not None:
+            d["grant"] = self.grant
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> Subscribe:
+        claim = d.get("claim")
+        if claim is not None and (type(claim) is not bytes or len(claim) != 32):
+            raise MalformedFrameError("expected a 32-byte public key", field="claim")
+        grant = d.get("grant")
+        if grant is not None and type(grant) is not bytes:
+            raise MalformedFrameError("expected binary data", field="grant")
+        if grant is not None and len(grant) > MAX_GRANT_SIZE:
+            raise LimitExceededError("field 'grant'", MAX_GRANT_SIZE, len(grant))
         return cls(name=_name(d.get("name"), "name", limits, wildcard=True),
-                   request_id=_int(d, "rid", 0, _U32, 0))
+                   request_id=_int(d, "rid", 0, _U32, 0), claim=claim, grant=grant)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -9,8 +9,9 @@ Usage (the node may run in this process or in a child process)::
 On leaving the block (only when the body did not raise) the check
 
 1. waits up to ``settle`` seconds (2 s) for the node's resources to return to
-   the snapshot taken on entry: open fds and tasks exactly, RSS within
-   ``rss_slack_mb`` above it (shrinking is fine);
+   the snapshot taken on entry, and stay there for three samples 10 ms apart:
+   open fds and tasks exactly, RSS within ``rss_slack_mb`` above it
+   (shrinking is fine);
 2. runs :func:`health_probe` against the node (connect, subscribe, echo);
 3. waits again, so that the probe itself left nothing behind.
 
@@ -26,6 +27,11 @@ What is measured:
   exit). The child's event-loop tasks are not visible from outside; every
   node task belongs to a connection or a listener, each of which holds an fd,
   so the exact fd count stands in for them.
+
+:func:`process_check` is the same check for this process alone (no node to
+probe): for scenarios that start and stop a node inside the block, or only
+run clients. :func:`snapshot` and :func:`wait_for_baseline` are the pieces,
+for scenarios that replace the node (crash and restart) in the middle.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ __all__ = [
     "ResourceLeakError",
     "ResourceSnapshot",
     "health_probe",
+    "process_check",
     "resource_check",
     "snapshot",
     "wait_for_baseline",
@@ -65,6 +72,8 @@ MiB = 1 << 20
 # Placeholder secret for nodes in development mode (tokens are read, not checked).
 _DEV_SECRET = "resource-probe-development-mode-secret-0123456789"
 _probe_ids = iter(range(1, 1 << 62))
+# Consecutive matching samples (10 ms apart) that count as "back to baseline".
+_STABLE_SAMPLES = 3
 
 
 class ResourceLeakError(AssertionError):
@@ -113,21 +122,24 @@ def _task_count() -> int:
             return 1 + sum(walk(child) for nursery in task.child_nurseries
                            for child in nursery.child_tasks)
 
-        return walk(trio.lowlevel.current_root_task())
+        root = trio.lowlevel.current_root_task()
+        assert root is not None, "not inside trio.run"
+        return walk(root)
     import asyncio
 
     return len(asyncio.all_tasks())
 
 
-def snapshot(node: Node | NodeProcess) -> ResourceSnapshot:
-    """Measure a node now (for an in-process node, call from its event loop)."""
+def snapshot(node: Node | NodeProcess | None) -> ResourceSnapshot:
+    """Measure a node now (in-process or ``None``: this process; call from its event loop)."""
     if isinstance(node, NodeProcess):
         pid = node.process.pid
         return ResourceSnapshot(fds=_count(f"/proc/{pid}/fd"), rss=_rss(pid),
                                 threads=_count(f"/proc/{pid}/task"))
     return ResourceSnapshot(
         fds=_count("/proc/self/fd"), rss=_rss("self"), threads=_count("/proc/self/task"),
-        tasks=_task_count(), connections=sum(node.statistics().connections.values()),
+        tasks=_task_count(),
+        connections=None if node is None else sum(node.statistics().connections.values()),
     )
 
 
@@ -146,7 +158,7 @@ def _differences(now: ResourceSnapshot, base: ResourceSnapshot, slack: int) -> l
     return out
 
 
-async def wait_for_baseline(node: Node | NodeProcess, baseline: ResourceSnapshot, *,
+async def wait_for_baseline(node: Node | NodeProcess | None, baseline: ResourceSnapshot, *,
                             rss_slack_mb: float = 5, timeout: float = 2.0) -> ResourceSnapshot:
     """Poll until the node's resources match ``baseline`` (see the module docstring).
 
@@ -155,11 +167,19 @@ async def wait_for_baseline(node: Node | NodeProcess, baseline: ResourceSnapshot
     slack = int(rss_slack_mb * MiB)
     deadline = time.monotonic() + timeout
     collected = False
+    matched = 0
     while True:
         now = snapshot(node)
         diff = _differences(now, baseline, slack)
         if not diff:
-            return now
+            # Hold for a few samples: a socket the node has not accepted yet
+            # (or a task not yet spawned) must not slip through.
+            matched += 1
+            if matched >= _STABLE_SAMPLES:
+                return now
+            await anyio.sleep(0.01)
+            continue
+        matched = 0
         if diff[0].startswith("rss") and len(diff) == 1 and not collected:
             gc.collect()  # free garbage cycles once before judging memory
             collected = True
@@ -171,7 +191,7 @@ async def wait_for_baseline(node: Node | NodeProcess, baseline: ResourceSnapshot
         await anyio.sleep(0.02)
 
 
-async def _steady_snapshot(node: Node | NodeProcess) -> ResourceSnapshot:
+async def _steady_snapshot(node: Node | NodeProcess | None) -> ResourceSnapshot:
     """A baseline taken once fds and tasks stop changing (tasks just spawned settle)."""
     gc.collect()
     last = snapshot(node)
@@ -281,3 +301,17 @@ async def resource_check(
         await health_probe(node.url, secret if secret is not None else _secret_of(node),
                            provider=provider)
         await wait_for_baseline(node, baseline, rss_slack_mb=rss_slack_mb, timeout=settle)
+
+
+@asynccontextmanager
+async def process_check(*, rss_slack_mb: float = 5,
+                        settle: float = 2.0) -> AsyncIterator[ResourceSnapshot]:
+    """:func:`resource_check` for this process alone, without a node to probe.
+
+    For scenarios that start *and stop* a node (or only run clients) inside
+    the block: fds and tasks of this process must come back exactly, RSS
+    within ``rss_slack_mb``.
+    """
+    baseline = await _steady_snapshot(None)
+    yield baseline
+    await wait_for_baseline(None, baseline, rss_slack_mb=rss_slack_mb, timeout=settle)
