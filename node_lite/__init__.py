@@ -22,6 +22,10 @@ from ._config import ServerConfig as ServerConfig
 from ._config import TlsConfig as TlsConfig
 from ._config import config_from_mapping as config_from_mapping
 from ._config import load_config as load_config
+from ._controller import Controller as Controller
+from ._controller import ControllerConfig as ControllerConfig
+from ._controller import call_controller as call_controller
+from ._controller import open_controller as open_controller
 from ._core import ConnectionStatistics as ConnectionStatistics
 from ._core import NodeCore as NodeCore
 from ._errors import AuthenticationError as AuthenticationError
@@ -69,6 +73,8 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "ConnectionStatistics",
+    "Controller",
+    "ControllerConfig",
     "FaultPlan",
     "FaultProxy",
     "FrameTooLargeError",
@@ -103,6 +109,7 @@ __all__ = [
     "TokenVerifier",
     "UnknownMessageTypeError",
     "UnsupportedVersionError",
+    "call_controller",
     "config_from_mapping",
     "error_from_frame",
     "instance_id_for",
@@ -110,6 +117,7 @@ __all__ = [
     "load_config",
     "load_trust_bundle",
     "open_connection",
+    "open_controller",
     "open_fault_proxy",
     "open_node",
     "open_node_process",

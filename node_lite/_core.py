@@ -28,7 +28,7 @@ import logging
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +61,8 @@ from .wire import (
     LookupResult,
     Ping,
     Pong,
+    ReportRequest,
+    ReportResult,
     RouteUpdate,
     Subscribe,
     SubscribeAck,
@@ -223,6 +225,8 @@ class NodeCore:
         #: (tag, CommandResult) pairs from apps, taken by the driver.
         self.command_results: list[tuple[Any, CommandResult]] = []
         self.congested: list[Sink] = []
+        #: Builds the report a ReportRequest gets (set by the driver, which knows links).
+        self.reporter: Callable[[], dict[str, Any]] | None = None
         #: Sinks written during the last data_received (the driver may flush them directly).
         self.touched: list[Sink] = []
 
@@ -553,6 +557,12 @@ class NodeCore:
             if conn.kind is not ConnKind.APP:
                 raise MalformedFrameError("only apps look up the directory", field="t")
             self._write(conn, encode_frame(self.lookup(msg)))
+        elif isinstance(msg, ReportRequest):
+            if conn.kind is not ConnKind.APP:
+                raise MalformedFrameError("only apps ask for reports", field="t")
+            report = self.reporter() if self.reporter is not None else {}
+            self._write(conn, encode_frame(ReportResult(request_id=msg.request_id,
+                                                        report=report)))
         elif isinstance(msg, CommandResult):
             if conn.kind is not ConnKind.APP:
                 raise MalformedFrameError("command results come from apps", field="t")

@@ -115,6 +115,7 @@ class Node:
             peer_token = SharedSecretProvider(f"node/{cfg.node_id}".replace(":", "_"), secret)
         self.core = NodeCore(cfg.node_id, limits=cfg.limits, verifier=verifier,
                              peer_token=peer_token, rng=rng, acl=cfg.acl)
+        self.core.reporter = self.report
         self._ids = itertools.count(1)
         self._outboxes: dict[int, Outbox] = {}
         self._batch = WriteBatch()
@@ -497,6 +498,36 @@ class Node:
                 for s in self._links),
             per_connection=tuple(conns) if per_connection else (),
         )
+
+    def report(self) -> dict[str, Any]:
+        """The node as ``slim-agents top`` shows it: totals, drops, links, connections
+        (counters and queues) and channels with their members. What an app gets
+        for a :class:`~node_lite.wire.ReportRequest`; plain msgpack-able data."""
+        stats = self.statistics(per_connection=True)
+        names = {c.conn_id: c.name for c in stats.per_connection}
+        channels: dict[str, list[str]] = {}
+        for name, kind, conn in self.core.table.entries():
+            if name.id is None and kind in ("local", "static"):
+                channels.setdefault(str(name), []).append(
+                    str(names.get(conn) or f"conn {conn}"))
+        return {
+            "node": stats.node_id, "endpoints": list(stats.endpoints),
+            "totals": {"frames_in": stats.frames_in, "frames_out": stats.frames_out,
+                       "bytes_in": stats.bytes_in, "bytes_out": stats.bytes_out,
+                       "accepted": stats.accepted, "refused": stats.refused,
+                       "routes": stats.routes},
+            "drops": dict(stats.drops), "errors_sent": dict(stats.errors_sent),
+            "links": [{"endpoint": link.endpoint, "connected": link.connected,
+                       "peer": link.peer_node} for link in stats.links],
+            "connections": [{"id": c.conn_id, "kind": c.kind, "name": c.name,
+                             "peer": c.peer_node, "subscriptions": c.subscriptions,
+                             "frames_in": c.frames_in, "frames_out": c.frames_out,
+                             "bytes_in": c.bytes_in, "bytes_out": c.bytes_out,
+                             "pending_frames": c.pending_frames,
+                             "pending_bytes": c.pending_bytes, "drops": dict(c.drops)}
+                            for c in stats.per_connection],
+            "channels": channels,
+        }
 
     # -- shutdown --------------------------------------------------------------------
 

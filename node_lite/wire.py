@@ -54,6 +54,8 @@ __all__ = [
     "Pong",
     "Publish",
     "Register",
+    "ReportRequest",
+    "ReportResult",
     "RouteAdvert",
     "RouteUpdate",
     "SessionType",
@@ -793,16 +795,52 @@ class LookupResult:
                    truncated=_bool(d, "more"))
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReportRequest:
+    """An app asking its node for a report of itself (statistics, links, channels)."""
+
+    TYPE: ClassVar[str] = "report"
+    request_id: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "rid": self.request_id}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> ReportRequest:
+        return cls(request_id=_int(d, "rid", 0, _U32))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReportResult:
+    """A node's report (see :meth:`node_lite.Node.report`), same ``request_id``."""
+
+    TYPE: ClassVar[str] = "report_res"
+    request_id: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "t": self.TYPE, "rid": self.request_id,
+                "report": self.report}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], limits: Limits) -> ReportResult:
+        report = d.get("report", {})
+        if type(report) is not dict:
+            raise MalformedFrameError("expected a map", field="report")
+        return cls(request_id=_int(d, "rid", 0, _U32), report=report)
+
+
 Message: TypeAlias = (
     Hello | HelloAck | Subscribe | Unsubscribe | SubscribeAck | Publish | Error | Ping | Pong
     | RouteUpdate | Command | CommandResult | Register | Announce | Lookup | LookupResult
+    | ReportRequest | ReportResult
 )
 
 _TYPES: dict[str, Any] = {
     cls.TYPE: cls
     for cls in (Hello, HelloAck, Subscribe, Unsubscribe, SubscribeAck, Publish, Error, Ping,
                 Pong, RouteUpdate, Command, CommandResult, Register, Announce, Lookup,
-                LookupResult)
+                LookupResult, ReportRequest, ReportResult)
 }
 
 

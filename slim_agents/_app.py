@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,7 +33,14 @@ from node_lite import (
     open_connection,
 )
 from node_lite._util import collapse_excgroups
-from node_lite.wire import Command, CommandResult, DirectoryEntry, LookupResult, encode_frame
+from node_lite.wire import (
+    Command,
+    CommandResult,
+    DirectoryEntry,
+    LookupResult,
+    ReportResult,
+    encode_frame,
+)
 
 from ._app_core import AppCore, InvitePolicy
 from ._config import SessionConfig, SessionKind
@@ -107,7 +114,7 @@ class App:
         self._last_publish = 0.0
         self.connects = 0
         self.offline_drops = 0
-        self._lookups: dict[int, tuple[anyio.Event, list[LookupResult]]] = {}
+        self._lookups: dict[int, tuple[anyio.Event, list[LookupResult | ReportResult]]] = {}
 
     # -- identity -----------------------------------------------------------------------
 
@@ -487,12 +494,25 @@ class App:
         parts = tuple(p for p in prefix.split("/") if p)
         if len(parts) > 3:
             raise ValueError(f"a lookup prefix has at most three components: {prefix!r}")
+        answer = await self._ask_node(lambda: self.core.lookup(parts, limit))
+        assert isinstance(answer, LookupResult)
+        return list(answer.entries)
+
+    async def node_report(self) -> dict[str, Any]:
+        """The node's report of itself: totals, drops, links, connections, channels
+        (see :meth:`node_lite.Node.report`). Bound the wait with a cancel scope."""
+        answer = await self._ask_node(self.core.request_report)
+        assert isinstance(answer, ReportResult)
+        return answer.report
+
+    async def _ask_node(self, send: Callable[[], int]) -> LookupResult | ReportResult:
+        """Send a request to the node and wait for its answer (again after a reconnect)."""
         while True:
             await self.wait_connected()
             offline = self._offline
             event = anyio.Event()
-            box: list[LookupResult] = []
-            rid = self.core.lookup(parts, limit)
+            box: list[LookupResult | ReportResult] = []
+            rid = send()
             self._lookups[rid] = (event, box)
             try:
                 self._pump()
@@ -500,7 +520,7 @@ class App:
             finally:
                 del self._lookups[rid]
             if box:
-                return list(box[0].entries)
+                return box[0]
 
     async def wait_connected(self) -> None:
         """Return once connected to the node (after a reconnect, for instance)."""

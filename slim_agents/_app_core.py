@@ -37,6 +37,8 @@ from node_lite.wire import (
     Error,
     Lookup,
     LookupResult,
+    ReportRequest,
+    ReportResult,
     Subscribe,
     Unsubscribe,
     check_publish,
@@ -129,8 +131,8 @@ class AppCore:
         self.pending_sessions = 0
         #: Management commands from the node (controller), carried out by the driver.
         self.commands: list[Command] = []
-        #: Directory answers from the node, taken by the driver.
-        self.lookups: list[LookupResult] = []
+        #: Directory answers and reports from the node, taken by the driver.
+        self.lookups: list[LookupResult | ReportResult] = []
         self._card: bytes | None = None
         self._told_unknown: dict[tuple[Any, int], float] = {}
         self._now = 0.0
@@ -201,6 +203,12 @@ class AppCore:
             raise LimitExceededError("card", MAX_CARD_SIZE, len(card))
         self._card = card
         self._out.append(encode_frame(Announce(card=card)))
+
+    def request_report(self) -> int:
+        """Ask the node for its report; the answer arrives in :attr:`lookups` with this id."""
+        self._rid = self._rid % 0xFFFF_FFFF + 1
+        self._out.append(encode_frame(ReportRequest(request_id=self._rid)))
+        return self._rid
 
     def lookup(self, prefix: tuple[str, ...] = (), limit: int = 256) -> int:
         """Ask the node's directory; the answer arrives in :attr:`lookups` with this id."""
@@ -300,6 +308,8 @@ class AppCore:
                     self.commands.append(Command.from_dict(d, self.limits))
                 elif t == "lookup_res":
                     self.lookups.append(LookupResult.from_dict(d, self.limits))
+                elif t == "report_res":
+                    self.lookups.append(ReportResult.from_dict(d, self.limits))
                 elif t in ("sub_ack", "pong", "ping", "hello_ack"):
                     if t == "sub_ack" and not d.get("ok", True):
                         self.counters["subscribe_refused"] += 1

@@ -13,6 +13,7 @@ from ._cli_examples import add_group_arguments, add_p2p_arguments, run, run_grou
 from ._ctl import add_ctl_arguments, run_ctl
 from ._demo import main as run_demo_main
 from ._swarm import add_swarm_arguments, run_swarm
+from ._top import add_top_arguments, run_top_command
 from ._trace import add_trace_arguments, run_trace
 
 
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also record the session's frames to FILE (render with "
                       "slim-agents trace render FILE)")
     demo.set_defaults(func=run_demo_main)
+    top = sub.add_parser("top", help="a live view of a node: links, apps, channels and their "
+                         "members, rates and drops")
+    add_top_arguments(top)
+    top.set_defaults(func=lambda a: run(run_top_command, a))
     trace = sub.add_parser("trace", help="record session frames at a node; draw them as a "
                            "sequence diagram")
     add_trace_arguments(trace)

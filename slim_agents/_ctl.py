@@ -34,6 +34,13 @@ def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("name")
     plist = psub.add_parser("list", help="list the participants of a channel")
     plist.add_argument("-c", "--channel", required=True)
+    node = sub.add_parser("node", help="ask a node directly (statistics)")
+    nsub = node.add_subparsers(dest="action", required=True)
+    stats = nsub.add_parser("stats", help="print a node's report as JSON: totals, drops, "
+                            "links, connections, channels")
+    stats.add_argument("--node", dest="node_url", default="http://127.0.0.1:46357")
+    stats.add_argument("--secret", default=None,
+                       help="the node's shared secret (or $SLIM_SHARED_SECRET)")
 
 
 def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -58,6 +65,12 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 
 def run_ctl(args: argparse.Namespace) -> int:
+    if args.resource == "node":
+        from ._cli_examples import run
+        from ._top import run_top_command
+
+        args.node, args.json, args.count, args.interval = args.node_url, True, 1, 0.0
+        return run(run_top_command, args)
     server = args.server or DEFAULT_SERVER
     try:
         op, payload = _request(args)

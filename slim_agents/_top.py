@@ -148,27 +148,43 @@ async def run_top(fetch: Callable[[], Any], *, interval: float = 1.0, count: int
             live.stop()
 
 
+
 def node_report(node: Any) -> dict[str, Any]:
-    """A report of a node of this process (the same shape a node sends over the wire)."""
-    stats = node.statistics(per_connection=True)
-    names = {c.conn_id: c.name for c in stats.per_connection}
-    channels: dict[str, list[str]] = {}
-    for name, kind, conn in node.core.table.entries():
-        if name.id is None and kind in ("local", "static"):
-            channels.setdefault(str(name), []).append(str(names.get(conn) or f"conn {conn}"))
-    return {
-        "node": stats.node_id, "endpoints": list(stats.endpoints),
-        "totals": {"frames_in": stats.frames_in, "frames_out": stats.frames_out,
-                   "bytes_in": stats.bytes_in, "bytes_out": stats.bytes_out,
-                   "accepted": stats.accepted, "refused": stats.refused,
-                   "routes": stats.routes},
-        "drops": dict(stats.drops),
-        "links": [{"endpoint": link.endpoint, "connected": link.connected,
-                   "peer": link.peer_node} for link in stats.links],
-        "connections": [{"id": c.conn_id, "kind": c.kind, "name": c.name, "peer": c.peer_node,
-                         "frames_in": c.frames_in, "frames_out": c.frames_out,
-                         "bytes_in": c.bytes_in, "bytes_out": c.bytes_out,
-                         "pending_frames": c.pending_frames, "drops": dict(c.drops)}
-                        for c in stats.per_connection],
-        "channels": channels,
-    }
+    """The report of a node of this process (what a remote one sends over the wire)."""
+    report: dict[str, Any] = node.report()
+    return report
+
+
+# -- the `slim-agents top` command -------------------------------------------------------
+
+
+def add_top_arguments(parser: Any) -> None:
+    parser.add_argument("--node", default="http://127.0.0.1:46357",
+                        help="the node's URL (default http://127.0.0.1:46357)")
+    parser.add_argument("--secret", default=None,
+                        help="shared secret of the node (or $SLIM_SHARED_SECRET)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    parser.add_argument("--count", type=int, default=None, help="stop after N refreshes")
+    parser.add_argument("--json", action="store_true", help="print each report as JSON")
+
+
+async def run_top_command(args: Any) -> int:
+    import json
+    import os
+
+    from ._app import open_app
+
+    secret = args.secret or os.environ.get("SLIM_SHARED_SECRET") or \
+        "slim-agents-development-secret-not-for-production"
+    async with open_app(f"slim/top/viewer-{os.getpid()}", node=args.node, secret=secret,
+                        accept_commands=False) as app:
+        if args.json:
+            shown = 0
+            while args.count is None or shown < args.count:
+                print(json.dumps(await app.node_report(), sort_keys=True), flush=True)
+                shown += 1
+                if args.count is None or shown < args.count:
+                    await anyio.sleep(args.interval)
+            return 0
+        await run_top(app.node_report, interval=args.interval, count=args.count)
+    return 0

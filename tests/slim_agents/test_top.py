@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import anyio
 import pytest
 
-from node_lite import NodeConfig, open_node
+from node_lite import NodeConfig, ServerConfig, open_node
 from slim_agents import SessionConfig, open_app
 from slim_agents._top import node_report, render_text, run_top, snapshot_from_report
 from tests.helpers import SECRET, unique
@@ -61,3 +62,51 @@ def test_rates_and_drops_in_the_text_view(anyio_backend: str) -> None:
     row = next(line for line in text.splitlines() if "org/ns/a/1" in line)
     assert row.split()[2:5] == ["100", "0", "3"]  # 200 frames in 2 s
     assert "(none)" in text
+
+
+async def test_an_app_gets_the_node_report_over_the_wire_and_top_runs_as_a_command() -> None:
+    ns = unique("wire")
+    async with open_node(NodeConfig(shared_secret=SECRET, servers=(
+            ServerConfig(endpoint="127.0.0.1:0"),))) as node, \
+            open_app(f"org/{ns}/mod", node=node.url, secret=SECRET) as mod, \
+            open_app(f"org/{ns}/c1", node=node.url, secret=SECRET) as c1:
+        session, ready = await mod.start_session(
+            f"org/{ns}/room", SessionConfig.group(timeout=1.0, max_retries=5))
+        with anyio.fail_after(20):
+            await ready
+            await session.invite(f"org/{ns}/c1")
+            await c1.listen_for_session()
+            report = await c1.node_report()
+            assert sorted(report["channels"][f"org/{ns}/room"]) == sorted(
+                [str(mod.name), str(c1.name)])
+            mine = next(c for c in report["connections"] if c["name"] == str(c1.name))
+            assert mine["frames_in"] > 0 and mine["kind"] == "app"
+            done = await anyio.run_process(
+                [sys.executable, "-m", "slim_agents._cli", "top", "--node", node.url,
+                 "--secret", SECRET, "--count", "2", "--interval", "0.05"])
+    text = done.stdout.decode()
+    assert f"org/{ns}/room: " in text and str(c1.name) in text and str(mod.name) in text
+    assert text.count("connections:") == 2
+
+
+async def test_malformed_report_answers_get_typed_errors() -> None:
+    from node_lite import Limits, MalformedFrameError
+    from node_lite.wire import ReportResult
+
+    with pytest.raises(MalformedFrameError):
+        ReportResult.from_dict({"v": 1, "t": "report_res", "rid": 1, "report": [1]}, Limits())
+    assert ReportResult.from_dict({"v": 1, "t": "report_res", "rid": 2}, Limits()).report == {}
+
+
+async def test_ctl_prints_a_node_report() -> None:
+    import json
+
+    async with open_node(NodeConfig(shared_secret=SECRET, servers=(
+            ServerConfig(endpoint="127.0.0.1:0"),))) as node:
+        with anyio.fail_after(20):
+            done = await anyio.run_process(
+                [sys.executable, "-m", "slim_agents._cli", "ctl", "node", "stats", "--node",
+                 node.url, "--secret", SECRET])
+    report = json.loads(done.stdout)
+    assert report["node"] == node.node_id and report["totals"]["accepted"] >= 1
+    assert any(c["name"].startswith("slim/top/viewer") for c in report["connections"])
