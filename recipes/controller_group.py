@@ -19,7 +19,7 @@ to the app, which carries it out in its group session:
 
 Apps only wait for the sessions that these operations give them. The
 controller and its client (open_controller, call_controller) come from
-node_lite._controller, the module behind `slim-agents controller` and `ctl`.
+node_lite, as used by `slim-agents controller` and `ctl`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,14 @@ from typing import Any
 
 import anyio
 
-from node_lite import ClientConfig, Node, NodeConfig
-from node_lite._controller import ControllerConfig, call_controller, open_controller
+from node_lite import (
+    ClientConfig,
+    ControllerConfig,
+    Node,
+    NodeConfig,
+    call_controller,
+    open_controller,
+)
 from slim_agents import Session, SessionClosedError, open_app, open_node
 
 SECRET = "a-shared-secret-for-development-only-0123"
