@@ -199,6 +199,11 @@ class App:
             if envelopes:
                 core.receive(envelopes, time.time())
                 self._pump(defer=True)
+                if self._deferred and core.pending_sessions == 0:
+                    # Let the tasks this batch woke run first: a reply they send
+                    # leaves in the same write as the acks (one frame run, one wake-up
+                    # at the peer instead of two).
+                    await anyio.lowlevel.checkpoint()
                 await self._flush()
                 if core.lookups:
                     answers, core.lookups = core.lookups, []
