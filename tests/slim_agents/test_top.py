@@ -110,3 +110,39 @@ async def test_ctl_prints_a_node_report() -> None:
     report = json.loads(done.stdout)
     assert report["node"] == node.node_id and report["totals"]["accepted"] >= 1
     assert any(c["name"].startswith("slim/top/viewer") for c in report["connections"])
+
+
+async def test_statistics_count_exactly_what_a_scripted_exchange_did() -> None:
+    ns = unique("count")
+    async with open_node(NodeConfig(shared_secret=SECRET)) as node, \
+            open_app(f"org/{ns}/a", node=node, secret=SECRET) as a, \
+            open_app(f"org/{ns}/b", node=node, secret=SECRET) as b:
+        sender = await a.create_session(f"org/{ns}/b", SessionConfig(timeout=1.0,
+                                                                       max_retries=5))
+        receiver = await b.listen_for_session()
+
+        def per_conn() -> dict[str, tuple[int, int, int, int]]:
+            stats = node.statistics(per_connection=True).per_connection
+            return {c.name: (c.frames_in, c.frames_out, c.bytes_in, c.bytes_out)
+                    for c in stats if c.name}
+
+        before = per_conn()
+        with anyio.fail_after(10):
+            for _ in range(10):  # each acknowledged before the next: one ack per message
+                await (await sender.publish(b"x" * 100))
+            for _ in range(10):
+                assert (await receiver.get_message()).payload == b"x" * 100
+        after = per_conn()
+        report = await b.node_report()
+    s, r = sender.statistics(), receiver.statistics()
+    assert (s["published"], s["received"], s["retransmissions"], s["acks_pending"]) == \
+        (10, 0, 0, 0)
+    assert (r["published"], r["received"], r["dropped"]) == (0, 10, 0)
+    da = [x - y for x, y in zip(after[str(a.name)], before[str(a.name)], strict=True)]
+    db = [x - y for x, y in zip(after[str(b.name)], before[str(b.name)], strict=True)]
+    assert da[:2] == [10, 10] and db[:2] == [10, 10]  # 10 data in from a, 10 acks in from b
+    assert da[2] == db[3] and db[2] == da[3]  # every byte in was forwarded, unchanged
+    assert da[2] > 10 * 100  # the data frames carry the payloads
+    wire = {c["name"]: c for c in report["connections"]}
+    assert wire[str(a.name)]["frames_in"] >= after[str(a.name)][0]
+    assert report["drops"] == {} and wire[str(a.name)]["drops"] == {}
