@@ -124,6 +124,11 @@ class SharedSecretProvider:
             self.claims["aud"] = audience
 
     @property
+    def shared_secret(self) -> str:
+        """The secret the tokens are made with (a bridge to another network needs it)."""
+        return self._key.decode()
+
+    @property
     def subject(self) -> str:
         return self._subject
 

@@ -89,6 +89,7 @@ from node_lite import (
     LimitExceededError,
     Name,
     NoRouteError,
+    SharedSecretProvider,
     SlimError,
 )
 from node_lite._util import collapse_excgroups
@@ -1233,11 +1234,14 @@ class UpstreamBackend:
         """
         base = (Name.parse(name) if isinstance(name, str) else name).without_id()
         endpoint = _endpoint(node)
+        if secret is None and isinstance(provider, SharedSecretProvider):
+            secret = provider.shared_secret
         if secret is None:
             raise ConfigError("the upstream backend takes a shared secret (secret=...); "
                               "token providers are not mapped to upstream identities")
-        if tls is not None:
-            raise ConfigError("TLS settings are not supported by the upstream backend")
+        if tls is not None and not getattr(tls, "insecure", False):
+            raise ConfigError("TLS settings are not supported by the upstream backend "
+                              "(plain connections only)")
         _ensure_runtime()
         native = _native()
         service = sb.Service(f"slim-agents-app-{next(_service_ids)}")

@@ -851,7 +851,8 @@ class _SlimBase(Generic[S]):
             lambda: open_app(base, node=target, provider=provider, verifier=verifier, tls=tls,
                              reconnect=not isinstance(target, Node)),
             f"app {self.id_str}")
-        assert self._app.value.id == self._id
+        # Another network (upstream SLIM) may give its own instance id: that one counts.
+        self._id = self._app.value.id
         self._app_node = target if isinstance(target, Node) else None
 
     # -- connections and servers ---------------------------------------------------------
