@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import itertools
 import json
@@ -397,39 +398,69 @@ class RunningAgent:
 
     async def _receive_loop(self, session: Session) -> None:
         assert self._tg is not None
-        while True:
-            try:
-                msg = await session.get_message()
-            except SessionClosedError:
-                return
-            except SessionError as exc:  # a lost or undecryptable message
-                log.warning("%s: %s", self.agent.name, exc)
-                continue
-            after = self.plugins.hook.slim_after_receive
-            if after.get_hookimpls():
-                for replaced in after(agent=self.agent, session=session, message=msg):
-                    if replaced is not None:
-                        msg = replaced
-            meta = msg.context.metadata
-            pt = msg.context.payload_type
-            if pt == RESULT:
-                self._deliver(meta.get(CALL_ID, ""), msg)
-            elif REPLY_TO in meta:
-                self._deliver(meta[REPLY_TO], msg)
-            elif pt in (CALL, DESCRIBE):
-                self._tg.start_soon(self._run_call, session, msg)
-            elif self.agent._on_message is None:
-                # Straight into the mailbox, in arrival order; wait while it is full.
-                while len(self._mailbox) >= self.agent.mailbox_size:
-                    if self._room_event is None:
-                        log.warning("%s: the mailbox is full (%d); reading pauses until "
-                                    "read_mailbox or wait_mailbox takes some", self.agent.name,
-                                    self.agent.mailbox_size)
-                        self._room_event = anyio.Event()
-                    await self._room_event.wait()
-                self._post(Mail(next(self._mail_ids), msg, session))
-            else:
-                self._tg.start_soon(self._run_message, session, msg)
+        session._on_inbox = functools.partial(self._take_at_once, session)
+        try:
+            while True:
+                try:
+                    msg = await session.get_message()
+                except SessionClosedError:
+                    return
+                except SessionError as exc:  # a lost or undecryptable message
+                    log.warning("%s: %s", self.agent.name, exc)
+                    continue
+                mail = self._dispatch(session, msg)
+                if mail is not None:
+                    # Straight into the mailbox, in arrival order; wait while it is full.
+                    while len(self._mailbox) >= self.agent.mailbox_size:
+                        if self._room_event is None:
+                            log.warning("%s: the mailbox is full (%d); reading pauses until "
+                                        "read_mailbox or wait_mailbox takes some",
+                                        self.agent.name, self.agent.mailbox_size)
+                            self._room_event = anyio.Event()
+                        await self._room_event.wait()
+                    self._post(Mail(next(self._mail_ids), mail, session))
+        finally:
+            session._on_inbox = None
+
+    def _take_at_once(self, session: Session) -> None:
+        # Runs in the app's read loop as messages arrive: results wake their callers
+        # and calls start without a task switch through the receive loop.
+        try:
+            session._drain(functools.partial(self._consume, session))
+        except Exception:
+            log.exception("%s: dispatching a message failed", self.agent.name)
+
+    def _consume(self, session: Session, msg: Message) -> bool:
+        if self.agent._on_message is None and len(self._mailbox) >= self.agent.mailbox_size \
+                and msg.context.payload_type not in (RESULT, CALL, DESCRIBE) \
+                and REPLY_TO not in msg.context.metadata:
+            return False  # the receive loop waits for room
+        mail = self._dispatch(session, msg)
+        if mail is not None:
+            self._post(Mail(next(self._mail_ids), mail, session))
+        return True
+
+    def _dispatch(self, session: Session, msg: Message) -> Message | None:
+        """Route a received message; a message returned belongs in the mailbox."""
+        assert self._tg is not None
+        after = self.plugins.hook.slim_after_receive
+        if after.get_hookimpls():
+            for replaced in after(agent=self.agent, session=session, message=msg):
+                if replaced is not None:
+                    msg = replaced
+        meta = msg.context.metadata
+        pt = msg.context.payload_type
+        if pt == RESULT:
+            self._deliver(meta.get(CALL_ID, ""), msg)
+        elif REPLY_TO in meta:
+            self._deliver(meta[REPLY_TO], msg)
+        elif pt in (CALL, DESCRIBE):
+            self._tg.start_soon(self._run_call, session, msg)
+        elif self.agent._on_message is None:
+            return msg
+        else:
+            self._tg.start_soon(self._run_message, session, msg)
+        return None
 
     async def _run_call(self, session: Session, msg: Message) -> None:
         _incoming.set(msg)  # this task's own context: seen by hooks and the tool

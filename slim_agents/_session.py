@@ -79,6 +79,8 @@ class Session:
         self._app = app
         self._core = core
         self._inbox_event: anyio.Event | None = None
+        # Called when messages arrive (the agent layer takes what it can at once).
+        self._on_inbox: Callable[[], None] | None = None
         self._window_event: anyio.Event | None = None
         self._roster_event: anyio.Event | None = None
         self._unreachable: set[Callable[[], None]] = set()
@@ -394,6 +396,25 @@ class Session:
         e, self._inbox_event = self._inbox_event, None
         if e is not None:
             e.set()
+        if self._on_inbox is not None:
+            self._on_inbox()
+
+    def _drain(self, consume: Callable[[Message], bool]) -> None:
+        """Hand the leading queued messages to ``consume`` at once (no task switch),
+        while it takes them (returns True); errors and the rest stay for get_message."""
+        core = self._core
+        inbox = core.inbox
+        took = False
+        while inbox:
+            item = inbox[0]
+            if isinstance(item, BaseException) or not consume(item):
+                break
+            inbox.popleft()
+            took = True
+        if took and self._room_event is not None and \
+                len(inbox) <= core.config.max_inbox // 2:
+            self._room_event.set()
+            self._room_event = None
 
     def _wake_lost(self) -> None:
         e, self._lost_event = self._lost_event, None
