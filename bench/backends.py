@@ -19,6 +19,7 @@ faster for rates, slower for times).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -106,17 +107,8 @@ def _role(name: str, url: str, backend: str, *extra: str) -> list[str]:
 
 
 def run_p2p(network: str, backend: str, size: int, reliable: bool) -> float:
-    quiet_gate()
-    node, url = start_network(network, backend)
-    rel = ["--reliable"] if reliable else []
-    recv = spawn(_role("receiver", url, backend, "--name", "bench/ns/receiver"))
-    send = spawn(_role("sender", url, backend, "--target", "bench/ns/receiver",
-                       "--size", str(size), *rel))
-    try:
-        return float(recv.result()["rate"])
-    finally:
-        for c in (send, recv, node):
-            c.stop()
+    return sessions.run_p2p(backend, size, reliable, script=HERE,
+                            start=functools.partial(start_network, network))
 
 
 def run_rtt(network: str, backend: str, reliable: bool) -> dict[str, float]:
@@ -133,17 +125,8 @@ def run_rtt(network: str, backend: str, reliable: bool) -> dict[str, float]:
 
 
 def run_fanout(network: str, backend: str, n: int, reliable: bool) -> tuple[float, float]:
-    quiet_gate()
-    node, url = start_network(network, backend)
-    chan = "bench/ns/chan"
-    members = spawn(_role("members", url, backend, "--chan", chan, "--n", str(n)))
-    mod = spawn(_role("moderator", url, backend, "--chan", chan, "--n", str(n),
-                      *(["--reliable"] if reliable else [])), timeout=120)
-    try:
-        return float(members.result(timeout=120)["rate"]), float(mod.ready["invite_ms"])
-    finally:
-        for c in (mod, members, node):
-            c.stop()
+    return sessions.run_fanout(backend, n, reliable, script=HERE,
+                               start=functools.partial(start_network, network))
 
 
 def main() -> None:

@@ -18,10 +18,12 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._harness import (
+    Child,
     emit,
     fmt_rate,
     median,
@@ -194,7 +196,7 @@ def role_moderator(url: str, chan: str, n: int, reliable: bool, backend: str) ->
 # -- driver -----------------------------------------------------------------------------
 
 
-def start_node(backend: str):  # type: ignore[no-untyped-def]
+def start_node(backend: str) -> tuple[Child, str]:
     child = spawn(["-m", "node_lite", "--endpoint", "127.0.0.1:0", "--backend", backend,
                    "--log-level", "warn", "--shared-secret", SECRET],
                   ready_prefix="node_lite ready ")
@@ -216,12 +218,19 @@ def run_baseline(backend: str, size: int) -> float:
             c.stop()
 
 
-def run_p2p(backend: str, size: int, reliable: bool) -> float:
+# A node starter: backend -> (the node's child process, its URL). Other benchmarks
+# run these workloads against other nodes (recording, upstream) through it.
+NodeStarter = Callable[[str], tuple[Child, str]]
+
+
+def run_p2p(backend: str, size: int, reliable: bool, *, start: NodeStarter | None = None,
+            script: str = HERE) -> float:
+    """Receiver messages/s of one sender; ``script`` provides the roles."""
     quiet_gate()
-    node, url = start_node(backend)
-    recv = spawn([HERE, "role", "receiver", "--url", url, "--name", "bench/ns/receiver",
+    node, url = (start or start_node)(backend)
+    recv = spawn([script, "role", "receiver", "--url", url, "--name", "bench/ns/receiver",
                   "--backend", backend])
-    send = spawn([HERE, "role", "sender", "--url", url, "--target", "bench/ns/receiver",
+    send = spawn([script, "role", "sender", "--url", url, "--target", "bench/ns/receiver",
                   "--size", str(size), "--backend", backend]
                  + (["--reliable"] if reliable else []))
     try:
@@ -245,13 +254,15 @@ def run_rtt(backend: str, reliable: bool, count: int) -> dict[str, float]:
             c.stop()
 
 
-def run_fanout(backend: str, n: int, reliable: bool) -> tuple[float, float]:
+def run_fanout(backend: str, n: int, reliable: bool, *, start: NodeStarter | None = None,
+               script: str = HERE) -> tuple[float, float]:
+    """Deliveries/s summed over ``n`` members, and invite ms per member."""
     quiet_gate()
-    node, url = start_node(backend)
+    node, url = (start or start_node)(backend)
     chan = "bench/ns/chan"
-    members = spawn([HERE, "role", "members", "--url", url, "--chan", chan, "--n", str(n),
+    members = spawn([script, "role", "members", "--url", url, "--chan", chan, "--n", str(n),
                      "--backend", backend])
-    mod = spawn([HERE, "role", "moderator", "--url", url, "--chan", chan, "--n", str(n),
+    mod = spawn([script, "role", "moderator", "--url", url, "--chan", chan, "--n", str(n),
                  "--backend", backend] + (["--reliable"] if reliable else []), timeout=120)
     try:
         return float(members.result(timeout=120)["rate"]), float(mod.ready["invite_ms"])

@@ -19,34 +19,22 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._harness import fmt_rate, median, print_table, quiet_gate, spawn, spread
-from bench.sessions import SECRET
-
-SESSIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sessions.py")
+from bench._harness import Child, fmt_rate, median, print_table, spawn, spread
+from bench.sessions import SECRET, run_p2p
 
 
 def run(backend: str, size: int, reliable: bool, traced: bool) -> float:
-    quiet_gate()
     with tempfile.TemporaryDirectory() as tmp:
-        node_args = ["--endpoint", "127.0.0.1:0", "--backend", backend, "--log-level", "warn",
-                     "--shared-secret", SECRET]
-        if traced:
-            argv = ["-m", "slim_agents._cli", "trace", "record", *node_args,
-                    "--out", os.path.join(tmp, "trace.jsonl")]
-        else:
-            argv = ["-m", "node_lite", *node_args]
-        node = spawn(argv, ready_prefix="node_lite ready ")
-        url = "http://" + node.ready["text"]
-        recv = spawn([SESSIONS, "role", "receiver", "--url", url, "--name", "bench/ns/receiver",
-                      "--backend", backend])
-        send = spawn([SESSIONS, "role", "sender", "--url", url, "--target", "bench/ns/receiver",
-                      "--size", str(size), "--backend", backend]
-                     + (["--reliable"] if reliable else []))
-        try:
-            return float(recv.result()["rate"])
-        finally:
-            for c in (send, recv, node):
-                c.stop()
+        def start(backend: str) -> tuple[Child, str]:
+            args = ["--endpoint", "127.0.0.1:0", "--backend", backend, "--log-level", "warn",
+                    "--shared-secret", SECRET]
+            argv = (["-m", "slim_agents._cli", "trace", "record", *args,
+                     "--out", os.path.join(tmp, "trace.jsonl")] if traced
+                    else ["-m", "node_lite", *args])
+            node = spawn(argv, ready_prefix="node_lite ready ")
+            return node, "http://" + node.ready["text"]
+
+        return run_p2p(backend, size, reliable, start=start)
 
 
 def main() -> None:
