@@ -225,6 +225,9 @@ class NodeCore:
         #: (tag, CommandResult) pairs from apps, taken by the driver.
         self.command_results: list[tuple[Any, CommandResult]] = []
         self.congested: list[Sink] = []
+        #: Observers of every chunk read, ``tap(conn_id, data)``; ``data`` None when the
+        #: connection is gone (traces and wiretaps; they must not raise).
+        self.taps: list[Callable[[int, bytes | None], None]] = []
         #: Builds the report a ReportRequest gets (set by the driver, which knows links).
         self.reporter: Callable[[], dict[str, Any]] | None = None
         #: Sinks written during the last data_received (the driver may flush them directly).
@@ -256,6 +259,8 @@ class NodeCore:
         if conn is None:
             return
         conn.closed = True
+        for tap in self.taps:
+            tap(conn_id, None)
         for key in [k for k in self._commands if k[0] == conn_id]:
             self.command_results.append((self._commands.pop(key), CommandResult(
                 request_id=key[1], ok=False, error="the app disconnected")))
@@ -318,6 +323,9 @@ class NodeCore:
         :returns: sinks left over their limit under the WAIT policy; the driver
             should stop reading ``conn_id`` until they drain.
         """
+        if self.taps:
+            for tap in self.taps:
+                tap(conn_id, data)
         conn = self._conns.get(conn_id)
         if conn is None or conn.closed:
             return []

@@ -37,7 +37,10 @@ class _Tap:
         self.frames = 0
         self.leaks = 0
 
-    def check(self, data: bytes) -> None:
+    def check(self, conn_id: int, data: bytes | None) -> None:
+        # A node tap: every chunk the node reads, as a wiretap on the node would see it.
+        if data is None:
+            return
         self.frames += 1
         if any(text.encode() in data for text in [*(t for _, t in SCRIPT), LAST_WORDS]):
             self.leaks += 1
@@ -51,7 +54,7 @@ async def run_demo(out: Callable[[str], None] = print, *, encrypt: bool = True,
     """
     tap = _Tap()
     async with open_node(NodeConfig()) as node, AsyncExitStack() as stack:
-        _tap_node(node, tap)
+        node.core.taps.append(tap.check)
         if trace is not None:
             trace_file = stack.enter_context(
                 await anyio.to_thread.run_sync(functools.partial(open, trace, "w")))
@@ -128,18 +131,6 @@ async def run_demo(out: Callable[[str], None] = print, *, encrypt: bool = True,
 async def _within(aw: Awaitable[Any], seconds: float = 10.0) -> None:
     with anyio.fail_after(seconds):
         await aw
-
-
-def _tap_node(node: Any, tap: _Tap) -> None:
-    # Watch every chunk the node reads, as a wiretap on the node would.
-    core = node.core
-    original = core.data_received
-
-    def data_received(conn_id: int, data: bytes, now: float) -> Any:
-        tap.check(data)
-        return original(conn_id, data, now)
-
-    core.data_received = data_received
 
 
 def main(args: Any = None) -> int:

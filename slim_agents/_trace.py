@@ -132,8 +132,12 @@ class TraceRecorder:
                     pass
             return text
 
-    def forget(self, conn_id: int) -> None:
-        self._decoders.pop(conn_id, None)
+    def tap(self, conn_id: int, data: bytes | None) -> None:
+        """A node tap (see ``NodeCore.taps``): bytes read, or None once the connection closed."""
+        if data is None:
+            self._decoders.pop(conn_id, None)
+        else:
+            self.feed_bytes(conn_id, data)
 
     def feed_envelope(self, d: dict[str, Any], ts: float | None = None) -> None:
         """One decoded frame (publishes are recorded; control frames are not)."""
@@ -193,18 +197,12 @@ def _has_keys(body: Any) -> bool:
 @contextmanager
 def record_node(node: Node, recorder: TraceRecorder) -> Iterator[TraceRecorder]:
     """Record what ``node`` reads from its connections for the duration of the block."""
-    core = node.core
-    original = core.data_received
-
-    def data_received(conn_id: int, data: bytes, now: float) -> Any:
-        recorder.feed_bytes(conn_id, data)
-        return original(conn_id, data, now)
-
-    core.data_received = data_received  # type: ignore[method-assign]
+    taps = node.core.taps
+    taps.append(recorder.tap)
     try:
         yield recorder
     finally:
-        core.data_received = original  # type: ignore[method-assign]
+        taps.remove(recorder.tap)
 
 
 def load_trace(lines: Iterable[str]) -> list[dict[str, Any]]:
