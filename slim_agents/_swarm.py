@@ -25,6 +25,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import Process, TaskGroup
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from node_lite import (
     ConfigError,
@@ -142,8 +143,8 @@ class WorkerState:
 class Swarm:
     """Agents running in worker processes, supervised (see :func:`open_swarm`)."""
 
-    def __init__(self, url: str, secret: str, workers: list[WorkerState], backend: str,
-                 restart: RestartPolicy, log_level: int,
+    def __init__(self, url: str, secret: str, names: list[str], workers: list[WorkerState],
+                 backend: str, restart: RestartPolicy, log_level: int,
                  on_progress: Callable[[int, int], None] | None) -> None:
         self.url = url
         self.secret = secret
@@ -152,10 +153,7 @@ class Swarm:
         self.restart = restart
         self.log_level = log_level
         self.on_progress = on_progress
-        # Worker w holds specs w, w + n, w + 2n, ... (see open_swarm).
-        self._names = [spec.name for _, spec in sorted(
-            ((i * len(workers) + w.index, spec) for w in workers
-             for i, spec in enumerate(w.specs)), key=lambda pair: pair[0])]
+        self._names = names
         self._changed = anyio.Event()
         self._stopping = False
         self._tg: TaskGroup | None = None
@@ -293,18 +291,18 @@ class Swarm:
 
 
 async def _lines(stream: Any) -> AsyncIterator[bytes]:
-    buf = b""
-    async for chunk in stream:
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            if line:
-                yield line
-        if len(buf) > MAX_LINE:
-            yield buf[:MAX_LINE]
-            buf = b""
-    if buf:
-        yield buf
+    buffered = BufferedByteReceiveStream(stream)
+    while True:
+        try:
+            line = await buffered.receive_until(b"\n", MAX_LINE)
+        except anyio.IncompleteRead:  # the end, maybe after an unterminated line
+            if buffered.buffer:
+                yield bytes(buffered.buffer)
+            return
+        except anyio.DelimiterNotFound:
+            line = await buffered.receive(MAX_LINE)  # an overlong line goes in pieces
+        if line:
+            yield line
 
 
 async def _stop_process(process: Process) -> None:
@@ -362,8 +360,8 @@ async def open_swarm(specs: Sequence[AgentSpec], *, node: Node | str | None = No
                  "--log-level", "warn")))
             node = process.url
         url = node if isinstance(node, str) else _tcp_url(node)
-        swarm = Swarm(url, secret or DEV_SECRET, workers, backend, restart or RestartPolicy(),
-                      log_level, on_progress)
+        swarm = Swarm(url, secret or DEV_SECRET, names, workers, backend,
+                      restart or RestartPolicy(), log_level, on_progress)
         async with anyio.create_task_group() as tg:
             swarm._tg = tg
             for w in workers:
