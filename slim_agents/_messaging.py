@@ -38,6 +38,8 @@ def _model_errors(f: F) -> F:
         except SlimError as exc:
             raise ToolError(str(exc), code=getattr(exc, "code", "failed") or "failed",
                             tool=f.__name__) from exc
+        except TimeoutError as exc:  # a tool's own wait ran out
+            raise ToolError("no answer in time", code="timeout", tool=f.__name__) from exc
         except ValueError as exc:  # a malformed name, for instance
             raise ToolError(str(exc), code="bad_arguments", tool=f.__name__) from exc
 
@@ -210,19 +212,8 @@ def messaging_tools(agent: RunningAgent) -> list[Tool]:
     for f in funcs:
         t = tool_from_function(f)
         tools.append(Tool(name=t.name, description=t.description, parameters=t.parameters,
-                          func=_timeouts(_model_errors(f)), returns=t.returns))
+                          func=_model_errors(f), returns=t.returns))
     return tools
-
-
-def _timeouts(f: F) -> F:
-    @functools.wraps(f)
-    async def run(**kwargs: Any) -> Any:
-        try:
-            return await f(**kwargs)
-        except TimeoutError as exc:
-            raise ToolError("no answer in time", code="timeout", tool=f.__name__) from exc
-
-    return run  # type: ignore[return-value]
 
 
 def tool_specs(tools: list[Tool]) -> str:

@@ -241,10 +241,7 @@ class Session:
                     if not core.inbox:
                         continue
                 item = core.inbox.popleft()
-                if self._room_event is not None and \
-                        len(core.inbox) <= core.config.max_inbox // 2:
-                    self._room_event.set()
-                    self._room_event = None
+                self._taken()
                 if isinstance(item, BaseException):
                     raise item
                 return item
@@ -411,8 +408,13 @@ class Session:
                 break
             inbox.popleft()
             took = True
-        if took and self._room_event is not None and \
-                len(inbox) <= core.config.max_inbox // 2:
+        if took:
+            self._taken()
+
+    def _taken(self) -> None:
+        # The inbox shrank: a read loop paused on it may go on once it is half empty.
+        core = self._core
+        if self._room_event is not None and len(core.inbox) <= core.config.max_inbox // 2:
             self._room_event.set()
             self._room_event = None
 
