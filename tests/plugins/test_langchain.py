@@ -22,8 +22,8 @@ from pydantic import Field
 
 import slim_agents_plugins.langchain as adapter
 from node_lite import Node, NodeConfig, open_node
-from slim_agents import Agent, Message, Session, Tool, ToolError
-from slim_agents._plugins import framework_adapter, make_plugin_manager  # not re-exported
+from slim_agents import Agent, Message, Session, Tool, ToolError, framework_adapter
+from slim_agents._plugins import make_plugin_manager
 from slim_agents_plugins.langchain import (
     from_langchain,
     langgraph_handler,

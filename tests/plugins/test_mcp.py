@@ -24,16 +24,15 @@ from slim_agents import (
     RunningAgent,
     Tool,
     ToolError,
+    framework_adapter,
     open_app,
     tool,
 )
-from slim_agents._plugins import (  # framework_adapter: not in slim_agents' exports yet
-    framework_adapter,
-    make_plugin_manager,
-)
+from slim_agents._plugins import make_plugin_manager
 from slim_agents_plugins import mcp as adapter
 from slim_agents_plugins.mcp import PAYLOAD_TYPE, mcp_server, mcp_session, mcp_tools, serve_mcp
 from tests.helpers import unique
+from tests.slim_agents.test_agents import calculator
 
 pytestmark = pytest.mark.anyio
 SECRET = "mcp-test-secret-that-is-long-enough-0123456789"
@@ -43,26 +42,6 @@ SECRET = "mcp-test-secret-that-is-long-enough-0123456789"
 async def node() -> AsyncIterator[Node]:
     async with open_node(NodeConfig(shared_secret=SECRET)) as n:
         yield n
-
-
-def calculator(name: str) -> Agent:
-    calc = Agent(name, description="adds numbers", plugins=make_plugin_manager(allow=False))
-
-    @calc.tool
-    async def add(a: int, b: int) -> int:
-        """Add two integers.
-
-        :param a: the first number
-        :param b: the second number
-        """
-        return a + b
-
-    @calc.tool
-    async def fail() -> str:
-        """Always fails."""
-        raise RuntimeError("kaput")
-
-    return calc
 
 
 @asynccontextmanager

@@ -21,11 +21,9 @@ from pydantic import BaseModel
 
 import slim_agents_plugins.openai_agents as adapter
 from node_lite import Node, NodeConfig, open_node
-from slim_agents import Agent, Message, Session, Tool
+from slim_agents import Agent, Message, Session, Tool, framework_adapter
 from slim_agents._agent import ERROR
-
-# framework_adapter is not re-exported by slim_agents (yet).
-from slim_agents._plugins import framework_adapter, make_plugin_manager
+from slim_agents._plugins import make_plugin_manager
 from slim_agents_plugins.openai_agents import (
     openai_agents_handler,
     to_openai_agents,

@@ -23,8 +23,8 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 import slim_agents_plugins.pydantic_ai as adapter
 from node_lite import Node, NodeConfig, open_node
-from slim_agents import Agent, Message, Session, Tool
-from slim_agents._plugins import framework_adapter, make_plugin_manager
+from slim_agents import Agent, Message, Session, Tool, framework_adapter
+from slim_agents._plugins import make_plugin_manager
 from slim_agents_plugins.pydantic_ai import (
     pydantic_ai_handler,
     slim_toolset,

@@ -17,6 +17,7 @@ from slim_agents import Agent, Message, Session, SlimError, Tool, ToolError
 from slim_agents._plugins import make_plugin_manager
 from slim_agents.hookspecs import hookimpl
 from tests.helpers import unique
+from tests.slim_agents.test_agents import calculator
 from tests.upstream import Network, network, upstream_plugin, upstream_server_url
 
 __all__ = ["network", "upstream_plugin", "upstream_server_url"]  # fixtures used here
@@ -58,26 +59,6 @@ def quiet(*plugins: object) -> Any:
 
 def by_name(tools: list[Tool]) -> dict[str, Tool]:
     return {t.name: t for t in tools}
-
-
-def calculator(name: str) -> Agent:
-    agent = Agent(name, description="adds numbers", plugins=quiet())
-
-    @agent.tool
-    async def add(a: int, b: int) -> int:
-        """Add two integers.
-
-        :param a: the first number
-        :param b: the second number
-        """
-        return a + b
-
-    @agent.tool
-    async def fail() -> str:
-        """Always fails."""
-        raise RuntimeError("kaput")
-
-    return agent
 
 
 def echo_agent(name: str) -> Agent:
