@@ -431,14 +431,18 @@ class RunningAgent:
             log.exception("%s: dispatching a message failed", self.agent.name)
 
     def _consume(self, session: Session, msg: Message) -> bool:
-        if self.agent._on_message is None and len(self._mailbox) >= self.agent.mailbox_size \
-                and msg.context.payload_type not in (RESULT, CALL, DESCRIBE) \
-                and REPLY_TO not in msg.context.metadata:
+        if len(self._mailbox) >= self.agent.mailbox_size and self._is_mail(msg):
             return False  # the receive loop waits for room
         mail = self._dispatch(session, msg)
         if mail is not None:
             self._post(Mail(next(self._mail_ids), mail, session))
         return True
+
+    def _is_mail(self, msg: Message) -> bool:
+        """Whether ``msg`` goes to the mailbox (see :meth:`_dispatch`)."""
+        ctx = msg.context
+        return self.agent._on_message is None and REPLY_TO not in ctx.metadata \
+            and ctx.payload_type not in (RESULT, CALL, DESCRIBE)
 
     def _dispatch(self, session: Session, msg: Message) -> Message | None:
         """Route a received message; a message returned belongs in the mailbox."""

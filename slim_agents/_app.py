@@ -114,7 +114,7 @@ class App:
         self._last_publish = 0.0
         self.connects = 0
         self.offline_drops = 0
-        self._lookups: dict[int, tuple[anyio.Event, list[LookupResult | ReportResult]]] = {}
+        self._node_requests: dict[int, tuple[anyio.Event, list[LookupResult | ReportResult]]] = {}
 
     # -- identity -----------------------------------------------------------------------
 
@@ -205,10 +205,10 @@ class App:
                     # at the peer instead of two).
                     await anyio.lowlevel.checkpoint()
                 await self._flush()
-                if core.lookups:
-                    answers, core.lookups = core.lookups, []
+                if core.node_answers:
+                    answers, core.node_answers = core.node_answers, []
                     for answer in answers:
-                        waiter = self._lookups.get(answer.request_id)
+                        waiter = self._node_requests.get(answer.request_id)
                         if waiter is not None:
                             waiter[1].append(answer)
                             waiter[0].set()
@@ -518,12 +518,12 @@ class App:
             event = anyio.Event()
             box: list[LookupResult | ReportResult] = []
             rid = send()
-            self._lookups[rid] = (event, box)
+            self._node_requests[rid] = (event, box)
             try:
                 self._pump()
                 await _either(event, offline)
             finally:
-                del self._lookups[rid]
+                del self._node_requests[rid]
             if box:
                 return box[0]
 

@@ -132,7 +132,7 @@ class AppCore:
         #: Management commands from the node (controller), carried out by the driver.
         self.commands: list[Command] = []
         #: Directory answers and reports from the node, taken by the driver.
-        self.lookups: list[LookupResult | ReportResult] = []
+        self.node_answers: list[LookupResult | ReportResult] = []
         self._card: bytes | None = None
         self._told_unknown: dict[tuple[Any, int], float] = {}
         self._now = 0.0
@@ -205,13 +205,13 @@ class AppCore:
         self._out.append(encode_frame(Announce(card=card)))
 
     def request_report(self) -> int:
-        """Ask the node for its report; the answer arrives in :attr:`lookups` with this id."""
+        """Ask the node for its report; the answer arrives in :attr:`node_answers` with this id."""
         self._rid = self._rid % 0xFFFF_FFFF + 1
         self._out.append(encode_frame(ReportRequest(request_id=self._rid)))
         return self._rid
 
     def lookup(self, prefix: tuple[str, ...] = (), limit: int = 256) -> int:
-        """Ask the node's directory; the answer arrives in :attr:`lookups` with this id."""
+        """Ask the node's directory; the answer arrives in :attr:`node_answers` with this id."""
         self._rid = self._rid % 0xFFFF_FFFF + 1
         self._out.append(encode_frame(Lookup(request_id=self._rid, prefix=prefix, limit=limit)))
         return self._rid
@@ -307,9 +307,9 @@ class AppCore:
                 elif t == "cmd":
                     self.commands.append(Command.from_dict(d, self.limits))
                 elif t == "lookup_res":
-                    self.lookups.append(LookupResult.from_dict(d, self.limits))
+                    self.node_answers.append(LookupResult.from_dict(d, self.limits))
                 elif t == "report_res":
-                    self.lookups.append(ReportResult.from_dict(d, self.limits))
+                    self.node_answers.append(ReportResult.from_dict(d, self.limits))
                 elif t in ("sub_ack", "pong", "ping", "hello_ack"):
                     if t == "sub_ack" and not d.get("ok", True):
                         self.counters["subscribe_refused"] += 1

@@ -149,11 +149,6 @@ async def run_top(fetch: Callable[[], Any], *, interval: float = 1.0, count: int
 
 
 
-def node_report(node: Any) -> dict[str, Any]:
-    """The report of a node of this process (what a remote one sends over the wire)."""
-    report: dict[str, Any] = node.report()
-    return report
-
 
 # -- the `slim-agents top` command -------------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 
 from node_lite import NodeConfig, ServerConfig, open_node
 from slim_agents import SessionConfig, open_app
-from slim_agents._top import node_report, render_text, run_top, snapshot_from_report
+from slim_agents._top import render_text, run_top, snapshot_from_report
 from tests.helpers import SECRET, unique
 
 pytestmark = pytest.mark.anyio
@@ -34,7 +34,7 @@ async def test_top_prints_the_channel_and_its_members_for_a_running_group() -> N
 
         async def fetch() -> dict[str, object]:
             await anyio.lowlevel.checkpoint()
-            return node_report(node)
+            return node.report()
 
         out = io.StringIO()
         await run_top(fetch, interval=0.01, count=2, out=out)
