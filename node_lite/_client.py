@@ -32,6 +32,7 @@ from .wire import (
     decode_frame,
     decode_message,
     encode_frame,
+    may_hold_timestamp,
     span_may_hold_timestamp,
 )
 
@@ -134,7 +135,7 @@ class NodeConnection:
         buf, bounds = self._decoder.feed_spans(data)
         view = memoryview(buf)
         ends = range(1, len(bounds))
-        if not self._decoder.may_hold_timestamp:
+        if not may_hold_timestamp(buf):
             return [decode_frame(view[bounds[i - 1] + 4:bounds[i]], check_ext=False)
                     for i in ends]
         return [decode_frame(view[bounds[i - 1] + 4:bounds[i]],

@@ -72,6 +72,7 @@ from .wire import (
     decode_message,
     encode_frame,
     frame_prefix,
+    may_hold_timestamp,
     span_may_hold_timestamp,
 )
 
@@ -356,7 +357,7 @@ class NodeCore:
             return congested
         if buf is None:
             return congested
-        check_ext = decoder.may_hold_timestamp
+        check_ext: bool | None = None  # scanned for when a frame is first decoded
         limit = decoder.max_frame_size
         unpack_from = _PREFIX.unpack_from
         view = memoryview(buf)
@@ -426,6 +427,8 @@ class NodeCore:
             frame = view[pos:end]
             pos = end
             try:
+                if check_ext is None:
+                    check_ext = may_hold_timestamp(buf)
                 d = decode_frame(frame[4:], check_ext=check_ext and span_may_hold_timestamp(
                     buf, end - len(frame), end))
                 if d["t"] == "pub" and conn.kind in _ROUTING:

@@ -955,12 +955,10 @@ class FrameDecoder:
     returned objects are read-only views of immutable buffers.
     """
 
-    __slots__ = ("_chunks", "_have", "_need", "max_frame_size", "may_hold_timestamp")
+    __slots__ = ("_chunks", "_have", "_need", "max_frame_size")
 
     def __init__(self, max_frame_size: int = _DEFAULT_LIMITS.max_frame_size) -> None:
         self.max_frame_size = max_frame_size
-        #: Whether the frames of the last :meth:`feed` could hold a timestamp ext.
-        self.may_hold_timestamp = True
         self._chunks: list[bytes] = []  # an incomplete frame, in pieces
         self._have = 0
         self._need = 0  # total size of the incomplete frame, once its prefix is known
@@ -1012,7 +1010,7 @@ class FrameDecoder:
         Returns a buffer that starts at a frame boundary, or ``None`` while the
         held frame is still incomplete. The caller walks the frames (checking
         each length against ``max_frame_size``) and hands the incomplete tail
-        back with :meth:`keep`. Sets :attr:`may_hold_timestamp` for the buffer.
+        back with :meth:`keep`.
 
         :raises FrameTooLargeError: when a held prefix announces too large a frame.
         """
@@ -1026,7 +1024,6 @@ class FrameDecoder:
             data = b"".join(self._chunks)
             self._chunks = []
             self._have = self._need = 0
-        self.may_hold_timestamp = may_hold_timestamp(data)
         return data
 
     def keep(self, buf: bytes, pos: int) -> None:

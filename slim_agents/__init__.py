@@ -40,6 +40,8 @@ from ._errors import SessionClosedError as SessionClosedError
 from ._errors import SessionError as SessionError
 from ._errors import SessionRejectedError as SessionRejectedError
 from ._errors import SessionTimeoutError as SessionTimeoutError
+from ._instrument import Instrument as Instrument
+from ._otel import enable_tracing as enable_tracing
 from ._plugins import PluginError as PluginError
 from ._plugins import framework_adapter as framework_adapter
 from ._reports import DeliveryReport as DeliveryReport
@@ -75,6 +77,7 @@ __all__ = [
     "E2EError",
     "Encryption",
     "Handle",
+    "Instrument",
     "JoinFailedError",
     "JoinInfo",
     "JwtProvider",
@@ -108,6 +111,7 @@ __all__ = [
     "SwarmError",
     "Tool",
     "ToolError",
+    "enable_tracing",
     "framework_adapter",
     "jwks_from_public_keys",
     "load_trust_bundle",

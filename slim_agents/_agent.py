@@ -229,7 +229,8 @@ class Agent:
             running = RunningAgent(self, pm)
             app = await stack.enter_async_context(open_app(
                 self.name, node=node, secret=secret, provider=provider, verifier=verifier,
-                tls=tls, limits=limits, invite_policy=running._invite_policy))
+                tls=tls, limits=limits, invite_policy=running._invite_policy,
+                instrument=None))  # agents are traced through their hooks
             running._app = app
             await running._announce()
             async with anyio.create_task_group() as tg:

@@ -3,6 +3,7 @@
 # whoever waits on sessions, tickets and the send window.
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import random
@@ -46,6 +47,7 @@ from ._app_core import AppCore, InvitePolicy
 from ._config import SessionConfig, SessionKind
 from ._e2e import SigningIdentity
 from ._errors import ParticipantError, SessionError
+from ._instrument import Instrument, default_instrument
 from ._reports import Ticket
 from ._session import Handle, Session
 from ._session_core import (
@@ -73,6 +75,13 @@ MAX_LISTEN_QUEUE = 1024
 INBOX_PAUSE = 1.0
 
 
+class _Default(enum.Enum):
+    DEFAULT = enum.auto()
+
+
+_DEFAULT = _Default.DEFAULT
+
+
 def _base_name(name: Name | str) -> Name:
     n = Name.parse(name) if isinstance(name, str) else name
     return n.without_id()
@@ -89,8 +98,11 @@ class App:
                  tls: TlsConfig | None = None, limits: Limits | None = None,
                  invite_policy: InvitePolicy | None = None, reconnect: bool = True,
                  accept_commands: bool = True, rng: random.Random | None = None,
-                 signing_identity: SigningIdentity | None = None) -> None:
+                 signing_identity: SigningIdentity | None = None,
+                 instrument: Instrument | None = None) -> None:
         base = _base_name(name)
+        #: Told about publishes, deliveries and session operations (tracing); None: off.
+        self.instrument = instrument
         self.provider = provider
         self.name = base.with_id(instance_id_for(provider.subject))
         self.limits = limits or Limits()
@@ -421,8 +433,15 @@ class App:
         :raises SessionRejectedError: when the peer refuses (identity, policy).
         :raises SessionTimeoutError: when the peer does not answer.
         """
-        session, handle = await self.start_session(destination, config)
-        await handle
+        inst = self.instrument
+        if inst is None:
+            session, handle = await self.start_session(destination, config)
+            await handle
+            return session
+        with inst.operation("slim session setup", {"slim.app": str(self.name),
+                                                   "messaging.destination.name": str(destination)}):
+            session, handle = await self.start_session(destination, config)
+            await handle
         return session
 
     async def start_session(self, destination: Name | str, config: SessionConfig | None = None
@@ -643,6 +662,7 @@ async def open_app(
     reconnect: bool = True,
     accept_commands: bool = True,
     signing_identity: SigningIdentity | None = None,
+    instrument: Instrument | _Default | None = _DEFAULT,
 ) -> AsyncIterator[App]:
     """Connect an app to a node for the duration of the block.
 
@@ -658,6 +678,8 @@ async def open_app(
         (a new one by default). With ``secret`` the token binds it by a claim;
         a JWT binds it when its claims include ``signing_identity.pubkey_claim()``
         (or a ``cnf`` key), else peers trust it on first use.
+    :param instrument: what records the app's sessions for tracing (default: the
+        one :func:`slim_agents.enable_tracing` set, if any; None: none).
     :raises ConnectError: when the node cannot be reached.
     :raises AuthenticationError: when the node refuses the identity.
     """
@@ -674,7 +696,8 @@ async def open_app(
     provider, verifier = _identity(base, secret, provider, verifier, signing)
     app = App(base, provider, verifier, node=node, tls=tls, limits=limits,
               invite_policy=invite_policy, reconnect=reconnect,
-              accept_commands=accept_commands, signing_identity=signing)
+              accept_commands=accept_commands, signing_identity=signing,
+              instrument=default_instrument() if instrument is _DEFAULT else instrument)
     with collapse_excgroups():
         async with anyio.create_task_group() as tg:
             await tg.start(app._run)

@@ -135,8 +135,7 @@ async def _open(args: argparse.Namespace) -> Any:
         collector = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318")
         try:
             enable_tracing(endpoint=collector)
-            print(f"-> OpenTelemetry: agent spans go to {collector} (plain app sessions "
-                  "are not traced yet)", file=sys.stderr, flush=True)
+            print(f"-> OpenTelemetry: spans go to {collector}", file=sys.stderr, flush=True)
         except ConfigError as exc:
             print(f"-> {exc}; running without it", file=sys.stderr, flush=True)
     return open_app(args.local, node=endpoint, **_identity(args)), endpoint

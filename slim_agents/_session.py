@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
@@ -173,7 +174,7 @@ class Session:
 
         :raises SessionClosedError: if the session is closed.
         """
-        return await self._publish(payload, payload_type, metadata, None)
+        return await self._publish(payload, payload_type, metadata, None, None)
 
     async def publish_to(self, target: MessageContext | Name, payload: bytes, *,
                          payload_type: str | None = None,
@@ -182,15 +183,19 @@ class Session:
 
         In a point-to-point session this is :meth:`publish`.
         """
-        name = target.source_name if isinstance(target, MessageContext) else target
-        return await self._publish(payload, payload_type, metadata, name)
+        if isinstance(target, MessageContext):
+            return await self._publish(payload, payload_type, metadata, target.source_name,
+                                       target)
+        return await self._publish(payload, payload_type, metadata, target, None)
 
     async def _publish(self, payload: bytes, payload_type: str | None,
-                       metadata: Mapping[str, str] | None,
-                       to: Name | None) -> Handle[DeliveryReport]:
+                       metadata: Mapping[str, str] | None, to: Name | None,
+                       reply_to: MessageContext | None) -> Handle[DeliveryReport]:
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
         app = self._app
+        if app.instrument is not None:
+            metadata = app.instrument.publish(self, len(payload), metadata, reply_to)
         core = self._core
         while True:
             conn = app._conn
@@ -244,6 +249,8 @@ class Session:
                 self._taken()
                 if isinstance(item, BaseException):
                     raise item
+                if self._app.instrument is not None:
+                    return self._app.instrument.deliver(self, item)
                 return item
             if core.state is State.CLOSED:
                 raise SessionClosedError(core.sid, core.close_reason or "closed")
@@ -290,17 +297,29 @@ class Session:
             SessionTimeoutError, NoRouteError: when the invite cannot complete.
         """
         target = Name.parse(name) if isinstance(name, str) else name
-        ticket = self._core.invite(target, self._app._now())
-        self._app._after(self._core)
-        added: Name = await Handle[Name](self._app, ticket)
+        with self._operation("slim invite", target):
+            ticket = self._core.invite(target, self._app._now())
+            self._app._after(self._core)
+            added: Name = await Handle[Name](self._app, ticket)
         return added
 
     async def remove(self, name: Name | str) -> None:
         """Remove a participant (moderator only); returns once it has left."""
         target = Name.parse(name) if isinstance(name, str) else name
-        ticket = self._core.remove(target, self._app._now())
-        self._app._after(self._core)
-        await Handle[Any](self._app, ticket)
+        with self._operation("slim remove", target):
+            ticket = self._core.remove(target, self._app._now())
+            self._app._after(self._core)
+            await Handle[Any](self._app, ticket)
+
+    def _operation(self, name: str, target: Name | None = None) -> AbstractContextManager[Any]:
+        inst = self._app.instrument
+        if inst is None:
+            return nullcontext()
+        attributes: dict[str, Any] = {"slim.app": str(self.src), "slim.session.id": self.id,
+                                      "messaging.destination.name": str(self.dst)}
+        if target is not None:
+            attributes["slim.participant"] = str(target)
+        return inst.operation(name, attributes)
 
     async def close(self) -> None:
         """Close the session; members (or the peer) are told. Closing twice is harmless.
@@ -317,10 +336,11 @@ class Session:
         if not ticket.resolved and not app.connected:
             core._finish_close("closed", app._now())  # (a lost connection does the same)
             app._pump()
-        try:
-            await Handle[Any](app, ticket)
-        except SessionClosedError:
-            pass
+        with self._operation("slim close"):
+            try:
+                await Handle[Any](app, ticket)
+            except SessionClosedError:
+                pass
 
     async def rotate_keys(self, *, suspect: bool = False) -> None:
         """Renew the end-to-end keys.

@@ -7,15 +7,17 @@
 from __future__ import annotations
 
 import json
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import IO, Any
 
 import msgpack
 
-from node_lite import Node, ProtocolError
-from node_lite.wire import FrameDecoder, MessageKind
+from node_lite import Node
+from node_lite.wire import MessageKind
 
 from .hookspecs import hookimpl
 
@@ -44,6 +46,78 @@ KIND_LABELS = {
 _LABELS = {int(k): v for k, v in KIND_LABELS.items()}
 # Frames the recorder keeps in memory when it writes to no file.
 MAX_EVENTS = 100_000
+# Frame shapes remembered per connection (see TraceRecorder.feed_bytes).
+MAX_SHAPES = 32
+_SHAPE_KEYS = ["v", "t", "src", "dst", "fan", "ttl", "sid", "st", "k", "mid"]
+_PREFIX = _U32 = struct.Struct(">I")
+
+
+@dataclass(slots=True)
+class _Shape:
+    head: bytes  # the frame body up to the message id's value
+    line: str | None  # the JSON line from "sid" up to "mid": (None: not recorded)
+    tail: str  # what follows the size
+
+
+def _id_and_body(buf: bytes, pos: int, end: int) -> tuple[int, int, int] | None:
+    """Message id, its encoded length, and body size of a frame whose id starts
+    at ``pos``, when nothing but the body follows the id (else None: decode it)."""
+    b = buf[pos]
+    if b < 0x80:
+        mid, enc = b, 1
+    elif b == 0xCD:
+        mid, enc = buf[pos + 1] << 8 | buf[pos + 2], 3
+    elif b == 0xCE:
+        mid, enc = _U32.unpack_from(buf, pos + 1)[0], 5
+    elif b == 0xCC:
+        mid, enc = buf[pos + 1], 2
+    else:
+        return None
+    pos += enc
+    # "body" and a bin header whose length reaches exactly the frame's end
+    if end - pos < 7 or buf[pos] != 0xA4 or buf[pos + 1:pos + 5] != b"body":
+        return None
+    b = buf[pos + 5]
+    if b == 0xC4:
+        body = end - pos - 7
+        ok = buf[pos + 6] == body
+    elif b == 0xC5:
+        body = end - pos - 8
+        ok = buf[pos + 6] << 8 | buf[pos + 7] == body
+    elif b == 0xC6:
+        body = end - pos - 10
+        ok = _U32.unpack_from(buf, pos + 6)[0] == body
+    else:
+        return None
+    return (mid, enc, body) if ok else None
+
+
+def _run(buf: bytes, pos: int, end: int, first: tuple[int, int, int], shape: _Shape,
+         lines: list[str], ts: str) -> int:
+    """Record the frame at ``pos`` (ending at ``end``, of ``shape``) and the frames
+    of the same size and shape right after it, as one line; return where they end."""
+    mid, enc, body = first
+    ids = [mid]
+    at = 4 + len(shape.head)  # the id, from a frame's start
+    step = end - pos
+    size = len(buf)
+    tail = buf[pos + at + enc:end - body]  # "body" and its bin header
+    q = end
+    if enc == 1:
+        lead = buf[pos:pos + at]
+        while size - q >= step and buf.startswith(lead, q) and buf[q + at] < 0x80 \
+                and buf.startswith(tail, q + at + 1):
+            ids.append(buf[q + at])
+            q += step
+    else:
+        lead = buf[pos:pos + at + 1]  # with the id's type byte
+        while size - q >= step and buf.startswith(lead, q) \
+                and buf.startswith(tail, q + at + enc):
+            ids.append(int.from_bytes(buf[q + at + 1:q + at + enc], "big"))
+            q += step
+    text = str(mid) if len(ids) == 1 else f"[{','.join(map(str, ids))}]"
+    lines.append(f'{ts}{shape.line}{text},"size":{body}{shape.tail}')
+    return q
 
 
 def _name(value: Any) -> str:
@@ -71,53 +145,114 @@ class TraceRecorder:
         self.clock = clock
         self.events: list[dict[str, Any]] = []
         self.dropped = 0
-        self._decoders: dict[int, FrameDecoder] = {}
+        # connection -> an incomplete frame: [bytes it needs (0: unknown), bytes held, pieces]
+        self._held: dict[int, list[Any]] = {}
         self._plain: dict[int, bool] = {}  # session id -> known unencrypted
         self._names: dict[Any, str] = {}  # wire name -> its JSON text
+        self._shapes: dict[int, list[_Shape]] = {}  # connection -> shapes, latest first
 
     # -- feeding --------------------------------------------------------------------------
 
     def feed_bytes(self, conn_id: int, data: bytes) -> None:
         """Bytes as read from one connection, in any chunking.
 
-        The hot path of a recording node: one timestamp and one write per
-        chunk, and a cached JSON form of each name.
+        The hot path of a recording node. A frame whose header up to the
+        message id matches one seen before on its connection (a *shape*: the
+        same session, kind and route) is recorded without decoding: its id and
+        body size are read from their places. A run of such frames of one size
+        becomes one line listing their ids (:func:`load_trace` expands it).
+        Other frames are decoded.
         """
-        decoder = self._decoders.get(conn_id)
-        if decoder is None:
-            decoder = self._decoders[conn_id] = FrameDecoder(max_frame_size=1 << 30)
-        try:
-            frames = decoder.feed(data)
-        except ProtocolError:
-            del self._decoders[conn_id]  # the node drops this connection too
-            return
-        if not frames:
-            return
-        ts = round(self.clock(), 6)
-        lines = []
-        for frame in frames:
-            try:
-                d = msgpack.unpackb(frame[4:], raw=False, strict_map_key=False,
-                                    ext_hook=_no_ext)
-            except Exception:  # not ours to judge: the node answers bad frames itself
-                self.dropped += 1
-                continue
-            if type(d) is not dict or d.get("t") != "pub":
-                continue
-            k = d.get("k")
-            if self.out is None or self.sessions is not None or self.text \
-                    or k == MessageKind.JOIN_REQUEST or d.get("pt") or d.get("err") \
-                    or d.get("st") == 2 or type(k) is not int:
-                self.feed_envelope(d, ts)  # the general path
-                continue
-            body = d.get("body")
-            lines.append(
-                f'{{"ts":{ts},"sid":{d.get("sid", 0)},"kind":"{_LABELS.get(k, "other")}",'
-                f'"src":{self._json_name(d.get("src"))},"dst":{self._json_name(d.get("dst"))},'
-                f'"fanout":{d.get("fan", 1)},"mid":{d.get("mid", 0)},'
-                f'"size":{len(body) if type(body) is bytes else 0}}}\n')
+        held = self._held.get(conn_id)
+        if held is not None:  # an incomplete frame: wait until its last byte arrives
+            held[2].append(data)
+            held[1] += len(data)
+            if held[1] < held[0]:
+                return
+            del self._held[conn_id]
+            data = b"".join(held[2])
+        buf = data
+        shapes = self._shapes.setdefault(conn_id, [])
+        fast = self.out is not None
+        now = round(self.clock(), 6)
+        ts = f'{{"ts":{now}'
+        lines: list[str] = []
+        size = len(buf)
+        pos = 0
+        last: _Shape | None = None
+        unpack_from = _PREFIX.unpack_from
+        while size - pos >= 4:
+            start = pos + 4
+            end = start + unpack_from(buf, pos)[0]
+            if end > size:
+                break
+            if fast:
+                shape = last
+                if shape is None or not buf.startswith(shape.head, start, end):
+                    for shape in shapes:
+                        if buf.startswith(shape.head, start, end):
+                            break
+                    else:
+                        shape = None
+                if shape is not None:
+                    last = shape
+                    if shape.line is None:  # a session not being recorded
+                        pos = end
+                        continue
+                    first = _id_and_body(buf, start + len(shape.head), end)
+                    if first is not None:
+                        pos = _run(buf, pos, end, first, shape, lines, ts)
+                        continue
+            if lines:  # keep the file in frame order
+                self.out.write("".join(lines))  # type: ignore[union-attr]
+                lines.clear()
+            self._feed_frame(buf, start, end, shapes, now)
+            pos = end
+        if pos < size:
+            rest = buf[pos:]
+            need = 4 + unpack_from(rest, 0)[0] if len(rest) >= 4 else 0
+            self._held[conn_id] = [need, len(rest), [rest]]
         if lines:
             self.out.write("".join(lines))  # type: ignore[union-attr]
+
+    def _feed_frame(self, buf: bytes, start: int, end: int, shapes: list[_Shape],
+                    ts: float) -> None:
+        try:
+            d = msgpack.unpackb(buf[start:end], raw=False, strict_map_key=False,
+                                ext_hook=_no_ext)
+        except Exception:  # not ours to judge: the node answers bad frames itself
+            self.dropped += 1
+            return
+        if type(d) is not dict or d.get("t") != "pub":
+            return
+        self.feed_envelope(d, ts)
+        if self.out is not None:
+            shape = self._shape(d, buf, start, end)
+            if shape is not None:
+                shapes.insert(0, shape)
+                del shapes[MAX_SHAPES:]  # the least recently made ones go
+
+    def _shape(self, d: dict[str, Any], buf: bytes, start: int, end: int) -> _Shape | None:
+        """The shape of a decoded frame, if later frames like it can skip decoding."""
+        if list(d)[:10] != _SHAPE_KEYS:
+            return None
+        k, sid = d["k"], d["sid"]
+        if self.text or type(k) is not int or k == MessageKind.JOIN_REQUEST:
+            return None
+        pack = msgpack.Packer(use_bin_type=True).pack
+        try:
+            head = bytes([buf[start]]) + b"".join(
+                pack(key) + pack(d[key]) for key in _SHAPE_KEYS[:9]) + pack("mid")
+        except (TypeError, ValueError):
+            return None
+        if not buf.startswith(head, start, end):
+            return None  # not packed the canonical way: keep decoding
+        if self.sessions is not None and sid not in self.sessions:
+            return _Shape(head, None, "")
+        line = (f',"sid":{sid},"kind":"{_LABELS.get(k, "other")}",'
+                f'"src":{self._json_name(d["src"])},"dst":{self._json_name(d["dst"])},'
+                f'"fanout":{json.dumps(d["fan"])},"mid":')
+        return _Shape(head, line, ',"group":true}\n' if d.get("st") == 2 else "}\n")
 
     def _json_name(self, value: Any) -> str:
         key = tuple(value) if type(value) is list else value
@@ -135,7 +270,8 @@ class TraceRecorder:
     def tap(self, conn_id: int, data: bytes | None) -> None:
         """A node tap (see ``NodeCore.taps``): bytes read, or None once the connection closed."""
         if data is None:
-            self._decoders.pop(conn_id, None)
+            self._held.pop(conn_id, None)
+            self._shapes.pop(conn_id, None)
         else:
             self.feed_bytes(conn_id, data)
 
@@ -206,8 +342,22 @@ def record_node(node: Node, recorder: TraceRecorder) -> Iterator[TraceRecorder]:
 
 
 def load_trace(lines: Iterable[str]) -> list[dict[str, Any]]:
-    """Events from a JSON-lines trace (blank lines skipped)."""
-    return [json.loads(line) for line in lines if line.strip()]
+    """Events from a JSON-lines trace (blank lines skipped).
+
+    A line whose ``mid`` is a list stands for a run of frames alike but for
+    their ids; it becomes one event per id.
+    """
+    events: list[dict[str, Any]] = []
+    for line in lines:
+        if not line.strip():
+            continue
+        event = json.loads(line)
+        ids = event.get("mid")
+        if type(ids) is list:
+            events.extend({**event, "mid": i} for i in ids)
+        else:
+            events.append(event)
+    return events
 
 
 # -- rendering --------------------------------------------------------------------------
