@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._harness import emit, fmt_rate, median, print_table, quiet_gate, spawn, spread
 from bench.sessions import SECRET, start_node
+from node_lite._util import BACKENDS, run
 
 HERE = os.path.abspath(__file__)
 SESSIONS = os.path.join(os.path.dirname(HERE), "sessions.py")
@@ -57,7 +58,7 @@ def role_callee(url: str, backend: str) -> None:
             emit("READY", {})
             await anyio.sleep_forever()
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 def role_caller(url: str, backend: str) -> None:
@@ -98,7 +99,7 @@ def role_caller(url: str, backend: str) -> None:
                             "p99": samples[int(len(samples) * 0.99)] * 1e6,
                             "rate": count / WINDOW})
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 def role_pipeliner(url: str, backend: str) -> None:
@@ -136,7 +137,7 @@ def role_pipeliner(url: str, backend: str) -> None:
                 tg.cancel_scope.cancel()
             emit("RESULT", {"rate": count / WINDOW})
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 # -- runs ---------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def main() -> None:
     role.add_argument("name")
     role.add_argument("--url")
     role.add_argument("--backend", default="asyncio")
-    parser.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     if args.cmd == "role":

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import sessions
 from bench._harness import Child, emit, fmt_rate, median, print_table, quiet_gate, spawn, spread
+from node_lite._util import BACKENDS, run
 
 HERE = os.path.abspath(__file__)
 SECRET = sessions.SECRET
@@ -64,7 +65,6 @@ def role_upstream_node() -> None:
 
 
 def role_pinger(url: str, reliable: bool, backend: str) -> None:
-    import anyio
 
     from slim_agents import open_app
 
@@ -88,7 +88,7 @@ def role_pinger(url: str, reliable: bool, backend: str) -> None:
                             "p99": samples[int(len(samples) * 0.99)] * 1e6,
                             "setup_ms": setup * 1e3, "samples": len(samples)})
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 # -- driver -----------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def main() -> None:
     role.add_argument("--size", type=int, default=64)
     role.add_argument("--reliable", action="store_true")
     role.add_argument("--backend", default="asyncio")
-    parser.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     if args.cmd == "role":

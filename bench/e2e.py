@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._harness import emit, fmt_rate, median, print_table, quiet_gate, spawn, spread
 from bench.sessions import SECRET, role_receiver, start_node
+from node_lite._util import BACKENDS, run
 
 HERE = os.path.abspath(__file__)
 GROUP_SIZES = (2, 8, 32, 64, 256)
@@ -38,7 +39,6 @@ def _config(mls: bool, group: bool = False):  # type: ignore[no-untyped-def]
 
 
 def role_sender(url: str, size: int, mls: bool, backend: str) -> None:
-    import anyio
 
     from slim_agents import SessionClosedError, open_app
 
@@ -53,7 +53,7 @@ def role_sender(url: str, size: int, mls: bool, backend: str) -> None:
             except SessionClosedError:
                 pass
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 def role_members(url: str, n: int, backend: str) -> None:
@@ -77,11 +77,10 @@ def role_members(url: str, n: int, backend: str) -> None:
                 for app in apps:
                     tg.start_soon(member, app)
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 def role_moderator(url: str, n: int, mls: bool, backend: str) -> None:
-    import anyio
 
     from slim_agents import open_app
 
@@ -98,7 +97,7 @@ def role_moderator(url: str, n: int, mls: bool, backend: str) -> None:
             emit("RESULT", {"invite_ms": invite_ms, "remove_ms": remove_ms})
             await group.close()
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 # -- driver -----------------------------------------------------------------------------
@@ -142,7 +141,7 @@ def main() -> None:
     role.add_argument("--size", type=int, default=64)
     role.add_argument("--mls", action="store_true")
     role.add_argument("--backend", default="asyncio")
-    parser.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", choices=("p2p", "groups"), help="run one part")
     args = parser.parse_args()

@@ -30,6 +30,7 @@ from bench._harness import (
     spawn,
     spread,
 )
+from node_lite._util import BACKENDS, run
 
 SIZES = {"64 B": 64, "1 KiB": 1024, "64 KiB": 65536}
 WARMUP = 0.3
@@ -124,7 +125,7 @@ def role_relay(backend: str) -> None:
                     tg.start_soon(pump, first, second)
                     tg.start_soon(pump, second, first)
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 def role_sink(port: int, size: int, node: bool) -> None:
@@ -242,7 +243,7 @@ def main() -> None:
     role.add_argument("--size", type=int, default=64)
     role.add_argument("--count", type=int, default=3000)
     role.add_argument("--node", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rtt-count", type=int, default=3000)
     args = parser.parse_args()

@@ -32,6 +32,7 @@ from bench._harness import (
     spawn,
     spread,
 )
+from node_lite._util import BACKENDS, run
 
 HERE = os.path.abspath(__file__)
 NODE_BENCH = os.path.join(os.path.dirname(HERE), "node.py")
@@ -51,7 +52,6 @@ def _config(reliable: bool, group: bool = False):  # type: ignore[no-untyped-def
 
 
 def role_receiver(url: str, name: str, backend: str) -> None:
-    import anyio
 
     from slim_agents import open_app
 
@@ -69,11 +69,10 @@ def role_receiver(url: str, name: str, backend: str) -> None:
                 count += 1
             emit("RESULT", {"rate": count / (now - t0)})
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 def role_sender(url: str, target: str, size: int, reliable: bool, backend: str) -> None:
-    import anyio
 
     from slim_agents import SessionClosedError, open_app
 
@@ -88,11 +87,10 @@ def role_sender(url: str, target: str, size: int, reliable: bool, backend: str) 
             except SessionClosedError:
                 pass
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 def role_echo(url: str, backend: str) -> None:
-    import anyio
 
     from slim_agents import open_app
 
@@ -103,11 +101,10 @@ def role_echo(url: str, backend: str) -> None:
             async for msg in session:
                 await session.publish_to(msg.context, msg.payload)
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 def role_pinger(url: str, reliable: bool, count: int, backend: str) -> None:
-    import anyio
 
     from slim_agents import open_app
 
@@ -128,7 +125,7 @@ def role_pinger(url: str, reliable: bool, count: int, backend: str) -> None:
                             "p99": samples[int(len(samples) * 0.99)] * 1e6,
                             "setup_ms": setup * 1e3})
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 def role_members(url: str, chan: str, n: int, backend: str) -> None:
@@ -167,11 +164,10 @@ def role_members(url: str, chan: str, n: int, backend: str) -> None:
             dropped = sum(s.statistics()["dropped"] for a in apps for s in a.sessions)
             emit("RESULT", {"rate": sum(counts) / WINDOW, "dropped": dropped})
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 def role_moderator(url: str, chan: str, n: int, reliable: bool, backend: str) -> None:
-    import anyio
 
     from slim_agents import SessionClosedError, open_app
 
@@ -190,7 +186,7 @@ def role_moderator(url: str, chan: str, n: int, reliable: bool, backend: str) ->
             except SessionClosedError:
                 pass
 
-    anyio.run(main, backend=backend)
+    run(main, backend=backend)
 
 
 # -- driver -----------------------------------------------------------------------------
@@ -286,7 +282,7 @@ def main() -> None:
     role.add_argument("--count", type=int, default=2000)
     role.add_argument("--reliable", action="store_true")
     role.add_argument("--backend", default="asyncio")
-    parser.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     if args.cmd == "role":

@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._harness import median, print_table, quiet_gate, spread
+from node_lite._util import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES = 4
@@ -42,7 +43,6 @@ def make_agent(name: str):  # type: ignore[no-untyped-def]
 
 
 def time_swarm(count: int, backend: str) -> float:
-    import anyio
 
     from slim_agents import AgentSpec, open_swarm
 
@@ -52,7 +52,7 @@ def time_swarm(count: int, backend: str) -> float:
         async with open_swarm(specs, processes=PROCESSES):
             return time.perf_counter() - t0
 
-    return float(anyio.run(main, backend=backend))
+    return float(run(main, backend=backend))
 
 
 def time_bare_processes() -> float:

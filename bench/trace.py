@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._harness import Child, fmt_rate, median, print_table, spawn, spread
 from bench.sessions import SECRET, run_p2p
+from node_lite._util import BACKENDS
 
 
 def run(backend: str, size: int, reliable: bool, traced: bool) -> float:
@@ -40,7 +41,7 @@ def run(backend: str, size: int, reliable: bool, traced: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     print(f"trace recording cost, backend {args.backend}, {args.reps} interleaved reps, "

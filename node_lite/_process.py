@@ -20,6 +20,7 @@ from anyio.abc import Process
 from ._config import ClientConfig, NodeConfig, ServerConfig, load_config
 from ._errors import ConfigError, SlimError
 from ._server import open_node
+from ._util import BACKENDS, run
 
 #: Printed on stdout, followed by the bound endpoints, once the node serves.
 READY_PREFIX = "node_lite ready"
@@ -60,8 +61,9 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
                         help="link to another node, e.g. http://127.0.0.1:46358 (repeatable)")
     parser.add_argument("--shared-secret", help="verify app tokens with this shared secret")
     parser.add_argument("--log-level", help="trace, debug, info, warn or error")
-    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio",
-                        help="event loop backend (default asyncio)")
+    parser.add_argument("--backend", choices=BACKENDS, default="asyncio",
+                        help="event loop: asyncio, uvloop (asyncio on uvloop) or trio "
+                        "(default asyncio)")
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -105,7 +107,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     configure_logging(cfg.log_level)
     try:
-        anyio.run(serve_until_signalled, cfg, sys.stdout, backend=args.backend)
+        run(serve_until_signalled, cfg, sys.stdout, backend=args.backend)
     except SlimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ import math
 import select
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -31,23 +32,39 @@ async def dial(host: str, port: int, ssl_context: ssl.SSLContext | None = None) 
     return await anyio.connect_tcp(host, port, ssl_context=ssl_context, tls_hostname=host)
 
 
-def _writable(stream: Any) -> bool:
-    """Whether a send of a small batch on ``stream`` would complete without waiting."""
+def _writable(stream: Any) -> Callable[[], bool]:
+    """A check whether a send of a small batch on ``stream`` would complete without
+    waiting (made once per stream: finding the socket is not cheap)."""
     if isinstance(stream, MemoryByteStream):
-        return stream.can_send()
+        return stream.can_send
     inner = stream
     while hasattr(inner, "transport_stream"):
         inner = inner.transport_stream
     try:
         sock = inner.extra(SocketAttribute.raw_socket)
-        fd = sock.fileno()
-        if fd < 0:
-            return False  # closed under us: the writer task will notice
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        return bool(poller.poll(0))
-    except (anyio.TypedAttributeLookupError, OSError, ValueError):
-        return False  # not a socket, or gone: let the writer task handle it
+    except anyio.TypedAttributeLookupError:
+        return _never  # not a socket: let the writer task handle it
+    poller = select.poll()
+    registered = -1
+
+    def writable() -> bool:
+        nonlocal registered
+        try:
+            fd = sock.fileno()
+            if fd < 0:
+                return False  # closed under us: the writer task will notice
+            if fd != registered:
+                poller.register(fd, select.POLLOUT)
+                registered = fd
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return False  # gone: let the writer task handle it
+
+    return writable
+
+
+def _never() -> bool:
+    return False
 
 
 def read_size(stream: Any) -> int:
@@ -99,6 +116,7 @@ class Outbox:
     def __init__(self, stream: ByteStream, *, write_deadline: float = math.inf,
                  low_water: int = 256 * 1024, batch: WriteBatch | None = None) -> None:
         self._stream = stream
+        self._writable = _writable(stream)
         self._batch = batch
         self._buf: list[bytes | memoryview] = []
         self._bytes = 0
@@ -162,7 +180,7 @@ class Outbox:
             return False
         if self._bytes > DIRECT_SEND_MAX:
             return False
-        return _writable(self._stream)
+        return self._writable()
 
     async def send_direct(self) -> None:
         """Send the queued batch from the calling task (after :meth:`can_send_direct`)."""

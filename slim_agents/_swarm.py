@@ -36,6 +36,7 @@ from node_lite import (
     open_node,
     open_node_process,
 )
+from node_lite._util import BACKENDS
 
 log = logging.getLogger("slim_agents.swarm")
 
@@ -330,13 +331,14 @@ async def open_swarm(specs: Sequence[AgentSpec], *, node: Node | str | None = No
                      processes: int | None = None, secret: str | None = None,
                      restart: RestartPolicy | None = None, log_level: int = logging.WARNING,
                      on_progress: Callable[[int, int], None] | None = None,
-                     ) -> AsyncIterator[Swarm]:
+                     backend: str | None = None) -> AsyncIterator[Swarm]:
     """Run ``specs`` across ``processes`` worker processes until the block ends.
 
     Returns once every agent is connected. ``node`` is a node of this
     process (it needs a TCP server), a node URL, ``"subprocess"`` to start a
     node process for the swarm, or None to start one in this process on
-    127.0.0.1 port 0. Workers run on the caller's async backend.
+    127.0.0.1 port 0. Workers run on ``backend`` (asyncio, uvloop or trio;
+    default: the caller's).
 
     :raises SwarmError: when the agents cannot all start.
     """
@@ -347,7 +349,10 @@ async def open_swarm(specs: Sequence[AgentSpec], *, node: Node | str | None = No
         raise ConfigError("agent names in a swarm must be unique")
     n = max(1, min(processes or min(4, os.cpu_count() or 1), len(specs)))
     workers = [WorkerState(i, list(specs[i::n])) for i in range(n)]
-    backend = current_backend()
+    if backend is None:
+        backend = current_backend()
+    elif backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     async with AsyncExitStack() as stack:
         if node is None:
             secret = secret or DEV_SECRET
@@ -404,6 +409,8 @@ def add_swarm_arguments(parser: Any) -> None:
                         help="worker processes (default: min(4, CPUs))")
     parser.add_argument("--node", default=None, help="node URL (default: start one here)")
     parser.add_argument("--secret", default=None, help="shared secret of the node")
+    parser.add_argument("--backend", default=None, choices=BACKENDS,
+                        help="event loop of the workers (default: this command's, asyncio)")
 
 
 async def run_swarm(args: Any) -> int:
@@ -416,7 +423,7 @@ async def run_swarm(args: Any) -> int:
               file=sys.stderr, flush=True)
 
     async with open_swarm(specs, node=args.node, processes=args.processes, secret=args.secret,
-                          on_progress=progress) as swarm:
+                          on_progress=progress, backend=args.backend) as swarm:
         print(json.dumps({"ready": len(swarm.names), "seconds": round(
             time.monotonic() - started, 3), "url": swarm.url, "pids": swarm.pids}), flush=True)
         await anyio.sleep_forever()

@@ -15,6 +15,8 @@ from typing import Any
 
 import anyio
 
+from node_lite._util import run as run_on
+
 from ._swarm import AgentSpec, load_factory
 
 _agent_name: contextvars.ContextVar[str] = contextvars.ContextVar("agent", default="-")
@@ -84,7 +86,7 @@ def run() -> int:
     root.handlers[:] = [_ToParent()]
     root.setLevel(int(config.get("log_level", logging.WARNING)))
     try:
-        anyio.run(main, config, backend=config.get("backend", "asyncio"))
+        run_on(main, config, backend=config.get("backend", "asyncio"))
     except KeyboardInterrupt:
         pass
     return 0

@@ -34,7 +34,7 @@ def finish(proc: subprocess.Popen[str], sig: int) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("backend", ["asyncio", "trio", "uvloop"])
 def test_subprocess_ready_line_and_clean_exit(sig: int, backend: str) -> None:
     proc, endpoint = start([sys.executable, "-m", "node_lite", "--endpoint", "127.0.0.1:0",
                             "--backend", backend])

@@ -18,8 +18,14 @@ def worker(name: str, greeting: str = "hello") -> Agent:
 
     @agent.tool
     async def whoami() -> dict[str, object]:
-        """This agent's name and process id."""
-        return {"name": name, "pid": os.getpid()}
+        """This agent's name, process id and event loop."""
+        import asyncio
+
+        try:
+            loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        except RuntimeError:
+            loop = "trio"
+        return {"name": name, "pid": os.getpid(), "loop": loop}
 
     logging.getLogger("swarm-test").warning("worker %s starting", name)
     return agent

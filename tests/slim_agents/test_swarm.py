@@ -138,12 +138,23 @@ async def test_the_pytest_plugin_starts_a_swarm_on_the_test_node(
     assert reply.payload.decode() == f"yo from {slim_name('agent-3')}: hi"
 
 
-async def test_a_swarm_on_a_node_subprocess() -> None:
+@pytest.mark.parametrize("workers", [None, "uvloop"])
+async def test_a_swarm_on_a_node_subprocess(workers: str | None, anyio_backend: str) -> None:
+    if workers == "uvloop":
+        pytest.importorskip("uvloop")
     ns = unique("sub")
     specs = AgentSpec.many("tests.slim_agents.swarm_agents:worker", f"org/{ns}/w-{{i}}", 3)
     with anyio.fail_after(60):
-        async with open_swarm(specs, node="subprocess", processes=1) as swarm:
+        async with open_swarm(specs, node="subprocess", processes=1, backend=workers) as swarm:
             user = Agent(f"org/{ns}/user", plugins=make_plugin_manager(allow=False))
             async with user.run(swarm.url, secret=swarm.secret) as u:
                 answers = [await u.call(n, "whoami") for n in swarm.names]
     assert [a["name"] for a in answers] == swarm.names
+    expected = workers or {"asyncio": "asyncio", "trio": "trio"}[anyio_backend]
+    assert {a["loop"] for a in answers} == {expected}
+
+
+async def test_an_unknown_worker_backend_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown backend 'curio'"):
+        async with open_swarm([AgentSpec("m:f", "a/b/c")], backend="curio"):
+            pass
