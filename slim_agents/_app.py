@@ -259,9 +259,10 @@ class App:
     def _now(self) -> float:
         return time.time()
 
-    def _after(self, session: SessionCore, *, defer: bool = False) -> None:
+    def _after(self, session: SessionCore, *, defer: bool = False,
+               soonest: float | None = None) -> None:
         core = self.core
-        core.operate(session, time.time())
+        core.operate(session, time.time(), soonest)
         if core._events or core._ready:
             self._pump(defer=defer)
         else:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -289,9 +290,20 @@ class AppCore:
         self._touch(session)
         return session, ticket
 
-    def operate(self, session: SessionCore, now: float) -> None:
-        """Call after any operation on a session (publish, invite, ...)."""
+    def operate(self, session: SessionCore, now: float, soonest: float | None = None) -> None:
+        """Call after any operation on a session (publish, invite, ...).
+
+        ``soonest``: the earliest deadline the operation can have added (a publish:
+        its retransmission, or none), so that a session whose known deadline comes
+        first needs no look at its timers.
+        """
         self._now = now
+        if soonest is not None:
+            if soonest == math.inf:
+                return
+            current = self._deadlines.get(session.sid)
+            if current is not None and current <= soonest:
+                return
         self._touch(session)
 
     def receive(self, envelopes: Iterable[dict[str, Any]], now: float) -> None:

@@ -133,6 +133,16 @@ class SendStream(Generic[T]):
                     done.append(self._finish(mid))
         return done
 
+    def ack_through(self, recipient: Name, last: int) -> list[Pending[T]]:
+        """Record that ``recipient`` has every message up to ``last``; returns those
+        now complete. A later acknowledgement so stands in for a lost one."""
+        mids = []
+        for mid in self.pending:  # in sending order
+            if mid > last:
+                break
+            mids.append(mid)
+        return self.ack(recipient, mids) if mids else []
+
     def drop_recipient(self, recipient: Name, reason: str) -> list[Pending[T]]:
         """Stop waiting for a recipient (it left); returns the messages now complete."""
         done = []
@@ -199,6 +209,7 @@ class ReceiveStream(Generic[T]):
         self.to_ack: list[int] = []
         self.new_gaps: list[int] = []
         self.lost_ids: set[int] = set()
+        self.first_lost: int | None = None  # lowest id given up on
         self.duplicates = 0
         self.lost_count = 0
 
@@ -245,6 +256,15 @@ class ReceiveStream(Generic[T]):
         acks, self.to_ack = self.to_ack, []
         return acks
 
+    @property
+    def received_through(self) -> int:
+        """The highest id up to which every message arrived (0: none). Ids given up
+        on stop it: the sender must not count them as delivered."""
+        last = self.next - 1
+        if self.first_lost is not None and self.first_lost <= last:
+            last = self.first_lost - 1
+        return last
+
     def take_new_gaps(self) -> list[int]:
         gaps, self.new_gaps = self.new_gaps, []
         return [g for g in gaps if g in self.missing]
@@ -276,6 +296,10 @@ class ReceiveStream(Generic[T]):
             self.missing.pop(mid, None)
         self.lost_count += len(gone)
         self.lost_ids |= gone
+        if gone:
+            low = min(gone)
+            if self.first_lost is None or low < self.first_lost:
+                self.first_lost = low
         self._advance(out)
         return out
 

@@ -1,6 +1,7 @@
 # The anyio face of a session: awaitable operations over a SessionCore.
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -202,22 +203,26 @@ class Session:
             if conn is not None and conn.outbox.pending_bytes >= app.limits.max_pending_bytes:
                 await conn.outbox.wait_drained()
             try:
-                ticket = core.publish(bytes(payload), app._now(), payload_type=payload_type,
+                sent_at = app._now()
+                ticket = core.publish(bytes(payload), sent_at, payload_type=payload_type,
                                       metadata=metadata, to=to)
                 break
             except WindowFull:
                 if self._window_event is None:
                     self._window_event = anyio.Event()
                 await self._window_event.wait()
+        # The only deadline a publish adds is its retransmission's.
+        timeout = core.config.timeout
+        soonest = math.inf if timeout is None else sent_at + timeout
         now = anyio.current_time()
         if now - app._last_publish > _BURST_GAP:
             # Not part of a burst (request/reply): send from here, one task switch less.
             app._last_publish = now
-            app._after(core, defer=True)
+            app._after(core, defer=True, soonest=soonest)
             await app._flush()
         else:
             app._last_publish = now
-            app._after(core)
+            app._after(core, soonest=soonest)
             self._gets += 1
             if self._gets % _YIELD_EVERY == 0:
                 # A real checkpoint now and then lets the writer and others run;

@@ -1186,7 +1186,12 @@ class SessionCore:
                 continue
             mids = stream.take_acks()
             if mids:
-                acks.setdefault(key, {})["d" if direct else "a"] = to_ranges(mids)
+                body = acks.setdefault(key, {})
+                body["d" if direct else "a"] = to_ranges(mids)
+                # Also all received so far: a later ack covers one that was lost.
+                through = stream.received_through
+                if through > 0:
+                    body["dt" if direct else "at"] = through
             gaps = stream.take_new_gaps()
             if gaps:
                 self.owner.send(self._frame(list(key), Kind.RTX_REQUEST, 0,
@@ -1203,10 +1208,14 @@ class SessionCore:
         body = decode_body(d.get("body", b""))
         done = []
         direct = self._send_direct.get(src_key)
-        if self._send is not None:
-            done += self._send.ack(member.name, iter_ranges(ranges_of(body.get("a"), "a")))
-        if direct is not None:
-            done += direct.ack(member.name, iter_ranges(ranges_of(body.get("d"), "d")))
+        name = member.name
+        for stream, ranges, through in ((self._send, "a", "at"), (direct, "d", "dt")):
+            if stream is None:
+                continue
+            done += stream.ack(name, iter_ranges(ranges_of(body.get(ranges), ranges)))
+            last = body.get(through)
+            if last is not None:
+                done += stream.ack_through(name, int_of(last, through))
         for p in done:
             self._complete(p)
         if done:

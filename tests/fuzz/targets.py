@@ -64,6 +64,7 @@ from slim_agents._e2e_epoch import parse_app
 from slim_agents._protocol import (
     ProtocolViolation,
     decode_body,
+    int_of,
     members_of,
     ranges_of,
     reliability_of,
@@ -234,6 +235,9 @@ def session_body(data: bytes) -> None:
     for key in ("a", "d", "m"):
         for _ in iter_ranges(ranges_of(d.get(key), key), limit=1 << 12):
             pass
+    for key in ("at", "dt"):
+        if key in d:
+            int_of(d[key], key)
     if "r" in d:
         members_of(d["r"], "r")
     reliability_of(d.get("rel"))
@@ -242,6 +246,7 @@ def session_body(data: bytes) -> None:
 def _session_examples() -> list[bytes]:
     return [msgpack.packb(x) for x in (
         {"a": [[1, 5], [7, 7]], "d": [[2, 3]]}, {"m": [1, 2, 3], "d": True},
+        {"a": [[9, 9]], "at": 9, "dt": -1},
         {"r": [[["org", "ns", "a", 1], "sub"]], "rel": [1000, 5]},
         {"a": [[1, 2**32 - 1]]}, {"a": [[5, 1]], "m": [[0, 0]]})] + HOSTILE_BODIES
 

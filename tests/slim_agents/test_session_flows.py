@@ -273,3 +273,49 @@ def test_closing_while_an_operation_waits_on_a_silent_member() -> None:
     assert g.state is State.CLOSED
     net.settle(30)  # nothing left running
     assert g.get_timer() is None
+
+
+class _DropUp:
+    """Loses every frame one app sends while ``on``."""
+
+    def __init__(self, conn: int) -> None:
+        self.conn, self.on, self.lost = conn, True, 0
+
+    def apply(self, lane: object, frames: list[bytes]) -> list[bytes]:
+        if self.on and lane == ("up", self.conn):
+            self.lost += len(frames)
+            return []
+        return frames
+
+    def any_held(self) -> bool:
+        return False
+
+
+def test_a_later_ack_stands_in_for_lost_ones() -> None:
+    net = Net()
+    a, b, s, r = p2p(net, SessionConfig(timeout=1.0, max_retries=5))
+    net.faults = drop = _DropUp(net.conn_of(b))  # type: ignore[assignment]
+    first = [send(a, s, f"m{i}".encode(), net) for i in range(3)]
+    net.pump()  # delivered; bob's acknowledgements are lost
+    assert drop.lost > 0 and not any(t.resolved for t in first)
+    drop.on = False
+    last = send(a, s, b"m3", net)
+    net.pump()  # no time passes: nothing is retransmitted
+    assert payloads(r) == [b"m0", b"m1", b"m2", b"m3"]
+    assert all(t.resolved and t.error is None for t in [*first, last])
+    assert s._send is not None and s._send.retransmissions == 0
+
+
+def test_a_message_given_up_on_is_never_acknowledged_as_received() -> None:
+    from slim_agents._reliability import ReceiveStream
+
+    stream: ReceiveStream[bytes] = ReceiveStream(timeout=1.0, max_retries=0)
+    assert stream.receive(1, b"a", 0.0) == [b"a"]
+    assert stream.receive(3, b"c", 0.0) == []
+    assert stream.received_through == 1  # 2 is missing
+    again, lost, released = stream.due(2.0)
+    assert (again, lost, released) == ([], [2], [b"c"])
+    assert stream.next == 4
+    assert stream.received_through == 1  # 2 was lost, not received
+    assert stream.receive(4, b"d", 2.0) == [b"d"]
+    assert stream.received_through == 1
