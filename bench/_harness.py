@@ -32,6 +32,13 @@ def cpu_busy_fraction(interval: float = 0.2) -> float:
     return 1.0 - (i2 - i1) / max(1, t2 - t1)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def quiet_gate(max_wait: float = 2.0, threshold: float = 0.15) -> float:
     """Wait (at most ``max_wait``) for the CPUs to go idle; return how busy they were."""
     deadline = time.monotonic() + max_wait

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._harness import (
     Child,
+    cpu_seconds,
     emit,
     fmt_rate,
     median,
@@ -220,8 +221,12 @@ NodeStarter = Callable[[str], tuple[Child, str]]
 
 
 def run_p2p(backend: str, size: int, reliable: bool, *, start: NodeStarter | None = None,
-            script: str = HERE) -> float:
-    """Receiver messages/s of one sender; ``script`` provides the roles."""
+            script: str = HERE, cpu: dict[str, float] | None = None) -> float:
+    """Receiver messages/s of one sender; ``script`` provides the roles.
+
+    ``cpu`` gets the CPU seconds each process (node, receiver, sender) used per
+    message received, from all three ready to the result.
+    """
     quiet_gate()
     node, url = (start or start_node)(backend)
     recv = spawn([script, "role", "receiver", "--url", url, "--name", "bench/ns/receiver",
@@ -229,8 +234,16 @@ def run_p2p(backend: str, size: int, reliable: bool, *, start: NodeStarter | Non
     send = spawn([script, "role", "sender", "--url", url, "--target", "bench/ns/receiver",
                   "--size", str(size), "--backend", backend]
                  + (["--reliable"] if reliable else []))
+    procs = {"node": node, "receiver": recv, "sender": send}
     try:
-        return float(recv.result()["rate"])
+        before = {k: cpu_seconds(c.proc.pid) for k, c in procs.items()}
+        t0 = time.perf_counter()
+        rate = float(recv.result()["rate"])
+        if cpu is not None:
+            received = rate * (time.perf_counter() - t0)
+            for k, c in procs.items():
+                cpu[k] = (cpu_seconds(c.proc.pid) - before[k]) / received
+        return rate
     finally:
         for c in (send, recv, node):
             c.stop()

@@ -6,8 +6,16 @@
 The same reliable and best-effort point-to-point runs as bench/sessions.py
 (64 B and 1 KiB), through a node process started either plainly or by
 `slim-agents trace record` (recording every frame to a file); the plain
-node is the baseline, measured in the same run. Target: recording costs
-less than 10 % of p2p throughput.
+node is the baseline, measured in the same run, each traced run paired with
+a plain one next to it. Target: recording costs less than 10 % of p2p
+throughput.
+
+Sender, receiver and node are CPU-bound on two cores, so what recording
+costs is the CPU it adds per message: the verdict uses the node's extra CPU per
+message over the CPU all three processes spend per message without it. The
+throughput ratio of the pairs is printed beside it; on a shared box it swings
+by tens of percent between identical runs (the apps' batching changes with
+scheduling), so it cannot decide a 10 % target by itself.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from bench.sessions import SECRET, run_p2p
 from node_lite._util import BACKENDS
 
 
-def run(backend: str, size: int, reliable: bool, traced: bool) -> float:
+def run(backend: str, size: int, reliable: bool, traced: bool) -> tuple[float, float, float]:
+    """(messages/s, CPU seconds per message of all three processes, of the node)."""
     with tempfile.TemporaryDirectory() as tmp:
         def start(backend: str) -> tuple[Child, str]:
             args = ["--endpoint", "127.0.0.1:0", "--backend", backend, "--log-level", "warn",
@@ -35,7 +44,9 @@ def run(backend: str, size: int, reliable: bool, traced: bool) -> float:
             node = spawn(argv, ready_prefix="node_lite ready ")
             return node, "http://" + node.ready["text"]
 
-        return run_p2p(backend, size, reliable, start=start)
+        cpu: dict[str, float] = {}
+        rate = run_p2p(backend, size, reliable, start=start, cpu=cpu)
+        return rate, sum(cpu.values()), cpu["node"]
 
 
 def main() -> None:
@@ -48,30 +59,40 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; apps and node in separate processes")
     res: dict[tuple[int, bool, bool], list[float]] = {}
     ratios: dict[tuple[int, bool], list[float]] = {}
+    costs: dict[tuple[int, bool], list[float]] = {}
+    node_us: dict[tuple[int, bool, bool], list[float]] = {}
     for rep in range(args.reps):
         for size in (64, 1024):
             for reliable in (False, True):
                 # Each traced run is paired with a plain one next to it (order
-                # alternating), so a pair sees the same machine; the cost is
-                # the median of the pairs' ratios.
+                # alternating), so a pair sees the same machine.
                 order = (False, True) if rep % 2 == 0 else (True, False)
                 pair = {traced: run(args.backend, size, reliable, traced) for traced in order}
-                for traced, rate in pair.items():
+                for traced, (rate, _, node) in pair.items():
                     res.setdefault((size, reliable, traced), []).append(rate)
-                ratios.setdefault((size, reliable), []).append(pair[True] / pair[False])
+                    node_us.setdefault((size, reliable, traced), []).append(node * 1e6)
+                key = (size, reliable)
+                ratios.setdefault(key, []).append(pair[True][0] / pair[False][0])
+                # the node's added CPU per message, over everything a message costs
+                costs.setdefault(key, []).append((pair[True][2] - pair[False][2])
+                                                 / pair[False][1])
         print(f"  rep {rep + 1}/{args.reps} done", file=sys.stderr)
     rows = []
     for size in (64, 1024):
         for reliable in (False, True):
+            key = (size, reliable)
             plain, traced = res[(size, reliable, False)], res[(size, reliable, True)]
-            ratio = median(ratios[(size, reliable)])
+            cost = median(costs[key])
             rows.append([f"{size} B", "reliable" if reliable else "best effort",
-                         f"{fmt_rate(median(traced))}/s ±{spread(traced):.0%}",
-                         f"{fmt_rate(median(plain))}/s ±{spread(plain):.0%}",
-                         f"{ratio:.2f}x ±{spread(ratios[(size, reliable)]):.0%}",
-                         "ok" if ratio > 0.90 else f"COSTS {1 - ratio:.0%}"])
-    print_table("p2p throughput through a recording node vs a plain node (ratio: median of pairs)",
-                ["size", "mode", "recording", "plain", "ratio", "target <10%"], rows)
+                         f"{fmt_rate(median(traced))}/s", f"{fmt_rate(median(plain))}/s",
+                         f"{median(ratios[key]):.2f}x ±{spread(ratios[key]):.0%}",
+                         f"{median(node_us[(size, reliable, True)]):.1f} / "
+                         f"{median(node_us[(size, reliable, False)]):.1f}",
+                         f"{cost:+.1%}",
+                         "ok" if cost < 0.10 else "COSTS MORE"])
+    print_table("p2p through a recording node vs a plain node (medians of pairs)",
+                ["size", "mode", "recording", "plain", "throughput ratio",
+                 "node µs/msg (rec / plain)", "added CPU", "target <10%"], rows)
 
 
 if __name__ == "__main__":
