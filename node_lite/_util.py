@@ -47,3 +47,31 @@ def run(func: Callable[..., Awaitable[T]], *args: Any, backend: str = "asyncio")
                               "pip install 'slim-agents[fast]'") from exc
         return anyio.run(func, *args, backend="asyncio", backend_options={"use_uvloop": True})
     return anyio.run(func, *args, backend=backend)
+
+
+class Wakeup:
+    """Tasks wait on it until the next :meth:`fire` (after which it is armed again).
+
+    The anyio Event behind it is made only when someone waits, so a fire
+    nobody waits for costs nothing.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a task waits for the next fire."""
+        return self._event is not None
+
+    async def wait(self) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+    def fire(self) -> None:
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()

@@ -92,7 +92,7 @@ from node_lite import (
     SharedSecretProvider,
     SlimError,
 )
-from node_lite._util import collapse_excgroups
+from node_lite._util import Wakeup, collapse_excgroups
 from slim_agents import (
     DeliveryError,
     DeliveryReport,
@@ -322,14 +322,14 @@ class UpstreamHandle(Generic[R]):
     can be waited on only once, so one task of the app waits for everyone.
     """
 
-    __slots__ = ("_error", "_event", "_resolved", "_result", "_start")
+    __slots__ = ("_done", "_error", "_resolved", "_result", "_start")
 
     def __init__(self, start: Callable[[UpstreamHandle[R]], None] | None = None) -> None:
         self._start = start
         self._resolved = False
         self._result: Any = None
         self._error: BaseException | None = None
-        self._event: anyio.Event | None = None
+        self._done = Wakeup()
 
     @classmethod
     def of(cls, value: R) -> UpstreamHandle[R]:
@@ -357,9 +357,7 @@ class UpstreamHandle(Generic[R]):
             if start is not None:
                 start(self)
             while not self._resolved:
-                if self._event is None:
-                    self._event = anyio.Event()
-                await self._event.wait()
+                await self._done.wait()
         else:
             await anyio.lowlevel.checkpoint()
         return self.result()
@@ -370,17 +368,12 @@ class UpstreamHandle(Generic[R]):
     def _resolve(self, value: Any) -> None:
         if not self._resolved:
             self._resolved, self._result = True, value
-            self._wake()
+            self._done.fire()
 
     def _fail(self, error: BaseException) -> None:
         if not self._resolved:
             self._resolved, self._error = True, error
-            self._wake()
-
-    def _wake(self) -> None:
-        e, self._event = self._event, None
-        if e is not None:
-            e.set()
+            self._done.fire()
 
     def __repr__(self) -> str:
         state = "pending" if not self._resolved else ("failed" if self._error else "done")
@@ -428,7 +421,7 @@ class UpstreamSession:
                 log.debug("session %d: unreadable moderator %r", self.id,
                           raw_meta[MODERATOR_KEY])
         self._roster: list[Name] = [app.name] if initiator else []
-        self._roster_event: anyio.Event | None = None
+        self._roster_wakeup = Wakeup()
         self._closed = anyio.Event()
         self._close_reason: str | None = None
         self._closing = False
@@ -436,8 +429,8 @@ class UpstreamSession:
         self._left: deque[Name] = deque(maxlen=64)  # members seen leaving (full names)
         # Bounded: a full inbox stops the pump (upstream then holds the messages).
         self._inbox: deque[Message] = deque()
-        self._inbox_event: anyio.Event | None = None
-        self._room_event: anyio.Event | None = None
+        self._inbox_wakeup = Wakeup()
+        self._room_wakeup = Wakeup()
         self._unreachable: set[Callable[[], None]] = set()
         self._mids = itertools.count(1)
         self._rx_ids = itertools.count(1)
@@ -607,13 +600,10 @@ class UpstreamSession:
         inbox = self._inbox
         while not inbox:
             self._check_open()
-            if self._inbox_event is None:
-                self._inbox_event = anyio.Event()
-            await self._inbox_event.wait()
+            await self._inbox_wakeup.wait()
         msg = inbox.popleft()
-        if self._room_event is not None and len(inbox) <= self._config.max_inbox // 2:
-            self._room_event.set()
-            self._room_event = None
+        if self._room_wakeup.waiting and len(inbox) <= self._config.max_inbox // 2:
+            self._room_wakeup.fire()
         return msg
 
     def __aiter__(self) -> AsyncIterator[Message]:
@@ -671,11 +661,9 @@ class UpstreamSession:
                     direct=direct), rm.payload)
                 self.received += 1
                 while len(self._inbox) >= self._config.max_inbox:
-                    if self._room_event is None:
-                        self._room_event = anyio.Event()
-                    await self._room_event.wait()
+                    await self._room_wakeup.wait()
                 self._inbox.append(msg)
-                self._wake_inbox()
+                self._inbox_wakeup.fire()
         finally:
             self._finish(reason)
 
@@ -722,18 +710,8 @@ class UpstreamSession:
             roster.insert(0, mod)
         if roster != self._roster:
             self._roster = roster
-            self._wake_roster()
+            self._roster_wakeup.fire()
         return roster
-
-    def _wake_roster(self) -> None:
-        e, self._roster_event = self._roster_event, None
-        if e is not None:
-            e.set()
-
-    def _wake_inbox(self) -> None:
-        e, self._inbox_event = self._inbox_event, None
-        if e is not None:
-            e.set()
 
     def _notify_roster(self) -> None:
         """Tell slim-agents members that the roster changed (they read it from upstream)."""
@@ -854,18 +832,14 @@ class UpstreamSession:
         """Wait until the roster has at least ``count`` members."""
         while len(self._refresh_roster()) < count:
             self._check_open()
-            if self._roster_event is None:
-                self._roster_event = anyio.Event()
-            await self._roster_event.wait()
+            await self._roster_wakeup.wait()
         return list(self._roster)
 
     async def watch_roster(self) -> AsyncIterator[tuple[list[Name], list[Name]]]:
         """Yield ``(added, removed)`` each time the roster changes, until the session closes."""
         seen = list(self._roster)
         while not self._closed.is_set():
-            if self._roster_event is None:
-                self._roster_event = anyio.Event()
-            await self._roster_event.wait()
+            await self._roster_wakeup.wait()
             now = list(self._roster)
             added = [n for n in now if n not in seen]
             removed = [n for n in seen if n not in now]
@@ -891,8 +865,8 @@ class UpstreamSession:
             return
         self._close_reason = self._close_reason or reason
         self._closed.set()
-        self._wake_inbox()
-        self._wake_roster()
+        self._inbox_wakeup.fire()
+        self._roster_wakeup.fire()
         self._app._forget(self)
 
     def statistics(self) -> dict[str, Any]:

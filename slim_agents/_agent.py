@@ -37,6 +37,7 @@ from node_lite import (
     TokenVerifier,
     open_node,
 )
+from node_lite._util import Wakeup
 
 from ._app import App, open_app
 from ._app_core import JoinInfo
@@ -314,10 +315,10 @@ class RunningAgent:
         self._mail_ids = itertools.count(1)
         # Bounded: when full, the sessions stop being read (backpressure), nothing is dropped.
         self._mailbox: deque[Mail] = deque()
-        self._room_event: anyio.Event | None = None
+        self._room_wakeup = Wakeup()
         # Recent mail by id, so that a model can reply after reading it.
         self._recent: OrderedDict[int, Mail] = OrderedDict()
-        self._mail_event: anyio.Event | None = None
+        self._mail_wakeup = Wakeup()
         self.handled = 0
         self.failures = 0
 
@@ -413,12 +414,11 @@ class RunningAgent:
                 if mail is not None:
                     # Straight into the mailbox, in arrival order; wait while it is full.
                     while len(self._mailbox) >= self.agent.mailbox_size:
-                        if self._room_event is None:
+                        if not self._room_wakeup.waiting:
                             log.warning("%s: the mailbox is full (%d); reading pauses until "
                                         "read_mailbox or wait_mailbox takes some",
                                         self.agent.name, self.agent.mailbox_size)
-                            self._room_event = anyio.Event()
-                        await self._room_event.wait()
+                        await self._room_wakeup.wait()
                     self._post(Mail(next(self._mail_ids), mail, session))
         finally:
             session._on_inbox = None
@@ -542,9 +542,7 @@ class RunningAgent:
         self._recent[mail.id] = mail
         while len(self._recent) > self.agent.mailbox_size:
             self._recent.popitem(last=False)
-        e, self._mail_event = self._mail_event, None
-        if e is not None:
-            e.set()
+        self._mail_wakeup.fire()
 
     def _deliver(self, key: str, msg: Message) -> None:
         waiter = self._waiters.get(key)
@@ -829,23 +827,16 @@ class RunningAgent:
         out: list[Mail] = []
         while self._mailbox and len(out) < limit:
             out.append(self._mailbox.popleft())
-        self._wake_room()
+        self._room_wakeup.fire()
         await anyio.lowlevel.checkpoint()
         return out
-
-    def _wake_room(self) -> None:
-        e, self._room_event = self._room_event, None
-        if e is not None:
-            e.set()
 
     async def wait_mailbox(self) -> Mail:
         """Wait for the next mailbox message (bound it with a cancel scope)."""
         while not self._mailbox:
-            if self._mail_event is None:
-                self._mail_event = anyio.Event()
-            await self._mail_event.wait()
+            await self._mail_wakeup.wait()
         mail = self._mailbox.popleft()
-        self._wake_room()
+        self._room_wakeup.fire()
         return mail
 
     def messaging_tools(self) -> list[Tool]:

@@ -33,7 +33,7 @@ from node_lite import (
     instance_id_for,
     open_connection,
 )
-from node_lite._util import collapse_excgroups
+from node_lite._util import Wakeup, collapse_excgroups
 from node_lite.wire import (
     Command,
     CommandResult,
@@ -116,7 +116,7 @@ class App:
         self._tg: TaskGroup | None = None
         self._sessions: dict[int, Session] = {}
         self._listen: deque[Session] = deque()
-        self._listen_event: anyio.Event | None = None
+        self._listen_wakeup = Wakeup()
         self._timer_wake: anyio.Event | None = None
         self._timer_at = math.inf
         self._connected = anyio.Event()
@@ -235,7 +235,7 @@ class App:
                     # publisher waits for acks (they come through this loop), and
                     # not for long: a stuck consumer must not stall other sessions.
                     wrapper = self._sessions.get(full.sid)
-                    if wrapper is not None and wrapper._window_event is None:
+                    if wrapper is not None and not wrapper._window_wakeup.waiting:
                         with anyio.move_on_after(INBOX_PAUSE):
                             await wrapper._wait_inbox_room()
 
@@ -320,22 +320,22 @@ class App:
                 wrapper = self._sessions.get(event.session.sid)
                 if wrapper is not None:
                     wrapper._wake_inbox()
-                    wrapper._wake_window()
-                    wrapper._wake_roster()
-                    wrapper._wake_room()
-                    wrapper._wake_lost()
+                    wrapper._window_wakeup.fire()
+                    wrapper._roster_wakeup.fire()
+                    wrapper._room_wakeup.fire()
+                    wrapper._lost_wakeup.fire()
             elif type(event) is WindowOpen:
                 wrapper = self._sessions.get(event.session.sid)
                 if wrapper is not None:
-                    wrapper._wake_window()
+                    wrapper._window_wakeup.fire()
             elif type(event) is RosterChanged:
                 wrapper = self._sessions.get(event.session.sid)
                 if wrapper is not None:
-                    wrapper._wake_roster()
+                    wrapper._roster_wakeup.fire()
             elif type(event) is ModeratorLost:
                 wrapper = self._sessions.get(event.session.sid)
                 if wrapper is not None:
-                    wrapper._wake_lost()
+                    wrapper._lost_wakeup.fire()
             elif type(event) is Unreachable:
                 wrapper = self._sessions.get(event.session.sid)
                 if wrapper is not None:
@@ -359,9 +359,7 @@ class App:
             core.close(time.time())
             return
         self._listen.append(wrapper)
-        e, self._listen_event = self._listen_event, None
-        if e is not None:
-            e.set()
+        self._listen_wakeup.fire()
 
     async def _wait_writable(self) -> None:
         conn = self._conn
@@ -392,9 +390,7 @@ class App:
             await handle
             session._managed = True
             self._listen.append(session)  # announced like a session we were invited to
-            e, self._listen_event = self._listen_event, None
-            if e is not None:
-                e.set()
+            self._listen_wakeup.fire()
             return {"channel": str(channel)}
         session = self._moderated(channel)
         if op == "add_participant":
@@ -460,9 +456,7 @@ class App:
     async def listen_for_session(self) -> Session:
         """Wait for a session another app created with this one (bound it with a cancel scope)."""
         while not self._listen:
-            if self._listen_event is None:
-                self._listen_event = anyio.Event()
-            await self._listen_event.wait()
+            await self._listen_wakeup.wait()
         await anyio.lowlevel.checkpoint_if_cancelled()
         self.core.session_listened()
         return self._listen.popleft()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 
 from node_lite import Name
+from node_lite._util import Wakeup
 
 from ._config import SessionConfig, SessionKind
 from ._errors import SessionClosedError
@@ -80,14 +81,14 @@ class Session:
     def __init__(self, app: App, core: SessionCore) -> None:
         self._app = app
         self._core = core
-        self._inbox_event: anyio.Event | None = None
+        self._inbox_wakeup = Wakeup()
         # Called when messages arrive (the agent layer takes what it can at once).
         self._on_inbox: Callable[[], None] | None = None
-        self._window_event: anyio.Event | None = None
-        self._roster_event: anyio.Event | None = None
+        self._window_wakeup = Wakeup()
+        self._roster_wakeup = Wakeup()
         self._unreachable: set[Callable[[], None]] = set()
-        self._room_event: anyio.Event | None = None
-        self._lost_event: anyio.Event | None = None
+        self._room_wakeup = Wakeup()
+        self._lost_wakeup = Wakeup()
         self._gets = 0
         self._managed = False  # created by a controller command
 
@@ -208,9 +209,7 @@ class Session:
                                       metadata=metadata, to=to)
                 break
             except WindowFull:
-                if self._window_event is None:
-                    self._window_event = anyio.Event()
-                await self._window_event.wait()
+                await self._window_wakeup.wait()
         # The only deadline a publish adds is its retransmission's.
         timeout = core.config.timeout
         soonest = math.inf if timeout is None else sent_at + timeout
@@ -259,9 +258,7 @@ class Session:
                 return item
             if core.state is State.CLOSED:
                 raise SessionClosedError(core.sid, core.close_reason or "closed")
-            if self._inbox_event is None:
-                self._inbox_event = anyio.Event()
-            await self._inbox_event.wait()
+            await self._inbox_wakeup.wait()
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iterate()
@@ -369,16 +366,12 @@ class Session:
         while not self._core.moderator_lost:
             if self._core.state is State.CLOSED:
                 raise SessionClosedError(self.id, self._core.close_reason or "closed")
-            if self._lost_event is None:
-                self._lost_event = anyio.Event()
-            await self._lost_event.wait()
+            await self._lost_wakeup.wait()
 
     async def wait_closed(self) -> str:
         """Wait until the session is closed (by anyone); returns the reason."""
         while self._core.state is not State.CLOSED:
-            if self._inbox_event is None:
-                self._inbox_event = anyio.Event()
-            await self._inbox_event.wait()
+            await self._inbox_wakeup.wait()
         return self._core.close_reason or "closed"
 
     async def wait_participants(self, count: int) -> list[Name]:
@@ -386,18 +379,14 @@ class Session:
         while len(self._core.roster) < count:
             if self._core.state is State.CLOSED:
                 raise SessionClosedError(self.id, self._core.close_reason or "closed")
-            if self._roster_event is None:
-                self._roster_event = anyio.Event()
-            await self._roster_event.wait()
+            await self._roster_wakeup.wait()
         return self.participants
 
     async def watch_roster(self) -> AsyncIterator[tuple[list[Name], list[Name]]]:
         """Yield ``(added, removed)`` each time the roster changes, until the session closes."""
         seen = list(self._core.roster)
         while self._core.state is not State.CLOSED:
-            if self._roster_event is None:
-                self._roster_event = anyio.Event()
-            await self._roster_event.wait()
+            await self._roster_wakeup.wait()
             now = list(self._core.roster)
             added = [n for n in now if n not in seen]
             removed = [n for n in seen if n not in now]
@@ -410,14 +399,10 @@ class Session:
     async def _wait_inbox_room(self) -> None:
         core = self._core
         while len(core.inbox) > core.config.max_inbox // 2 and core.state is not State.CLOSED:
-            if self._room_event is None:
-                self._room_event = anyio.Event()
-            await self._room_event.wait()
+            await self._room_wakeup.wait()
 
     def _wake_inbox(self) -> None:
-        e, self._inbox_event = self._inbox_event, None
-        if e is not None:
-            e.set()
+        self._inbox_wakeup.fire()
         if self._on_inbox is not None:
             self._on_inbox()
 
@@ -439,24 +424,8 @@ class Session:
     def _taken(self) -> None:
         # The inbox shrank: a read loop paused on it may go on once it is half empty.
         core = self._core
-        if self._room_event is not None and len(core.inbox) <= core.config.max_inbox // 2:
-            self._room_event.set()
-            self._room_event = None
-
-    def _wake_lost(self) -> None:
-        e, self._lost_event = self._lost_event, None
-        if e is not None:
-            e.set()
-
-    def _wake_room(self) -> None:
-        e, self._room_event = self._room_event, None
-        if e is not None:
-            e.set()
-
-    def _wake_window(self) -> None:
-        e, self._window_event = self._window_event, None
-        if e is not None:
-            e.set()
+        if self._room_wakeup.waiting and len(core.inbox) <= core.config.max_inbox // 2:
+            self._room_wakeup.fire()
 
     def on_unreachable(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when the node reports no route to this point-to-point
@@ -470,11 +439,6 @@ class Session:
     def _peer_unreachable(self) -> None:
         for callback in list(self._unreachable):
             callback()
-
-    def _wake_roster(self) -> None:
-        e, self._roster_event = self._roster_event, None
-        if e is not None:
-            e.set()
 
     def statistics(self) -> dict[str, Any]:
         core = self._core
