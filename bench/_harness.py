@@ -6,6 +6,7 @@ Each role runs as ``python bench/<script>.py role <name> ...`` and prints
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -17,6 +18,26 @@ from dataclasses import dataclass
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench_parser(doc: str | None, *, reps: int = 3
+                 ) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command line every benchmark shares: ``--backend`` and ``--reps``, and a
+    ``role NAME --url URL --backend B`` subcommand for its child processes.
+
+    Returns (the parser, the role subparser) for each script's own options.
+    """
+    from node_lite._util import BACKENDS
+
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
+    parser.add_argument("--reps", type=int, default=reps)
+    role = parser.add_subparsers(dest="cmd").add_parser("role")
+    role.add_argument("name")
+    role.add_argument("--url")
+    role.add_argument("--backend", default="asyncio")
+    return parser, role
 
 
 def cpu_busy_fraction(interval: float = 0.2) -> float:

@@ -14,16 +14,24 @@ Targets: tool-call p50 <= 1 ms; >= 5 k calls/s with 32 callers.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._harness import emit, fmt_rate, median, print_table, quiet_gate, spawn, spread
+from bench._harness import (
+    bench_parser,
+    emit,
+    fmt_rate,
+    median,
+    print_table,
+    quiet_gate,
+    spawn,
+    spread,
+)
 from bench.sessions import SECRET, start_node
-from node_lite._util import BACKENDS, run
+from node_lite._util import run
 
 HERE = os.path.abspath(__file__)
 SESSIONS = os.path.join(os.path.dirname(HERE), "sessions.py")
@@ -178,15 +186,7 @@ def run_baseline(backend: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd")
-    role = sub.add_parser("role")
-    role.add_argument("name")
-    role.add_argument("--url")
-    role.add_argument("--backend", default="asyncio")
-    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
-    parser.add_argument("--reps", type=int, default=3)
+    parser, _ = bench_parser(__doc__)
     args = parser.parse_args()
     if args.cmd == "role":
         {"callee": role_callee, "caller": role_caller,

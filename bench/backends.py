@@ -18,7 +18,6 @@ faster for rates, slower for times).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -27,8 +26,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import sessions
-from bench._harness import Child, emit, fmt_rate, median, print_table, quiet_gate, spawn, spread
-from node_lite._util import BACKENDS, run
+from bench._harness import (
+    Child,
+    bench_parser,
+    emit,
+    fmt_rate,
+    median,
+    print_table,
+    quiet_gate,
+    spawn,
+    spread,
+)
+from node_lite._util import run
 
 HERE = os.path.abspath(__file__)
 SECRET = sessions.SECRET
@@ -130,21 +139,13 @@ def run_fanout(network: str, backend: str, n: int, reliable: bool) -> tuple[floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd")
-    role = sub.add_parser("role")
-    role.add_argument("name")
-    role.add_argument("--url")
+    parser, role = bench_parser(__doc__)
     role.add_argument("--name", dest="app_name")
     role.add_argument("--target")
     role.add_argument("--chan")
     role.add_argument("--n", type=int, default=FANOUT)
     role.add_argument("--size", type=int, default=64)
     role.add_argument("--reliable", action="store_true")
-    role.add_argument("--backend", default="asyncio")
-    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
-    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     if args.cmd == "role":
         b = args.backend

@@ -12,16 +12,24 @@ of 256 completes in under 1 s.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._harness import emit, fmt_rate, median, print_table, quiet_gate, spawn, spread
+from bench._harness import (
+    bench_parser,
+    emit,
+    fmt_rate,
+    median,
+    print_table,
+    quiet_gate,
+    spawn,
+    spread,
+)
 from bench.sessions import SECRET, role_receiver, start_node
-from node_lite._util import BACKENDS, run
+from node_lite._util import run
 
 HERE = os.path.abspath(__file__)
 GROUP_SIZES = (2, 8, 32, 64, 256)
@@ -131,18 +139,10 @@ def run_group(backend: str, n: int, mls: bool) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd")
-    role = sub.add_parser("role")
-    role.add_argument("name")
-    role.add_argument("--url")
+    parser, role = bench_parser(__doc__)
     role.add_argument("--n", type=int, default=8)
     role.add_argument("--size", type=int, default=64)
     role.add_argument("--mls", action="store_true")
-    role.add_argument("--backend", default="asyncio")
-    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
-    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", choices=("p2p", "groups"), help="run one part")
     args = parser.parse_args()
     if args.cmd == "role":

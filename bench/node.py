@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._harness import (
+    bench_parser,
     emit,
     fmt_rate,
     median,
@@ -30,7 +31,7 @@ from bench._harness import (
     spawn,
     spread,
 )
-from node_lite._util import BACKENDS, run
+from node_lite._util import run
 
 SIZES = {"64 B": 64, "1 KiB": 1024, "64 KiB": 65536}
 WARMUP = 0.3
@@ -233,18 +234,11 @@ def run_rtt(system: str, backend: str, count: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd")
-    role = sub.add_parser("role")
-    role.add_argument("name")
-    role.add_argument("--backend", default="asyncio")
+    parser, role = bench_parser(__doc__)
     role.add_argument("--port", type=int)
     role.add_argument("--size", type=int, default=64)
     role.add_argument("--count", type=int, default=3000)
     role.add_argument("--node", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
-    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rtt-count", type=int, default=3000)
     args = parser.parse_args()
     if args.cmd == "role":

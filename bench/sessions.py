@@ -14,7 +14,6 @@ RTT p50 <= 300 us, fan-out to 32 >= 300 k deliveries/s.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._harness import (
     Child,
+    bench_parser,
     cpu_seconds,
     emit,
     fmt_rate,
@@ -33,7 +33,7 @@ from bench._harness import (
     spawn,
     spread,
 )
-from node_lite._util import BACKENDS, run
+from node_lite._util import run
 
 HERE = os.path.abspath(__file__)
 NODE_BENCH = os.path.join(os.path.dirname(HERE), "node.py")
@@ -281,12 +281,7 @@ def run_fanout(backend: str, n: int, reliable: bool, *, start: NodeStarter | Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd")
-    role = sub.add_parser("role")
-    role.add_argument("name")
-    role.add_argument("--url")
+    parser, role = bench_parser(__doc__)
     role.add_argument("--name", dest="app_name")
     role.add_argument("--target")
     role.add_argument("--chan")
@@ -294,9 +289,6 @@ def main() -> None:
     role.add_argument("--size", type=int, default=64)
     role.add_argument("--count", type=int, default=2000)
     role.add_argument("--reliable", action="store_true")
-    role.add_argument("--backend", default="asyncio")
-    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
-    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     if args.cmd == "role":
         b = args.backend

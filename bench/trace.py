@@ -20,16 +20,14 @@ scheduling), so it cannot decide a 10 % target by itself.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._harness import Child, fmt_rate, median, print_table, spawn, spread
+from bench._harness import Child, bench_parser, fmt_rate, median, print_table, spawn, spread
 from bench.sessions import SECRET, run_p2p
-from node_lite._util import BACKENDS
 
 
 def run(backend: str, size: int, reliable: bool, traced: bool) -> tuple[float, float, float]:
@@ -50,10 +48,7 @@ def run(backend: str, size: int, reliable: bool, traced: bool) -> tuple[float, f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
-    parser.add_argument("--reps", type=int, default=5)
+    parser, _ = bench_parser(__doc__, reps=5)
     args = parser.parse_args()
     print(f"trace recording cost, backend {args.backend}, {args.reps} interleaved reps, "
           f"{os.cpu_count()} CPUs; apps and node in separate processes")
