@@ -85,6 +85,7 @@ class SendStream(Generic[T]):
         self.pending_bytes = 0
         self._timers: deque[tuple[float, int, int]] = deque()  # deadline, mid, attempt
         self.retransmissions = 0
+        self._through: dict[Name, int] = {}  # recipient -> all up to this acknowledged
 
     def has_room(self) -> bool:
         return len(self.pending) < self.window and self.pending_bytes < self.window_bytes
@@ -135,16 +136,25 @@ class SendStream(Generic[T]):
 
     def ack_through(self, recipient: Name, last: int) -> list[Pending[T]]:
         """Record that ``recipient`` has every message up to ``last``; returns those
-        now complete. A later acknowledgement so stands in for a lost one."""
-        mids = []
-        for mid in self.pending:  # in sending order
-            if mid > last:
-                break
-            mids.append(mid)
-        return self.ack(recipient, mids) if mids else []
+        now complete. A later acknowledgement so stands in for a lost one.
+
+        Only ids above the recipient's previous ``last`` are looked at: in a group,
+        messages it acknowledged stay pending for the others.
+        """
+        first = self._through.get(recipient, 0) + 1
+        if last < first:
+            return []
+        self._through[recipient] = last
+        pending = self.pending
+        if last - first < len(pending):
+            mids: Iterable[int] = [m for m in range(first, last + 1) if m in pending]
+        else:
+            mids = [m for m in pending if first <= m <= last]
+        return self.ack(recipient, mids)
 
     def drop_recipient(self, recipient: Name, reason: str) -> list[Pending[T]]:
         """Stop waiting for a recipient (it left); returns the messages now complete."""
+        self._through.pop(recipient, None)
         done = []
         for mid, p in list(self.pending.items()):
             if recipient in p.waiting:

@@ -319,3 +319,19 @@ def test_a_message_given_up_on_is_never_acknowledged_as_received() -> None:
     assert stream.received_through == 1  # 2 was lost, not received
     assert stream.receive(4, b"d", 2.0) == [b"d"]
     assert stream.received_through == 1
+
+
+def test_acks_through_an_id_count_each_member_once_and_bound_the_work() -> None:
+    from slim_agents._reliability import SendStream
+
+    a, b = Name("org", "ns", "a", 1), Name("org", "ns", "b", 2)
+    stream: SendStream[str] = SendStream(timeout=1.0, max_retries=3)
+    for _ in range(5):
+        mid = stream.allocate()
+        stream.track(mid, f"m{mid}", 10, [a, b], 0.0)
+    assert stream.ack_through(a, 3) == []  # b still owes them
+    assert [p.mid for p in stream.ack_through(b, 2)] == [1, 2]
+    assert stream.ack_through(b, 2) == []  # nothing new
+    assert stream.ack_through(a, 2**32 - 1) == []  # a hostile id: no huge walk
+    assert [p.mid for p in stream.ack_through(b, 5)] == [3, 4, 5]
+    assert not stream.pending
