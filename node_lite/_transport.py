@@ -14,11 +14,10 @@ import anyio
 from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-# asyncio hands over up to 256 KiB per transport read and copies when a read
-# splits a chunk, so read it whole; trio pays for large recv buffers (mmap),
-# so read at most 64 KiB there.
-_ASYNCIO_READ = 256 * 1024
-_TRIO_READ = 64 * 1024
+# Bytes read per receive(). A larger read buffer is allocated with mmap and
+# unmapped again on every read (tens of microseconds each), so asyncio's
+# transports are set to read 64 KiB at a time (see set_read_size), as trio does.
+READ_SIZE = 64 * 1024
 # Chunks buffered in one direction of an in-memory stream (each is one coalesced write).
 _MEMORY_CHUNKS = 16
 # Largest batch the reading task sends itself instead of waking the writer.
@@ -67,10 +66,14 @@ def _never() -> bool:
     return False
 
 
-def read_size(stream: Any) -> int:
-    """Bytes to ask for per ``receive()`` on this stream's backend."""
+def set_read_size(stream: Any) -> int:
+    """Cap the bytes an asyncio transport reads at once to what ``receive()`` asks
+    for, so that a read neither splits a chunk nor needs a fresh mmap; returns it."""
     inner = getattr(stream, "transport_stream", stream)
-    return _TRIO_READ if "_trio" in type(inner).__module__ else _ASYNCIO_READ
+    transport = getattr(inner, "_transport", None)
+    if transport is not None and isinstance(getattr(transport, "max_size", None), int):
+        transport.max_size = READ_SIZE
+    return READ_SIZE
 
 
 def pause_reading(stream: Any) -> None:
