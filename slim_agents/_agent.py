@@ -252,38 +252,65 @@ class Agent:
             await anyio.sleep_forever()
 
 
-class _Slots:
-    """Bounded concurrency without a scheduling point when a slot is free."""
+class _Handlers:
+    """Runs handler and tool calls on up to ``size`` long-lived tasks, started as
+    needed: handing a call to an idle task costs a fraction of starting one per call.
 
-    __slots__ = ("_free", "_waiters")
+    At most ``backlog`` calls wait for a free task; past that the sessions stop
+    being read (see :attr:`full`), so nothing is dropped and memory stays bounded.
+    """
 
-    def __init__(self, n: int) -> None:
-        self._free = n
-        self._waiters: deque[anyio.Event] = deque()
+    __slots__ = ("_idle", "_room", "backlog", "jobs", "size", "workers")
 
-    async def __aenter__(self) -> None:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return
-        event = anyio.Event()
-        self._waiters.append(event)
+    def __init__(self, size: int, backlog: int) -> None:
+        if size < 1:
+            raise ValueError(f"concurrency must be at least 1, not {size}")
+        self.size = size
+        self.backlog = max(backlog, 1)
+        self.jobs: deque[tuple[Callable[..., Awaitable[None]], tuple[Any, ...]]] = deque()
+        self.workers = 0
+        self._idle: list[anyio.Event] = []
+        self._room = Wakeup()
+
+    @property
+    def full(self) -> bool:
+        return len(self.jobs) >= self.backlog
+
+    async def wait_room(self) -> None:
+        while self.full:
+            await self._room.wait()
+
+    def submit(self, tg: TaskGroup, func: Callable[..., Awaitable[None]], *args: Any) -> None:
+        self.jobs.append((func, args))
+        if self._idle:
+            self._idle.pop().set()  # the most recently idle task: its stack is warm
+        elif self.workers < self.size:
+            self.workers += 1
+            tg.start_soon(self._work)
+
+    async def _work(self) -> None:
+        jobs = self.jobs
         try:
-            await event.wait()
-        except BaseException:
-            if event in self._waiters:
-                self._waiters.remove(event)
-            elif event.is_set():
-                self._release()  # handed a slot while being cancelled: pass it on
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()  # the slot goes straight to the next waiter
-        else:
-            self._free += 1
+            while True:
+                if not jobs:
+                    idle = anyio.Event()
+                    self._idle.append(idle)
+                    try:
+                        await idle.wait()
+                    finally:
+                        if not idle.is_set():  # cancelled while idle
+                            self._idle.remove(idle)
+                    continue
+                func, args = jobs.popleft()
+                if self._room.waiting:
+                    self._room.fire()
+                token = _incoming.set(None)
+                try:
+                    await func(*args)
+                finally:
+                    _incoming.reset(token)
+        finally:
+            self.workers -= 1
 
 
 class _Waiter:
@@ -304,7 +331,7 @@ class RunningAgent:
         self.plugins = pm
         self._app: App | None = None
         self._tg: TaskGroup | None = None
-        self._limiter = _Slots(agent.concurrency)
+        self._handlers = _Handlers(agent.concurrency, agent.mailbox_size)
         self._peers: dict[Name, Session] = {}
         self._peer_locks: dict[Name, anyio.Lock] = {}
         self._groups: dict[Name, Session] = {}
@@ -410,6 +437,8 @@ class RunningAgent:
                 except SessionError as exc:  # a lost or undecryptable message
                     log.warning("%s: %s", self.agent.name, exc)
                     continue
+                if self._is_job(msg):
+                    await self._handlers.wait_room()
                 mail = self._dispatch(session, msg)
                 if mail is not None:
                     # Straight into the mailbox, in arrival order; wait while it is full.
@@ -432,8 +461,11 @@ class RunningAgent:
             log.exception("%s: dispatching a message failed", self.agent.name)
 
     def _consume(self, session: Session, msg: Message) -> bool:
-        if len(self._mailbox) >= self.agent.mailbox_size and self._is_mail(msg):
-            return False  # the receive loop waits for room
+        if self._is_mail(msg):
+            if len(self._mailbox) >= self.agent.mailbox_size:
+                return False  # the receive loop waits for room
+        elif self._handlers.full and self._is_job(msg):
+            return False
         mail = self._dispatch(session, msg)
         if mail is not None:
             self._post(Mail(next(self._mail_ids), mail, session))
@@ -444,6 +476,14 @@ class RunningAgent:
         ctx = msg.context
         return self.agent._on_message is None and REPLY_TO not in ctx.metadata \
             and ctx.payload_type not in (RESULT, CALL, DESCRIBE)
+
+    def _is_job(self, msg: Message) -> bool:
+        """Whether ``msg`` runs a tool or the message handler (see :meth:`_dispatch`)."""
+        ctx = msg.context
+        if ctx.payload_type in (CALL, DESCRIBE):
+            return True
+        return self.agent._on_message is not None and REPLY_TO not in ctx.metadata \
+            and ctx.payload_type != RESULT
 
     def _dispatch(self, session: Session, msg: Message) -> Message | None:
         """Route a received message; a message returned belongs in the mailbox."""
@@ -460,43 +500,42 @@ class RunningAgent:
         elif REPLY_TO in meta:
             self._deliver(meta[REPLY_TO], msg)
         elif pt in (CALL, DESCRIBE):
-            self._tg.start_soon(self._run_call, session, msg)
+            self._handlers.submit(self._tg, self._run_call, session, msg)
         elif self.agent._on_message is None:
             return msg
         else:
-            self._tg.start_soon(self._run_message, session, msg)
+            self._handlers.submit(self._tg, self._run_message, session, msg)
         return None
 
     async def _run_call(self, session: Session, msg: Message) -> None:
-        _incoming.set(msg)  # this task's own context: seen by hooks and the tool
+        _incoming.set(msg)  # seen by hooks and the tool; the worker resets it
         call_id = msg.context.metadata.get(CALL_ID, "")
-        async with self._limiter:
-            try:
-                if msg.context.payload_type == DESCRIBE:
-                    result: Any = self.agent.card()
-                    result["agent"] = str(self.name)
-                else:
-                    request = json.loads(msg.payload)
-                    name = request.get("tool") if isinstance(request, dict) else None
-                    t = self.agent._tools.get(name) if isinstance(name, str) else None
-                    if t is None:
-                        raise ToolError(f"{self.name} has no tool {name!r}", code="not_found",
-                                        tool=str(name))
-                    result = await t(request.get("args") or {})
-                body = {"ok": True, "result": result}
-                self.handled += 1
-            except ToolError as exc:
-                body = {"ok": False, **exc.to_result()}
-                self.failures += 1
-            except ValueError as exc:  # bad JSON from the caller
-                body = {"ok": False, **ToolError(f"bad request: {exc}",
-                                                 code="bad_request").to_result()}
-                self.failures += 1
-            except Exception as exc:
-                log.exception("%s: tool call failed", self.agent.name)
-                body = {"ok": False, **ToolError(f"{type(exc).__name__}: {exc}",
-                                                 code="failed").to_result()}
-                self.failures += 1
+        try:
+            if msg.context.payload_type == DESCRIBE:
+                result: Any = self.agent.card()
+                result["agent"] = str(self.name)
+            else:
+                request = json.loads(msg.payload)
+                name = request.get("tool") if isinstance(request, dict) else None
+                t = self.agent._tools.get(name) if isinstance(name, str) else None
+                if t is None:
+                    raise ToolError(f"{self.name} has no tool {name!r}", code="not_found",
+                                    tool=str(name))
+                result = await t(request.get("args") or {})
+            body = {"ok": True, "result": result}
+            self.handled += 1
+        except ToolError as exc:
+            body = {"ok": False, **exc.to_result()}
+            self.failures += 1
+        except ValueError as exc:  # bad JSON from the caller
+            body = {"ok": False, **ToolError(f"bad request: {exc}",
+                                             code="bad_request").to_result()}
+            self.failures += 1
+        except Exception as exc:
+            log.exception("%s: tool call failed", self.agent.name)
+            body = {"ok": False, **ToolError(f"{type(exc).__name__}: {exc}",
+                                             code="failed").to_result()}
+            self.failures += 1
         try:
             data = json.dumps(body, default=_jsonable).encode()
         except (TypeError, ValueError) as exc:
@@ -514,18 +553,17 @@ class RunningAgent:
         if handler is None:
             self._post(Mail(next(self._mail_ids), msg, session))
             return
-        async with self._limiter:
-            try:
-                reply = await handler(msg, session)
-                self.handled += 1
-            except Exception as exc:
-                log.exception("%s: message handler failed", self.agent.name)
-                self.failures += 1
-                reply = json.dumps(ToolError(f"{type(exc).__name__}: {exc}",
-                                             code="handler_failed").to_result())
-                payload_type: str | None = ERROR
-            else:
-                payload_type = None
+        try:
+            reply = await handler(msg, session)
+            self.handled += 1
+        except Exception as exc:
+            log.exception("%s: message handler failed", self.agent.name)
+            self.failures += 1
+            reply = json.dumps(ToolError(f"{type(exc).__name__}: {exc}",
+                                         code="handler_failed").to_result())
+            payload_type: str | None = ERROR
+        else:
+            payload_type = None
         if reply is not None:
             data = reply.encode() if isinstance(reply, str) else reply
             meta = {}

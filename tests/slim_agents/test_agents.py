@@ -112,32 +112,80 @@ async def test_an_invite_policy_plugin_declines_an_invitation(node: Node) -> Non
     assert info.value.code == "declined" and "closed for the day" in str(info.value)
 
 
-async def test_handler_slots_bound_concurrency_and_survive_cancellation() -> None:
-    from slim_agents._agent import _Slots
+async def test_the_handler_pool_bounds_concurrency_and_backlog_and_keeps_order() -> None:
+    from slim_agents._agent import _Handlers
 
-    slots = _Slots(2)
-    running = peak = done = 0
+    pool = _Handlers(2, backlog=3)
+    running = peak = 0
+    started: list[int] = []
     gate = anyio.Event()
 
-    async def work() -> None:
-        nonlocal running, peak, done
-        async with slots:
-            running += 1
-            peak = max(peak, running)
-            await gate.wait()
-            running -= 1
-            done += 1
+    async def work(i: int) -> None:
+        nonlocal running, peak
+        started.append(i)
+        running += 1
+        peak = max(peak, running)
+        await gate.wait()
+        running -= 1
 
     async with anyio.create_task_group() as tg:
-        for _ in range(5):
-            tg.start_soon(work)
+        for i in range(5):
+            pool.submit(tg, work, i)
         await anyio.wait_all_tasks_blocked()
-        assert running == 2 and len(slots._waiters) == 3
-        with anyio.move_on_after(0):  # a waiter cancelled while queued leaves the queue
-            async with slots:
-                raise AssertionError("no slot was free")
-        assert len(slots._waiters) == 3
+        assert pool.workers == 2 and running == 2 and len(pool.jobs) == 3 and pool.full
+        with anyio.move_on_after(0.05):  # no room while every task is busy
+            await pool.wait_room()
+            raise AssertionError("room while the backlog is full")
         gate.set()
-    assert peak == 2 and done == 5
-    async with slots, slots:  # every slot came back
-        pass
+        with anyio.fail_after(5):
+            await pool.wait_room()
+        await anyio.wait_all_tasks_blocked()
+        assert started == [0, 1, 2, 3, 4] and peak == 2 and not pool.jobs
+        assert pool.workers == 2 and len(pool._idle) == 2  # kept, idle, for the next calls
+        pool.submit(tg, work, 5)  # an idle task takes it: no new one
+        await anyio.wait_all_tasks_blocked()
+        assert pool.workers == 2 and started[-1] == 5
+        tg.cancel_scope.cancel()
+    assert pool.workers == 0 and not pool._idle  # cancelled while idle: nothing left behind
+    with pytest.raises(ValueError):
+        _Handlers(0, backlog=1)
+
+
+async def test_tool_calls_beyond_concurrency_and_backlog_wait_and_all_get_answers(
+        node: Node) -> None:
+    # One task, two waiting calls: the rest stay unread in the session (backpressure)
+    # and are answered in turn; none is lost.
+    slow_name = f"org/ns/{unique('slow')}"
+    slow = Agent(slow_name, concurrency=1, mailbox=2, plugins=make_plugin_manager(allow=False))
+    running = peak = 0
+    gate = anyio.Event()
+
+    @slow.tool
+    async def hold(i: int) -> int:
+        """Wait for the gate.
+
+        :param i: echoed back
+        """
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await gate.wait()
+        running -= 1
+        return i
+
+    user = Agent(f"org/ns/{unique('user')}", plugins=make_plugin_manager(allow=False))
+    results: list[int] = []
+    async with slow.run(node, secret=SECRET) as s, user.run(node, secret=SECRET) as u:
+
+        async def call(i: int) -> None:
+            results.append(await u.call(slow_name, "hold", i=i))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for i in range(8):
+                    tg.start_soon(call, i)
+                while running < 1 or not s._handlers.full:
+                    await anyio.sleep(0.01)
+                assert len(s._handlers.jobs) == 2  # the others wait unread
+                gate.set()
+    assert sorted(results) == list(range(8)) and peak == 1 and s.handled == 8
