@@ -26,29 +26,9 @@ from node_lite import (
 from node_lite._config import parse_duration, split_endpoint
 from tests.helpers import TUTORIAL_CONFIG
 
-# The tutorial's config-slim.yaml: the same with a controller client and token provider.
-TUTORIAL_CONTROLLER_CONFIG = """\
-tracing:
-  log_level: info
-  display_thread_names: true
-  display_thread_ids: true
-
-runtime:
-  n_cores: 0
-  thread_name: "slim-data-plane"
-  drain_timeout: 10s
-
-services:
-  slim/0:
-    dataplane:
-      servers:
-        - endpoint: "0.0.0.0:46357"
-          tls:
-            insecure: true
-
-      clients: []
-    controller:
-      servers: []
+# The tutorial's config-slim.yaml: config.yaml with a controller client and token provider
+# added to its last section (``controller:``).
+TUTORIAL_CONTROLLER_CONFIG = TUTORIAL_CONFIG + """\
       clients:
         - endpoint: "http://host.docker.internal:50052"
           tls:

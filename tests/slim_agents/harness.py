@@ -2,7 +2,8 @@
 
 No sockets and no event loop: frames move when :meth:`Net.pump` is called
 and time moves with :meth:`Net.advance`. An optional :class:`Faults` drops,
-duplicates and reorders session frames (seeded).
+duplicates and reorders session frames (seeded); other injectors build on
+:class:`FaultInjector`, the part they share.
 """
 
 from __future__ import annotations
@@ -56,51 +57,39 @@ class ListSink:
 
 
 @dataclass
-class Faults:
-    """Seeded drop/duplicate/reorder of session frames (publishes only), per lane.
+class FaultInjector:
+    """What every fault injector on :class:`Net` shares: per lane, publish frames go
+    through :meth:`on_publish` (the others pass untouched), and frames held back come
+    out later on the same lane.
 
-    A lane is one direction of one connection; frames held back for
-    reordering come out later on the same lane.
+    A lane is one direction of one connection (``("up", conn)`` or ``("down", conn)``).
+    A frame held for n rounds comes out at the end of the n-th :meth:`apply` on its
+    lane from now (1: after the rest of its burst), so what was sent after it overtakes
+    it; :meth:`flush` lets everything out once the network is otherwise quiet.
     """
 
-    seed: int = 0
-    drop: float = 0.0
-    dup: float = 0.0
-    reorder: float = 0.0
-    rng: random.Random = field(init=False)
-    held: dict[Any, list[tuple[int, bytes]]] = field(default_factory=dict)
-    dropped: int = 0
-    duplicated: int = 0
-    reordered: int = 0
+    held: dict[Any, list[tuple[int, bytes]]] = field(default_factory=dict, kw_only=True)
 
-    def __post_init__(self) -> None:
-        self.rng = random.Random(self.seed)
+    def on_publish(self, lane: Any, frame: bytes) -> list[bytes]:
+        """The frames to pass on now in place of one publish frame (here: itself)."""
+        return [frame]
+
+    def hold_back(self, lane: Any, frame: bytes, rounds: int) -> None:
+        self.held.setdefault(lane, []).append((rounds, frame))
 
     def apply(self, lane: Any, frames: list[bytes]) -> list[bytes]:
         out: list[bytes] = []
-        held = self.held.setdefault(lane, [])
         for f in frames:
-            if decode_frame(f[4:]).get("t") != "pub":
-                out.append(f)
-                continue
-            r = self.rng.random()
-            if r < self.drop:
-                self.dropped += 1
-                continue
-            if r < self.drop + self.reorder:
-                self.reordered += 1
-                held.append((self.rng.randrange(1, 4), f))
-                continue
-            out.append(f)
-            if self.rng.random() < self.dup:
-                self.duplicated += 1
+            if decode_frame(f[4:]).get("t") == "pub":
+                out.extend(self.on_publish(lane, f))
+            else:
                 out.append(f)
         still = []
-        for delay, f in held:
-            if delay <= 1:
+        for rounds, f in self.held.get(lane, []):
+            if rounds <= 1:
                 out.append(f)
             else:
-                still.append((delay - 1, f))
+                still.append((rounds - 1, f))
         self.held[lane] = still
         return out
 
@@ -113,12 +102,44 @@ class Faults:
         return out
 
 
+@dataclass
+class Faults(FaultInjector):
+    """Seeded drop/duplicate/reorder of session frames (publishes only), per lane;
+    a reordered frame is held back for one to three rounds."""
+
+    seed: int = 0
+    drop: float = 0.0
+    dup: float = 0.0
+    reorder: float = 0.0
+    rng: random.Random = field(init=False)
+    dropped: int = 0
+    duplicated: int = 0
+    reordered: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def on_publish(self, lane: Any, frame: bytes) -> list[bytes]:
+        r = self.rng.random()
+        if r < self.drop:
+            self.dropped += 1
+            return []
+        if r < self.drop + self.reorder:
+            self.reordered += 1
+            self.hold_back(lane, frame, self.rng.randrange(1, 4))
+            return []
+        if self.rng.random() < self.dup:
+            self.duplicated += 1
+            return [frame, frame]
+        return [frame]
+
+
 def split(data: bytes) -> list[bytes]:
     return [bytes(f) for f in FrameDecoder(1 << 24).feed(data)]
 
 
 class Net:
-    def __init__(self, *, faults: Faults | None = None, seed: int = 0,
+    def __init__(self, *, faults: FaultInjector | None = None, seed: int = 0,
                  node_secret: str | None = SECRET) -> None:
         verifier = SharedSecretVerifier(node_secret) if node_secret else None
         self.node = NodeCore("harness", verifier=verifier, rng=random.Random(seed))
