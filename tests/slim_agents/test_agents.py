@@ -13,7 +13,7 @@ from node_lite import Node, NodeConfig, open_node
 from slim_agents import Agent, JoinInfo, SessionRejectedError, ToolError
 from slim_agents._plugins import make_plugin_manager
 from slim_agents.hookspecs import hookimpl
-from tests.helpers import unique
+from tests.helpers import unique, wait_until
 
 pytestmark = pytest.mark.anyio
 SECRET = "agents-test-secret-that-is-long-enough-0123"
@@ -147,7 +147,7 @@ async def test_the_handler_pool_bounds_concurrency_and_backlog_and_keeps_order()
         assert pool.workers == 2 and started[-1] == 5
         tg.cancel_scope.cancel()
     assert pool.workers == 0 and not pool._idle  # cancelled while idle: nothing left behind
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 1"):
         _Handlers(0, backlog=1)
 
 
@@ -184,8 +184,7 @@ async def test_tool_calls_beyond_concurrency_and_backlog_wait_and_all_get_answer
             async with anyio.create_task_group() as tg:
                 for i in range(8):
                     tg.start_soon(call, i)
-                while running < 1 or not s._handlers.full:
-                    await anyio.sleep(0.01)
+                await wait_until(lambda: running == 1 and s._handlers.full, timeout=15)
                 assert len(s._handlers.jobs) == 2  # the others wait unread
                 gate.set()
     assert sorted(results) == list(range(8)) and peak == 1 and s.handled == 8
