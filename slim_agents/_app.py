@@ -209,13 +209,16 @@ class App:
                 core.count(f"read_error:{type(exc).__name__}")
                 continue
             if envelopes:
-                core.receive(envelopes, time.time())
+                core.receive(envelopes, time.time(), ack=False)
                 self._pump(defer=True)
-                if self._deferred and core.pending_sessions == 0:
+                if (self._deferred or core.acks_due) and core.pending_sessions == 0:
                     # Let the tasks this batch woke run first: a reply they send
-                    # leaves in the same write as the acks (one frame run, one wake-up
-                    # at the peer instead of two).
+                    # carries the acks and leaves in the same write as the rest
+                    # (one frame, one wake-up at the peer).
                     await anyio.lowlevel.checkpoint()
+                if core.acks_due:
+                    core.flush(time.time())
+                    self._pump(defer=True)
                 await self._flush()
                 if core.node_answers:
                     answers, core.node_answers = core.node_answers, []

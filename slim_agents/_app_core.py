@@ -306,8 +306,13 @@ class AppCore:
                 return
         self._touch(session)
 
-    def receive(self, envelopes: Iterable[dict[str, Any]], now: float) -> None:
-        """Process envelopes received from the node."""
+    def receive(self, envelopes: Iterable[dict[str, Any]], now: float, *,
+                ack: bool = True) -> None:
+        """Process envelopes received from the node.
+
+        ``ack=False`` leaves the acknowledgements due (see :attr:`acks_due`) for a
+        later :meth:`flush`: replies published before it carry them instead.
+        """
         self._now = now
         for d in envelopes:
             t = d.get("t")
@@ -333,7 +338,12 @@ class AppCore:
         touched, self._touched = self._touched, {}
         for session in touched.values():
             self._touch(session)
-        self.flush(now)
+        if ack:
+            self.flush(now)
+
+    @property
+    def acks_due(self) -> bool:
+        return bool(self._dirty)
 
     def flush(self, now: float) -> None:
         """Acknowledge what the last batch received."""

@@ -64,8 +64,12 @@ def encode_body(d: Mapping[str, Any]) -> bytes:
 def build_frame(src: list[Any], dst: list[Any], *, fanout: int, sid: int, st: int, kind: int,
                 mid: int, body: bytes = b"", payload_type: str | None = None,
                 metadata: Mapping[str, str] | None = None, identity: str | None = None,
-                error: bool = False) -> bytes:
-    """Encode a session message (fields in the canonical order the node's flow cache keys on)."""
+                error: bool = False, ack: bytes | None = None) -> bytes:
+    """Encode a session message (fields in the canonical order the node's flow cache keys on).
+
+    ``ack`` (a data message only) carries acknowledgements for the destination's
+    own messages, encoded as a MSG_ACK body, so that a reply needs no ack frame.
+    """
     d: dict[str, Any] = {"v": 1, "t": "pub", "src": src, "dst": dst, "fan": fanout, "ttl": 8,
                          "sid": sid, "st": st, "k": kind, "mid": mid}
     if payload_type is not None:
@@ -76,6 +80,8 @@ def build_frame(src: list[Any], dst: list[Any], *, fanout: int, sid: int, st: in
         d["id"] = identity
     if error:
         d["err"] = True
+    if ack is not None:
+        d["ack"] = ack
     d["body"] = body
     return encode_frame(d)
 
@@ -99,7 +105,7 @@ class DataTemplate:
             "sid", sid, "st", st, "k", kind, "mid"))
 
     def frame(self, mid: int, body: bytes, payload_type: str | None = None,
-              metadata: Mapping[str, str] | None = None) -> bytes:
+              metadata: Mapping[str, str] | None = None, ack: bytes | None = None) -> bytes:
         pack = self._packb
         count = 11
         parts = [b"", self._head, pack(mid)]
@@ -108,6 +114,9 @@ class DataTemplate:
             count += 1
         if metadata:
             parts.append(b"\xa4meta" + pack(dict(metadata)))
+            count += 1
+        if ack is not None:
+            parts.append(b"\xa3ack" + pack(ack))
             count += 1
         parts.append(b"\xa4body")
         parts.append(pack(body))

@@ -185,6 +185,18 @@ def _key(wire: list[Any]) -> Key:
     return (wire[0], wire[1], wire[2], wire[3])
 
 
+def _take_acks(stream: ReceiveStream[Any], direct: bool, acks: dict[Key, dict[str, Any]],
+               key: Key) -> None:
+    mids = stream.take_acks()
+    if mids:
+        body = acks.setdefault(key, {})
+        body["d" if direct else "a"] = to_ranges(mids)
+        # Also all received so far: a later ack covers one that was lost.
+        through = stream.received_through
+        if through > 0:
+            body["dt" if direct else "at"] = through
+
+
 class SessionCore:
     """State of one session in one app."""
 
@@ -238,6 +250,7 @@ class SessionCore:
         self.state_subscribed = False
         self._names_cache: tuple[Name, ...] | None = None
         self._template: DataTemplate | None = None
+        self._peer_key: Key | None = None  # the peer of a point-to-point session
         if not initiator:
             self._deadline = now + config.control_interval * (config.control_retries + 1)
         # End-to-end encryption (mls_enabled): the group keys.
@@ -318,11 +331,11 @@ class SessionCore:
 
     def _frame(self, dst: list[Any], kind: int, mid: int, *, fanout: int = 1, body: bytes = b"",
                metadata: Mapping[str, str] | None = None, payload_type: str | None = None,
-               control: bool = True, error: bool = False) -> bytes:
+               control: bool = True, error: bool = False, ack: bytes | None = None) -> bytes:
         return build_frame(self.local_wire, dst, fanout=fanout, sid=self.sid, st=self.st,
                            kind=kind, mid=mid, body=body, payload_type=payload_type,
                            metadata=metadata, identity=self.owner.token() if control else None,
-                           error=error)
+                           error=error, ack=ack)
 
     def _control(self, kind: int, dst: list[Any], body: Mapping[str, Any], now: float, *,
                  waiting: Iterable[Key] | None, on_reply: Callable[..., None],
@@ -430,7 +443,10 @@ class SessionCore:
             dst, fanout = self._data_dst()
             template = self._template = DataTemplate(
                 self.local_wire, dst, fanout=fanout, sid=self.sid, st=self.st, kind=Kind.MSG)
-        self.owner.send(template.frame(mid, payload, payload_type, metadata))
+            self._peer_key = None if self.group else _key(dst)
+        peer = self._peer_key
+        ack = self._acks_for(peer) if peer is not None and self._dirty_recv else None
+        self.owner.send(template.frame(mid, payload, payload_type, metadata, ack))
         self.published += 1
         names = self._recipient_names()
         ticket = Ticket("publish")
@@ -474,7 +490,8 @@ class SessionCore:
             payload = keys.encrypt(payload, aad_head(self.local_wire, list(key), self.sid,
                                                      self.st) + aad_tail(mid, payload_type, meta))
         self.owner.send(self._frame(list(key), Kind.MSG, mid, fanout=1, body=payload,
-                                    metadata=meta, payload_type=payload_type, control=False))
+                                    metadata=meta, payload_type=payload_type, control=False,
+                                    ack=self._acks_for(key)))
         self.published += 1
         name = self.members[key].name
         ticket = Ticket("publish")
@@ -1019,6 +1036,11 @@ class SessionCore:
             if kind == Kind.RTX_REPLY and d.get("err"):
                 self._on_rtx_gone(src_key, d, now)
                 return
+            ack = d.get("ack")
+            if ack is not None:
+                if type(ack) is not bytes:
+                    raise ProtocolViolation("ack: expected an encoded ack body")
+                self._apply_acks(src_key, decode_body(ack))
             self._on_data(d, src_key, member, now)
             return
         if kind == Kind.MSG_ACK:
@@ -1184,14 +1206,7 @@ class SessionCore:
             stream = (self._recv_direct if direct else self._recv).get(key)
             if stream is None:
                 continue
-            mids = stream.take_acks()
-            if mids:
-                body = acks.setdefault(key, {})
-                body["d" if direct else "a"] = to_ranges(mids)
-                # Also all received so far: a later ack covers one that was lost.
-                through = stream.received_through
-                if through > 0:
-                    body["dt" if direct else "at"] = through
+            _take_acks(stream, direct, acks, key)
             gaps = stream.take_new_gaps()
             if gaps:
                 self.owner.send(self._frame(list(key), Kind.RTX_REQUEST, 0,
@@ -1201,11 +1216,33 @@ class SessionCore:
             self.owner.send(self._frame(list(key), Kind.MSG_ACK, 0, body=encode_body(body),
                                         control=False))
 
+    def _acks_for(self, key: Key) -> bytes | None:
+        """Take the acknowledgements due to ``key`` to ride on a data message to it
+        (a reply then needs no ack frame of its own); gaps stay for :meth:`flush`."""
+        dirty = self._dirty_recv
+        if not dirty:
+            return None
+        acks: dict[Key, dict[str, Any]] = {}
+        if (key, False) in dirty:
+            stream = self._recv.get(key)
+            if stream is not None:
+                _take_acks(stream, False, acks, key)
+        if (key, True) in dirty:
+            stream = self._recv_direct.get(key)
+            if stream is not None:
+                _take_acks(stream, True, acks, key)
+        if not acks:
+            return None
+        self.owner.count("acks_carried")
+        return encode_body(acks[key])
+
     def _on_ack(self, src_key: Key, d: dict[str, Any], now: float) -> None:
+        self._apply_acks(src_key, decode_body(d.get("body", b"")))
+
+    def _apply_acks(self, src_key: Key, body: dict[str, Any]) -> None:
         member = self.members.get(src_key)
         if member is None:
             return
-        body = decode_body(d.get("body", b""))
         done = []
         direct = self._send_direct.get(src_key)
         name = member.name

@@ -301,6 +301,8 @@ class TraceRecorder:
             event["type"] = d["pt"]
         if d.get("err"):
             event["error"] = True
+        if "ack" in d:  # a data message that also acknowledges
+            event["acks"] = True
         if kind == MessageKind.MSG and self.text and self._plain.get(sid) \
                 and isinstance(body, bytes):
             event["text"] = body[:self.text * 4].decode(errors="replace")[:self.text]
@@ -407,6 +409,8 @@ def render_mermaid(events: Iterable[dict[str, Any]], *, title: str | None = None
             label += f": {text}"
         elif kind == "msg":
             label += f" ({e.get('size', 0)} B)"
+        if e.get("acks"):
+            label += " +ack"
         if e.get("error"):
             label += " [error]"
         arrow = "-->>" if kind.endswith(("reply", "ack", "nack")) else "->>"

@@ -84,6 +84,55 @@ def test_point_to_point_handshake_and_round_trip() -> None:
     assert payloads(s) == [b"back"]
 
 
+def test_a_reply_carries_the_acks_of_what_it_answers() -> None:
+    from node_lite.wire import decode_frame, encode_frame
+    from slim_agents._protocol import Kind, decode_body
+    from tests.slim_agents.harness import split
+
+    net = Net()
+    a, b, s, r = p2p(net)
+    asked = [send(a, s, f"q{i}".encode(), net) for i in range(3)]
+    # Bob's read loop takes the batch but acknowledges only after its tasks ran.
+    net.node.data_received(net.conn_of(a), b"".join(a.take_frames()), net.now)
+    down = split(net.sinks[net.conn_of(b)].take())
+    b.receive([decode_frame(f[4:]) for f in down], net.now, ack=False)
+    assert b.acks_due and payloads(r) == [b"q0", b"q1", b"q2"]
+    answered = send(b, r, b"answer", net)
+    b.flush(net.now)
+    (frame,) = [decode_frame(f[4:]) for f in b.take_frames()]  # no ack frame of its own
+    assert frame["k"] == Kind.MSG and frame["body"] == b"answer"
+    assert decode_body(frame["ack"]) == {"a": [[1, 3]], "at": 3}
+    assert b.counters["acks_carried"] == 1 and not b.acks_due
+    net.node.data_received(net.conn_of(b), encode_frame(frame), net.now)
+    net.pump()
+    assert all(t.resolved and t.error is None for t in asked)
+    assert payloads(s) == [b"answer"]
+    net.pump()
+    assert answered.resolved and answered.error is None
+    assert s._send is not None and s._send.retransmissions == 0
+
+
+def test_an_ack_riding_on_a_message_is_checked() -> None:
+    from node_lite.wire import decode_frame, encode_frame
+
+    net = Net()
+    a, b, s, r = p2p(net)
+    send(a, s, b"q", net)
+    net.pump()
+    payloads(r)
+    # Alice's next message carries junk where its acks go: refused, counted, nothing
+    # delivered (the sender's retransmission, with its own acks, still gets through).
+    ticket = send(a, s, b"x", net)
+    (frame,) = [decode_frame(f[4:]) for f in a.take_frames()]
+    frame["ack"] = "not bytes"
+    net.node.data_received(net.conn_of(a), encode_frame(frame), net.now)
+    net.pump()
+    assert b.counters["malformed:ProtocolViolation"] == 1 and payloads(r) == []
+    net.advance(1.5)
+    net.pump()
+    assert payloads(r) == [b"x"] and ticket.resolved and ticket.error is None
+
+
 def test_session_metadata_reaches_the_receiver() -> None:
     net = Net()
     _, _, _, r = p2p(net, SessionConfig(metadata={"a": "1", "k": "session"}))

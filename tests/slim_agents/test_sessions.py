@@ -64,6 +64,31 @@ async def test_point_to_point_round_trip(node: Node, transport: str) -> None:
         assert (await s.get_message()).payload == b"reply"
 
 
+async def test_replies_carry_the_acks_of_the_requests(node: Node, transport: str) -> None:
+    bob = unique("bob")
+    async with open_app("org/ns/alice", node=target(node, transport), secret=SECRET) as a, \
+            open_app(f"org/ns/{bob}", node=target(node, transport), secret=SECRET) as b:
+        s = await a.create_session(f"org/ns/{bob}", RELIABLE)
+        with anyio.fail_after(10):
+            r = await b.listen_for_session()
+
+            async def echo() -> None:
+                while True:
+                    _, payload = await r.get_message()
+                    await r.publish(b"re: " + payload)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(echo)
+                for i in range(20):
+                    report = await (await s.publish(b"%d" % i))
+                    assert report.delivered == (b.name,)
+                    assert (await s.get_message())[1] == b"re: %d" % i
+                tg.cancel_scope.cancel()
+    # The echo runs while bob's read loop waits to acknowledge: its reply takes the ack.
+    assert b.core.counters["acks_carried"] >= 1
+    assert a.core.counters["malformed"] == 0
+
+
 async def test_session_metadata_reaches_the_receiver(node: Node) -> None:
     svc = unique("svc")
     async with open_app("org/ns/a", node=node, secret=SECRET) as a, \
