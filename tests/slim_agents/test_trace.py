@@ -172,3 +172,20 @@ async def test_the_demo_writes_a_trace(tmp_path: Path, anyio_backend: str) -> No
     assert kinds[0] == "discovery request" and "welcome" in kinds and kinds[-1] in (
         "close", "group ack", "leave reply")
     assert all("text" not in e for e in events)
+
+
+def test_a_message_carrying_acks_is_marked() -> None:
+    from node_lite import Name
+    from slim_agents._protocol import Kind, build_frame, encode_body
+
+    a, b = Name("org", "ns", "a", 1).to_wire(), Name("org", "ns", "b", 2).to_wire()
+    recorder = TraceRecorder()
+    plain = build_frame(a, b, fanout=1, sid=7, st=1, kind=Kind.MSG, mid=4, body=b"x")
+    carrying = build_frame(b, a, fanout=1, sid=7, st=1, kind=Kind.MSG, mid=9, body=b"y",
+                           ack=encode_body({"a": [[4, 4]], "at": 4}))
+    recorder.feed_bytes(1, plain + carrying)
+    first, second = recorder.events
+    assert "acks" not in first and second["acks"] is True and second["mid"] == 9
+    labels = [line.split(": ", 1)[1] for line in render_mermaid(recorder.events).splitlines()
+              if "->>" in line]
+    assert labels == ["msg #4 (1 B)", "msg #9 (1 B) +ack"]
