@@ -955,10 +955,10 @@ async def test_b12_b13_a_removed_member_keeping_its_keys_reads_and_writes_nothin
         heard: list[dict[str, Any]] = []
         receive = v.core.receive
 
-        def listening(envelopes: Any, now: float) -> None:
+        def listening(envelopes: Any, now: float, **kw: Any) -> None:
             envelopes = list(envelopes)
             heard.extend(envelopes)
-            receive(envelopes, now)
+            receive(envelopes, now, **kw)
 
         v.core.receive = listening  # type: ignore[method-assign]
         await g.remove(v.name)
