@@ -14,10 +14,10 @@ import anyio
 from anyio.abc import ByteStream, SocketAttribute
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-# Bytes read per receive(). A larger read buffer is allocated with mmap and
-# unmapped again on every read (tens of microseconds each), so asyncio's
-# transports are set to read 64 KiB at a time (see set_read_size), as trio does.
-READ_SIZE = 64 * 1024
+# Bytes read per receive(): as many as fit under glibc's mmap threshold (128 KiB).
+# A larger read buffer is mmapped, shrunk and unmapped again on every read (tens of
+# microseconds each), so asyncio's transports are set to this size (see set_read_size).
+READ_SIZE = 124 * 1024
 # Chunks buffered in one direction of an in-memory stream (each is one coalesced write).
 _MEMORY_CHUNKS = 16
 # Largest batch the reading task sends itself instead of waking the writer.
