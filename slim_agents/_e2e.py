@@ -65,13 +65,15 @@ from ._e2e_commit import (
     open_welcome,
 )
 from ._e2e_epoch import (
+    AppLayout,
     Chain,
     Epoch,
     Member,
     Roster,
+    canonical_app_fields,
+    decode_app_fields,
     next_roster,
     open_app,
-    parse_app,
     seal_app,
     wire_roster,
 )
@@ -324,7 +326,9 @@ class GroupState:
 
     def _install(self, number: int, roster: Roster, secrets: EpochSecrets,
                  th: bytes, now: float) -> None:
-        chains = {leaf: Chain(sender_root(secrets.enc_secret, leaf)) for leaf in roster}
+        gid = self._group_id
+        chains = {leaf: Chain(sender_root(secrets.enc_secret, leaf), AppLayout(gid, number, leaf))
+                  for leaf in roster}
         send = chains.pop(self._leaf)
         self.expire(now)
         old = self._cur
@@ -632,21 +636,23 @@ class GroupState:
         :raises E2EError: see section 2.12; ``epoch_pending`` asks the caller to keep
             the message until the next commit applies.
         """
-        h = parse_app(ciphertext)
-        if h.group_id != self._group_id:
+        h = canonical_app_fields(ciphertext) or decode_app_fields(ciphertext)
+        group_id, e, leaf = h[0], h[1], h[2]
+        if group_id != self._group_id:
             raise E2EError("malformed", "app message of another group")
-        ep = self._epoch_of(h.epoch, now)
-        m = ep.roster.get(h.leaf)
+        cur = self._cur
+        ep = cur if cur is not None and e == cur.number else self._epoch_of(e, now)
+        m = ep.roster.get(leaf)
         if m is None:
-            raise E2EError("not_member", f"no member at leaf {h.leaf}")
-        if ep is not self._cur:
+            raise E2EError("not_member", f"no member at leaf {leaf}")
+        if ep is not cur:
             # A member removed since that epoch must not keep talking in it.
-            leaf = self._by_sub.get(m.sub)
-            if leaf is None or self._epoch.roster[leaf].spk != m.spk:
+            by_sub = self._by_sub.get(m.sub)
+            if by_sub is None or self._epoch.roster[by_sub].spk != m.spk:
                 raise E2EError("not_member", "sender left the group", sender=m.sub)
-        if h.leaf == self._leaf:
+        if leaf == self._leaf:
             raise E2EError("replay", "our own message", sender=m.sub)
-        body = open_app(ep.chains[h.leaf], m, h, aad, signed=self.sender_auth == "signature",
+        body = open_app(ep.chains[leaf], m, h, aad, signed=self.sender_auth == "signature",
                         max_forward=self.max_forward, max_skipped=self.max_skipped)
         return body, m.sub
 

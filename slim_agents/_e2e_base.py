@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
@@ -16,7 +18,6 @@ from typing import Any, Final, Literal, get_args
 import msgpack
 import nacl.bindings as sodium
 import nacl.exceptions
-import nacl.utils
 
 from ._errors import SessionError
 
@@ -61,8 +62,8 @@ E2E_CODES: Final[frozenset[str]] = frozenset(get_args(E2ECode))
 Rng = Callable[[int], bytes]
 
 
-def default_rng(n: int) -> bytes:
-    return nacl.utils.random(n)
+#: The kernel's CSPRNG (getrandom), as libsodium's randombytes without PyNaCl's wrapper.
+default_rng: Final[Rng] = os.urandom
 
 
 class E2EError(SessionError):
@@ -96,6 +97,14 @@ try:
     from nacl._sodium import lib as _lib
 except ImportError:  # pragma: no cover - a PyNaCl without its cffi module
     _lib = None
+else:
+    # char (not unsigned char) buffers: ffi.unpack turns them into bytes in one copy.
+    _CHARS = _ffi.typeof("char[]")
+    _new = _ffi.new
+    _unpack = _ffi.unpack
+    _NULL = _ffi.NULL
+    _seal_aead = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt
+    _open_aead = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt
 
 
 def aead_encrypt(plaintext: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
@@ -106,10 +115,9 @@ def aead_encrypt(plaintext: bytes, aad: bytes, nonce: bytes, key: bytes) -> byte
     if len(nonce) != 24 or len(key) != 32:  # the C function reads exactly these sizes
         raise ValueError("XChaCha20-Poly1305 takes a 24-byte nonce and a 32-byte key")
     size = len(plaintext) + 16
-    buf = _ffi.new("unsigned char[]", size)
-    _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(buf, _ffi.NULL, plaintext, len(plaintext),
-                                                   aad, len(aad), _ffi.NULL, nonce, key)
-    data: bytes = _ffi.buffer(buf, size)[:]
+    buf = _new(_CHARS, size)
+    _seal_aead(buf, _NULL, plaintext, size - 16, aad, len(aad), _NULL, nonce, key)
+    data: bytes = _unpack(buf, size)
     return data
 
 
@@ -125,12 +133,10 @@ def aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> byt
     size = len(ciphertext) - 16
     if size < 0 or len(nonce) != 24 or len(key) != 32:
         return None
-    buf = _ffi.new("unsigned char[]", max(size, 1))
-    if _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            buf, _ffi.NULL, _ffi.NULL, ciphertext, len(ciphertext), aad, len(aad), nonce,
-            key) != 0:
+    buf = _new(_CHARS, size or 1)
+    if _open_aead(buf, _NULL, _NULL, ciphertext, size + 16, aad, len(aad), nonce, key) != 0:
         return None
-    data: bytes = _ffi.buffer(buf, size)[:]
+    data: bytes = _unpack(buf, size)
     return data
 
 
@@ -210,6 +216,39 @@ def pack_sorted(obj: Mapping[str, Any] | list[Any]) -> bytes:
     lists without maps (hot paths)."""
     data: bytes = msgpack.packb(obj, use_bin_type=True)
     return data
+
+
+# Hot paths write ints and bins by hand: msgpack.packb makes a Packer per call,
+# which costs more than the packing. Same bytes as packb.
+_UINT8: Final[tuple[bytes, ...]] = tuple(msgpack.packb(i) for i in range(256))
+_BIN8: Final = tuple(b"\xc4" + bytes((i,)) for i in range(256))
+_UINT16 = struct.Struct(">BH").pack
+_UINT32 = struct.Struct(">BI").pack
+_UINT64 = struct.Struct(">BQ").pack
+
+
+def pack_uint(n: int) -> bytes:
+    """``msgpack.packb(n)`` for an integer (fast for the unsigned ones)."""
+    if type(n) is int and n >= 0:
+        if n < 0x100:
+            return _UINT8[n]
+        if n < 0x1_0000:
+            return _UINT16(0xCD, n)
+        if n <= U32:
+            return _UINT32(0xCE, n)
+        if n <= U64:
+            return _UINT64(0xCF, n)
+    data: bytes = msgpack.packb(n)
+    return data
+
+
+def bin_header(size: int) -> bytes:
+    """The msgpack bin header of ``size`` bytes (bin8, bin16 or bin32, the shortest)."""
+    if size < 0x100:
+        return _BIN8[size]
+    if size < 0x1_0000:
+        return _UINT16(0xC5, size)
+    return _UINT32(0xC6, size)
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -403,6 +442,8 @@ def sender_root(enc_secret: bytes | bytearray, leaf: int) -> bytearray:
 
 
 _RATCHET_LABEL: Final = b"slim-gk/v1/ratchet"
+_ratchet_input = struct.Struct(">18sI").pack  # label || u32(g)
+_blake2b = hashlib.blake2b
 
 
 def ratchet(chain: bytes | bytearray, g: int) -> tuple[bytes, bytes]:
@@ -411,8 +452,7 @@ def ratchet(chain: bytes | bytearray, g: int) -> tuple[bytes, bytes]:
     One keyed BLAKE2b-512 per message (a PRF keyed by the chain key), split in two:
     the hot path of every message, where two HMAC-SHA256 would cost four times more.
     """
-    d = hashlib.blake2b(_RATCHET_LABEL + g.to_bytes(4, "big"), key=chain,
-                        digest_size=64).digest()
+    d = _blake2b(_ratchet_input(_RATCHET_LABEL, g), key=chain, digest_size=64).digest()
     return d[:32], d[32:]
 
 

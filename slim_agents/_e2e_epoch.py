@@ -3,9 +3,13 @@
 # One departure from section 2.7: a ratchet step is one keyed BLAKE2b-512 (message
 # key || next chain key) instead of two HKDF-Expand calls, for speed; the roots
 # of the chains still come from the HKDF key schedule.
+# Application messages are written in their canonical msgpack by hand, and read
+# by a fast path when laid out that way; any other encoding goes to the full
+# decoder, and both give the same answer (tests/slim_agents/test_e2e_fastpath.py).
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import re
+from typing import Any, Final, NamedTuple
 
 import msgpack
 
@@ -27,7 +31,8 @@ from ._e2e_base import (
     as_list,
     as_map,
     as_str,
-    pack_sorted,
+    bin_header,
+    pack_uint,
     ratchet,
     unpack,
     verify_signature,
@@ -110,12 +115,14 @@ CHECKPOINT_EVERY = 64
 
 
 class Chain:
-    """One sender's hash ratchet: the chain key of generation ``n`` and skipped keys."""
+    """One sender's hash ratchet: the chain key of generation ``n`` and skipped keys;
+    ``layout``, when known, the fixed bytes of that sender's messages in that epoch."""
 
-    __slots__ = ("ahead", "key", "n", "skipped")
+    __slots__ = ("ahead", "key", "layout", "n", "skipped")
 
-    def __init__(self, key: bytearray) -> None:
+    def __init__(self, key: bytearray, layout: AppLayout | None = None) -> None:
         self.key = key
+        self.layout = layout
         self.n = 0
         # Message keys are bytes (PyNaCl takes bytes): dropped, not overwritten.
         self.skipped: dict[int, bytes] = {}
@@ -158,10 +165,48 @@ class Epoch:
 # -- application messages ---------------------------------------------------------------
 
 
+class AppLayout:
+    """The bytes of an application message fixed for one sender in one epoch.
+
+    ``aad``: ``canonical([label, group_id, epoch, leaf, g, aad])`` up to ``g``; ``head``:
+    the canonical header from ``"e"`` up to the iv bytes; ``tail``: from ``"s"`` to the end.
+    """
+
+    __slots__ = ("aad", "epoch", "group_id", "head", "leaf", "tail")
+
+    def __init__(self, group_id: bytes, epoch: int, leaf: int) -> None:
+        self.group_id = group_id
+        self.epoch = epoch
+        self.leaf = leaf
+        gid: bytes = msgpack.packb(group_id, use_bin_type=True)
+        label: bytes = msgpack.packb(LABEL_APP_AAD)
+        self.aad = b"\x96" + label + gid + pack_uint(epoch) + pack_uint(leaf)
+        self.head = b"\xa1e" + pack_uint(epoch) + b"\xa1g" + gid + b"\xa2iv\xc4\x18"
+        self.tail = b"\xa1s" + pack_uint(leaf) + b"\xa1v" + pack_uint(VERSION)
+
+    def full_aad(self, g: int, aad: bytes) -> bytes:
+        """``canonical([label, group_id, epoch, leaf, g, aad])``: what the AEAD and the
+        signature of message ``g`` bind."""
+        if type(aad) is not bytes:
+            aad = bytes(aad)
+        return b"".join((self.aad, pack_uint(g), bin_header(len(aad)), aad))
+
+
+def _layout(chain: Chain, group_id: bytes, epoch: int, leaf: int) -> AppLayout:
+    lay = chain.layout
+    if lay is None or lay.leaf != leaf or lay.epoch != epoch or lay.group_id != group_id:
+        return AppLayout(group_id, epoch, leaf)
+    return lay
+
+
 def app_aad(group_id: bytes, epoch: int, leaf: int, g: int, aad: bytes) -> bytes:
-    # canonical([...]): no maps inside, so plain packing is canonical.
-    return pack_sorted([LABEL_APP_AAD, group_id, epoch, leaf, g,
-                        aad if type(aad) is bytes else bytes(aad)])
+    """``canonical([label, group_id, epoch, leaf, g, aad])``."""
+    return AppLayout(group_id, epoch, leaf).full_aad(g, aad)
+
+
+_CT: Final = b"\x88\xa2ct"
+_K_N: Final = b"\xa1k\xa3app\xa1n"
+_SIG64: Final = b"\xa3sig\xc4\x40"
 
 
 def seal_app(chain: Chain, identity: SigningIdentity | None, *, group_id: bytes, epoch: int,
@@ -172,17 +217,18 @@ def seal_app(chain: Chain, identity: SigningIdentity | None, *, group_id: bytes,
         raise ValueError("generation space exhausted: the moderator must refresh")
     key, chain.key[:] = ratchet(chain.key, g)
     chain.n = g + 1
-    full_aad = app_aad(group_id, epoch, leaf, g, aad)
+    lay = _layout(chain, group_id, epoch, leaf)
+    full_aad = lay.full_aad(g, aad)
+    # The canonical encodings, written out: {"b": plaintext[, "sig": sig]}, then the header.
     if identity is not None:
-        pt = pack_sorted({"b": plaintext,
-                          "sig": identity.sign(LABEL_APP_SIG, full_aad + plaintext)})
+        sig = identity.sign(LABEL_APP_SIG, full_aad + plaintext)
+        pt = b"".join((b"\x82\xa1b", bin_header(len(plaintext)), plaintext,
+                       b"\xa3sig", bin_header(len(sig)), sig))
     else:
-        pt = b"\x81\xa1b" + msgpack.packb(plaintext)  # {"b": plaintext}, canonical
+        pt = b"\x81\xa1b" + bin_header(len(plaintext)) + plaintext
     iv = rng(24)
     ct = aead_encrypt(pt, full_aad, iv, key)
-    # Keys already in sorted order: this is the canonical encoding.
-    return pack_sorted({"ct": ct, "e": epoch, "g": group_id, "iv": iv, "k": "app", "n": g,
-                        "s": leaf, "v": VERSION})
+    return b"".join((_CT, bin_header(len(ct)), ct, lay.head, iv, _K_N, pack_uint(g), lay.tail))
 
 
 class AppHeader(NamedTuple):
@@ -194,6 +240,10 @@ class AppHeader(NamedTuple):
     g: int
     iv: bytes
     ct: bytes
+
+
+#: :class:`AppHeader` as a plain tuple (the hot path skips building the named one).
+AppFields = tuple[bytes, int, int, int, bytes, bytes]
 
 
 def _unpack_flat(data: bytes, what: str) -> dict[str, Any]:
@@ -212,7 +262,59 @@ def _unpack_flat(data: bytes, what: str) -> dict[str, Any]:
     return d
 
 
+# The canonical header after "ct" (as seal_app writes it, ints of any width): one
+# pattern match in C instead of a decode and eight type checks. Per int, the groups
+# hold a one-byte value (fixint or uint8), a uint16, a uint32 (and for "e" a uint64).
+_APP_REST: Final = re.compile(
+    rb"\xa1e(?:(?:\xcc|(?=[\x00-\x7f]))(.)|\xcd(..)|\xce(.{4})|\xcf(.{8}))"
+    rb"\xa1g\xc4\x10(.{16})\xa2iv\xc4\x18(.{24})\xa1k\xa3app"
+    rb"\xa1n(?:(?:\xcc|(?=[\x00-\x7f]))(.)|\xcd(..)|\xce(.{4}))"
+    rb"\xa1s(?:(?:\xcc|(?=[\x00-\x7f]))(.)|\xcd(..)|\xce(.{4}))"
+    rb"\xa1v\x01", re.DOTALL)
+
+
+def canonical_app_fields(data: bytes) -> AppFields | None:
+    """The fields of a canonically encoded application message, None for anything else
+    (:func:`app_fields` then decodes it in full; both agree where this one answers)."""
+    if type(data) is not bytes or data[:4] != _CT or not 9 <= len(data) <= MAX_OBJECT:
+        return None
+    kind = data[4]
+    if kind == 0xC4:
+        start = 6
+        end = 6 + data[5]
+    elif kind == 0xC5:
+        start = 7
+        end = 7 + (data[5] << 8 | data[6])
+    elif kind == 0xC6:
+        start = 9
+        end = 9 + int.from_bytes(data[5:9], "big")
+    else:
+        return None
+    m = _APP_REST.fullmatch(data, end)
+    if m is None:
+        return None
+    e1, e2, e4, e8, gid, iv, n1, n2, n4, s1, s2, s4 = m.groups()
+    if n1:
+        n = n1[0]
+    elif n2:
+        n = n2[0] << 8 | n2[1]
+    else:
+        n = int.from_bytes(n4, "big")
+    return (gid, e1[0] if e1 else int.from_bytes(e2 or e4 or e8, "big"),
+            s1[0] if s1 else int.from_bytes(s2 or s4, "big"), n, iv, data[start:end])
+
+
+def app_fields(data: bytes) -> AppFields:
+    """The clear fields of an application message, as :func:`parse_app` (a plain tuple)."""
+    return canonical_app_fields(data) or decode_app_fields(data)
+
+
 def parse_app(data: bytes) -> AppHeader:
+    return AppHeader._make(app_fields(data))
+
+
+def decode_app_fields(data: bytes) -> AppFields:
+    """:func:`app_fields` by a full decode: any encoding of the map, checked field by field."""
     d = _unpack_flat(data, "app")
     get = d.get
     g, e, s, n, iv, ct = get("g"), get("e"), get("s"), get("n"), get("iv"), get("ct")
@@ -220,7 +322,7 @@ def parse_app(data: bytes) -> AppHeader:
             and type(g) is bytes and len(g) == 16 and type(e) is int and 0 <= e <= U64
             and type(s) is int and 0 <= s <= U32 and type(n) is int and 0 <= n <= U32
             and type(iv) is bytes and len(iv) == 24 and type(ct) is bytes):
-        return AppHeader(g, e, s, n, iv, ct)  # well formed: the common case
+        return g, e, s, n, iv, ct  # well formed: the common case
     version = d.get("v")
     if type(version) is not int:
         raise E2EError("malformed", "app: no version")
@@ -228,43 +330,78 @@ def parse_app(data: bytes) -> AppHeader:
         raise E2EError("unsupported_version", f"app v{version}")
     if d.get("k") != "app":
         raise E2EError("malformed", "not an app message")
-    return AppHeader(as_bin(d.get("g"), "app.g", 16), as_int(d.get("e"), "app.e", 0, U64),
-                     as_int(d.get("s"), "app.s"), as_int(d.get("n"), "app.n"),
-                     as_bin(d.get("iv"), "app.iv", 24), as_bin(d.get("ct"), "app.ct"))
+    return (as_bin(d.get("g"), "app.g", 16), as_int(d.get("e"), "app.e", 0, U64),
+            as_int(d.get("s"), "app.s"), as_int(d.get("n"), "app.n"),
+            as_bin(d.get("iv"), "app.iv", 24), as_bin(d.get("ct"), "app.ct"))
 
 
-def open_app(chain: Chain, sender: Member, h: AppHeader, aad: bytes, *, signed: bool,
-             max_forward: int, max_skipped: int) -> bytes:
-    """Steps 3-7 of section 2.7 for a message whose epoch and sender passed: window,
-    key, AEAD, signature; the chain moves only once everything verified (a failure
-    at most leaves checkpoints of derived future chain keys behind)."""
-    n = h.g
-    fresh: list[tuple[int, bytes]] = []
-    nxt = b""
-    if n < chain.n:
-        opt = chain.skipped.get(n)
-        if opt is None:
-            raise E2EError("replay", f"generation {n} used or dropped", sender=sender.sub)
-        key = opt
-    elif n == chain.n:  # the next one, in order: the common case
-        key, nxt = ratchet(chain.key, n)
-    elif n - chain.n > max_forward:
-        raise E2EError("too_far_ahead", f"generation {n}, expected {chain.n}", sender=sender.sub)
+def canonical_plaintext(pt: bytes, signed: bool) -> tuple[bytes, bytes | None] | None:
+    """(body, signature) of a canonically encoded plaintext, None for any other bytes
+    (:func:`decode_plaintext` then decodes them; both agree where this one answers)."""
+    if signed:
+        end = len(pt) - 70
+        if end < 5 or pt[:3] != b"\x82\xa1b" or pt[end:end + 6] != _SIG64:
+            return None
+        sig: bytes | None = pt[end + 6:]
     else:
-        key, nxt, fresh = _ratchet(chain, n, max_skipped)
-    full_aad = app_aad(h.group_id, h.epoch, h.leaf, n, aad)
-    pt = aead_decrypt(h.ct, full_aad, h.iv, key)
-    if pt is None:
-        raise E2EError("bad_tag", "header or body altered", sender=sender.sub)
+        end = len(pt)
+        if end < 5 or pt[:3] != b"\x81\xa1b":
+            return None
+        sig = None
+    kind = pt[3]
+    if kind == 0xC4:
+        start = 5
+        size = pt[4]
+    elif kind == 0xC5 and end > 5:
+        start = 6
+        size = pt[4] << 8 | pt[5]
+    elif kind == 0xC6:
+        start = 8
+        size = int.from_bytes(pt[4:8], "big")
+    else:
+        return None
+    if start + size != end:
+        return None
+    return pt[start:end], sig
+
+
+def decode_plaintext(pt: bytes, signed: bool) -> tuple[bytes, object]:
+    """(body, the "sig" field when ``signed``) of a plaintext map in any encoding."""
     p = _unpack_flat(pt, "app.pt")
     body = p.get("b")
     if type(body) is not bytes:
         raise E2EError("malformed", "app.b: expected bytes")
-    if signed:
-        sig = p.get("sig")
-        if type(sig) is not bytes or not verify_signature(sender.spk, LABEL_APP_SIG,
-                                                            full_aad + body, sig):
-            raise E2EError("bad_signature", f"not signed by leaf {h.leaf}", sender=sender.sub)
+    return body, p.get("sig") if signed else None
+
+
+def open_app(chain: Chain, sender: Member, h: AppFields, aad: bytes, *, signed: bool,
+             max_forward: int, max_skipped: int) -> bytes:
+    """Steps 3-7 of section 2.7 for a message whose epoch and sender passed: window,
+    key, AEAD, signature; the chain moves only once everything verified (a failure
+    at most leaves checkpoints of derived future chain keys behind)."""
+    group_id, epoch, leaf, n, iv, ct = h
+    fresh: list[tuple[int, bytes]] = []
+    nxt = b""
+    if n == chain.n:  # the next one, in order: the common case
+        key, nxt = ratchet(chain.key, n)
+    elif n < chain.n:
+        opt = chain.skipped.get(n)
+        if opt is None:
+            raise E2EError("replay", f"generation {n} used or dropped", sender=sender.sub)
+        key = opt
+    elif n - chain.n > max_forward:
+        raise E2EError("too_far_ahead", f"generation {n}, expected {chain.n}", sender=sender.sub)
+    else:
+        key, nxt, fresh = _ratchet(chain, n, max_skipped)
+    full_aad = _layout(chain, group_id, epoch, leaf).full_aad(n, aad)
+    pt = aead_decrypt(ct, full_aad, iv, key)
+    if pt is None:
+        raise E2EError("bad_tag", "header or body altered", sender=sender.sub)
+    fields = canonical_plaintext(pt, signed) if len(pt) <= MAX_OBJECT else None
+    body, sig = decode_plaintext(pt, signed) if fields is None else fields
+    if signed and (type(sig) is not bytes
+                   or not verify_signature(sender.spk, LABEL_APP_SIG, full_aad + body, sig)):
+        raise E2EError("bad_signature", f"not signed by leaf {leaf}", sender=sender.sub)
     if n < chain.n:
         del chain.skipped[n]
     else:

@@ -17,7 +17,7 @@ import msgpack
 from node_lite import Identity, Name
 
 from ._e2e import E2EError, GroupState, KeyPackageSecret, SigningIdentity, make_key_package
-from ._e2e_base import as_bin, as_map, open_signed, unpack
+from ._e2e_base import as_bin, as_map, open_signed, pack_uint, unpack
 from ._e2e_identity import decode_key_package
 
 __all__ = ["DecryptError", "Encryption", "SessionKeys", "aad_head", "aad_tail"]
@@ -43,9 +43,11 @@ def aad_head(src: list[Any], dst: list[Any], sid: int, st: int) -> bytes:
 
 def aad_tail(mid: int, payload_type: str | None,
              metadata: Mapping[str, str] | None) -> bytes:
+    """The rest of :meth:`SessionKeys.aad`, per message."""
+    if not payload_type and not metadata:
+        return pack_uint(mid) + b"\xa0\x90"  # an empty string, an empty list
     pack = msgpack.packb
-    # b"\xa0": an empty string, b"\x90": an empty list
-    tail: bytes = (pack(mid) + (pack(payload_type) if payload_type else b"\xa0")
+    tail: bytes = (pack_uint(mid) + (pack(payload_type) if payload_type else b"\xa0")
                    + (pack(sorted(metadata.items())) if metadata else b"\x90"))
     return tail
 
