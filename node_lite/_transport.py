@@ -66,6 +66,15 @@ def _never() -> bool:
     return False
 
 
+def _asyncio_transport(stream: Any) -> Any:
+    """The asyncio transport under an anyio stream (through a TLS layer), else None.
+
+    anyio does not expose it; the read size, read-ahead and direct writes need it.
+    """
+    inner = getattr(stream, "transport_stream", stream)
+    return getattr(inner, "_transport", None)
+
+
 def _write_now(stream: Any) -> Callable[[bytes | memoryview], bool] | None:
     """For a plain TCP stream on anyio's asyncio backend: a function that hands bytes
     to the asyncio transport at once and says whether it did.
@@ -76,8 +85,8 @@ def _write_now(stream: Any) -> Callable[[bytes | memoryview], bool] | None:
     (trio, TLS, in-memory) get None and keep using ``send()``.
     """
     if "_asyncio" not in type(stream).__module__:
-        return None
-    transport = getattr(stream, "_transport", None)
+        return None  # not a plain asyncio socket stream (TLS must encrypt what it sends)
+    transport = _asyncio_transport(stream)
     protocol: Any = getattr(stream, "_protocol", None)
     event = getattr(protocol, "write_event", None)
     if transport is None or event is None or not hasattr(transport, "get_write_buffer_size") \
@@ -97,8 +106,7 @@ def _write_now(stream: Any) -> Callable[[bytes | memoryview], bool] | None:
 def set_read_size(stream: Any) -> int:
     """Cap the bytes an asyncio transport reads at once to what ``receive()`` asks
     for, so that a read neither splits a chunk nor needs a fresh mmap; returns it."""
-    inner = getattr(stream, "transport_stream", stream)
-    transport = getattr(inner, "_transport", None)
+    transport = _asyncio_transport(stream)
     if transport is not None and isinstance(getattr(transport, "max_size", None), int):
         transport.max_size = READ_SIZE
     return READ_SIZE
@@ -112,8 +120,7 @@ def pause_reading(stream: Any) -> None:
     make this process buffer without limit. Pausing it once restores the rule
     "read only when asked". trio streams read only when asked already.
     """
-    inner = getattr(stream, "transport_stream", stream)
-    transport = getattr(inner, "_transport", None)
+    transport = _asyncio_transport(stream)
     if transport is not None and hasattr(transport, "pause_reading"):
         try:
             transport.pause_reading()
