@@ -185,11 +185,10 @@ def _key(wire: list[Any]) -> Key:
     return (wire[0], wire[1], wire[2], wire[3])
 
 
-def _take_acks(stream: ReceiveStream[Any], direct: bool, acks: dict[Key, dict[str, Any]],
-               key: Key) -> None:
+def _take_acks(stream: ReceiveStream[Any], direct: bool, body: dict[str, Any]) -> None:
+    """Add the acknowledgements ``stream`` owes to an ack ``body``."""
     mids = stream.take_acks()
     if mids:
-        body = acks.setdefault(key, {})
         body["d" if direct else "a"] = to_ranges(mids)
         # Also all received so far: a later ack covers one that was lost.
         through = stream.received_through
@@ -445,7 +444,7 @@ class SessionCore:
                 self.local_wire, dst, fanout=fanout, sid=self.sid, st=self.st, kind=Kind.MSG)
             self._peer_key = None if self.group else _key(dst)
         peer = self._peer_key
-        ack = self._acks_for(peer) if peer is not None and self._dirty_recv else None
+        ack = self._acks_for(peer) if peer is not None else None
         self.owner.send(template.frame(mid, payload, payload_type, metadata, ack))
         self.published += 1
         names = self._recipient_names()
@@ -1206,13 +1205,15 @@ class SessionCore:
             stream = (self._recv_direct if direct else self._recv).get(key)
             if stream is None:
                 continue
-            _take_acks(stream, direct, acks, key)
+            _take_acks(stream, direct, acks.setdefault(key, {}))
             gaps = stream.take_new_gaps()
             if gaps:
                 self.owner.send(self._frame(list(key), Kind.RTX_REQUEST, 0,
                                             body=encode_body({"m": gaps, "d": direct}),
                                             control=False))
         for key, body in acks.items():
+            if not body:
+                continue
             self.owner.send(self._frame(list(key), Kind.MSG_ACK, 0, body=encode_body(body),
                                         control=False))
 
@@ -1222,19 +1223,15 @@ class SessionCore:
         dirty = self._dirty_recv
         if not dirty:
             return None
-        acks: dict[Key, dict[str, Any]] = {}
-        if (key, False) in dirty:
-            stream = self._recv.get(key)
+        body: dict[str, Any] = {}
+        for direct, streams in ((False, self._recv), (True, self._recv_direct)):
+            stream = streams.get(key) if (key, direct) in dirty else None
             if stream is not None:
-                _take_acks(stream, False, acks, key)
-        if (key, True) in dirty:
-            stream = self._recv_direct.get(key)
-            if stream is not None:
-                _take_acks(stream, True, acks, key)
-        if not acks:
+                _take_acks(stream, direct, body)
+        if not body:
             return None
         self.owner.count("acks_carried")
-        return encode_body(acks[key])
+        return encode_body(body)
 
     def _on_ack(self, src_key: Key, d: dict[str, Any], now: float) -> None:
         self._apply_acks(src_key, decode_body(d.get("body", b"")))
