@@ -70,8 +70,7 @@ from ._e2e_epoch import (
     Epoch,
     Member,
     Roster,
-    canonical_app_fields,
-    decode_app_fields,
+    app_fields,
     next_roster,
     open_app,
     seal_app,
@@ -636,16 +635,15 @@ class GroupState:
         :raises E2EError: see section 2.12; ``epoch_pending`` asks the caller to keep
             the message until the next commit applies.
         """
-        h = canonical_app_fields(ciphertext) or decode_app_fields(ciphertext)
+        h = app_fields(ciphertext)
         group_id, e, leaf = h[0], h[1], h[2]
         if group_id != self._group_id:
             raise E2EError("malformed", "app message of another group")
-        cur = self._cur
-        ep = cur if cur is not None and e == cur.number else self._epoch_of(e, now)
+        ep = self._epoch_of(e, now)
         m = ep.roster.get(leaf)
         if m is None:
             raise E2EError("not_member", f"no member at leaf {leaf}")
-        if ep is not cur:
+        if ep is not self._epoch:
             # A member removed since that epoch must not keep talking in it.
             by_sub = self._by_sub.get(m.sub)
             if by_sub is None or self._epoch.roster[by_sub].spk != m.spk:
