@@ -66,6 +66,9 @@ DEFAULT_MAILBOX = 1000
 CALL_SESSION = SessionConfig(timeout=1.0, max_retries=10)
 GROUP_SESSION = SessionConfig.group(timeout=1.0, max_retries=10)
 
+# Routes of received messages that run on the handler pool (see RunningAgent._route).
+_JOBS = ("call", "handler")
+
 # The message a handler or tool is answering (trace context for its reply, say).
 _incoming: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
     "slim_agents_incoming", default=None)
@@ -437,7 +440,7 @@ class RunningAgent:
                 except SessionError as exc:  # a lost or undecryptable message
                     log.warning("%s: %s", self.agent.name, exc)
                     continue
-                if self._is_job(msg):
+                if self._route(msg) in _JOBS:
                     await self._handlers.wait_room()
                 mail = self._dispatch(session, msg)
                 if mail is not None:
@@ -461,29 +464,29 @@ class RunningAgent:
             log.exception("%s: dispatching a message failed", self.agent.name)
 
     def _consume(self, session: Session, msg: Message) -> bool:
-        if self._is_mail(msg):
+        route = self._route(msg)
+        if route == "mail":
             if len(self._mailbox) >= self.agent.mailbox_size:
                 return False  # the receive loop waits for room
-        elif self._handlers.full and self._is_job(msg):
+        elif route in _JOBS and self._handlers.full:
             return False
         mail = self._dispatch(session, msg)
         if mail is not None:
             self._post(Mail(next(self._mail_ids), mail, session))
         return True
 
-    def _is_mail(self, msg: Message) -> bool:
-        """Whether ``msg`` goes to the mailbox (see :meth:`_dispatch`)."""
+    def _route(self, msg: Message) -> str:
+        """Where ``msg`` goes: an answer to a waiter ("result", "reply"), a tool call
+        or the message handler (the jobs), or the mailbox ("mail")."""
         ctx = msg.context
-        return self.agent._on_message is None and REPLY_TO not in ctx.metadata \
-            and ctx.payload_type not in (RESULT, CALL, DESCRIBE)
-
-    def _is_job(self, msg: Message) -> bool:
-        """Whether ``msg`` runs a tool or the message handler (see :meth:`_dispatch`)."""
-        ctx = msg.context
-        if ctx.payload_type in (CALL, DESCRIBE):
-            return True
-        return self.agent._on_message is not None and REPLY_TO not in ctx.metadata \
-            and ctx.payload_type != RESULT
+        pt = ctx.payload_type
+        if pt == RESULT:
+            return "result"
+        if REPLY_TO in ctx.metadata:
+            return "reply"
+        if pt in (CALL, DESCRIBE):
+            return "call"
+        return "mail" if self.agent._on_message is None else "handler"
 
     def _dispatch(self, session: Session, msg: Message) -> Message | None:
         """Route a received message; a message returned belongs in the mailbox."""
@@ -493,15 +496,15 @@ class RunningAgent:
             for replaced in after(agent=self.agent, session=session, message=msg):
                 if replaced is not None:
                     msg = replaced
+        route = self._route(msg)
         meta = msg.context.metadata
-        pt = msg.context.payload_type
-        if pt == RESULT:
+        if route == "result":
             self._deliver(meta.get(CALL_ID, ""), msg)
-        elif REPLY_TO in meta:
+        elif route == "reply":
             self._deliver(meta[REPLY_TO], msg)
-        elif pt in (CALL, DESCRIBE):
+        elif route == "call":
             self._handlers.submit(self._tg, self._run_call, session, msg)
-        elif self.agent._on_message is None:
+        elif route == "mail":
             return msg
         else:
             self._handlers.submit(self._tg, self._run_message, session, msg)
