@@ -123,6 +123,9 @@ class App:
         self._offline = anyio.Event()
         self._closing = False
         self._deferred = False
+        # Set while the read loop lets the tasks its batch woke run: their
+        # publishes queue behind the batch's acks and leave in one write.
+        self._corked = False
         self._last_publish = 0.0
         self.connects = 0
         self.offline_drops = 0
@@ -213,9 +216,13 @@ class App:
                 self._pump(defer=True)
                 if (self._deferred or core.acks_due) and core.pending_sessions == 0:
                     # Let the tasks this batch woke run first: a reply they send
-                    # carries the acks and leaves in the same write as the rest
-                    # (one frame, one wake-up at the peer).
-                    await anyio.lowlevel.checkpoint()
+                    # carries the acks, and all of them leave in one write (one
+                    # wake-up at the peer).
+                    self._corked = True
+                    try:
+                        await anyio.lowlevel.checkpoint()
+                    finally:
+                        self._corked = False
                 if core.acks_due:
                     core.flush(time.time())
                     self._pump(defer=True)

@@ -26,6 +26,9 @@ _YIELD_EVERY = 1024
 # A publish this long after the previous one is sent at once by the caller;
 # closer ones are left to the writer, which joins them into one write.
 _BURST_GAP = 200e-6
+# Frames a corked read loop lets its woken tasks queue before they go out: a
+# whole round in one write would leave the peer idle while this side works.
+_CORK_MAX = 8
 
 
 class Handle(Generic[R]):
@@ -214,19 +217,27 @@ class Session:
         timeout = core.config.timeout
         soonest = math.inf if timeout is None else sent_at + timeout
         now = anyio.current_time()
-        if now - app._last_publish > _BURST_GAP:
+        burst = now - app._last_publish <= _BURST_GAP
+        app._last_publish = now
+        if app._corked:
+            # Woken by the read loop's batch: it sends this with the rest, or
+            # this sends a full share now so the peer can start on it.
+            app._after(core, defer=True, soonest=soonest)
+            conn = app._conn
+            if conn is not None and conn.outbox.pending_frames >= _CORK_MAX:
+                await app._flush()
+        elif not burst:
             # Not part of a burst (request/reply): send from here, one task switch less.
-            app._last_publish = now
             app._after(core, defer=True, soonest=soonest)
             await app._flush()
+            return Handle(app, ticket)
         else:
-            app._last_publish = now
             app._after(core, soonest=soonest)
-            self._gets += 1
-            if self._gets % _YIELD_EVERY == 0:
-                # A real checkpoint now and then lets the writer and others run;
-                # in between, a publish that did not wait costs no scheduling.
-                await anyio.lowlevel.checkpoint()
+        self._gets += 1
+        if self._gets % _YIELD_EVERY == 0:
+            # A real checkpoint now and then lets the writer and others run;
+            # in between, a publish that did not wait costs no scheduling.
+            await anyio.lowlevel.checkpoint()
         return Handle(app, ticket)
 
     # -- receiving -----------------------------------------------------------------------

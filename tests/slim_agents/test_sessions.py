@@ -89,6 +89,38 @@ async def test_replies_carry_the_acks_of_the_requests(node: Node, transport: str
     assert a.core.counters["malformed"] == 0
 
 
+async def test_publishes_while_the_read_loop_is_corked_share_writes(
+        node: Node, transport: str) -> None:
+    bob = unique("bob")
+    async with open_app("org/ns/alice", node=target(node, transport), secret=SECRET) as a, \
+            open_app(f"org/ns/{bob}", node=target(node, transport), secret=SECRET) as b:
+        s = await a.create_session(f"org/ns/{bob}", RELIABLE)
+        with anyio.fail_after(5):
+            r = await b.listen_for_session()
+        assert a._conn is not None
+        box = a._conn.outbox
+        writes = box.writes
+        # What the read loop does while the tasks a batch woke run.
+        a._corked = True
+        try:
+            for i in range(7):
+                await s.publish(b"%d" % i)
+            assert (box.writes, box.pending_frames) == (writes, 7)
+            await s.publish(b"7")  # a full share goes out at once
+            await wait_until(lambda: not box.pending_bytes, message="the share written")
+            assert box.writes == writes + 1
+            await s.publish(b"8")
+            assert box.pending_frames == 1
+        finally:
+            a._corked = False
+        await a._flush()
+        with anyio.fail_after(5):
+            for i in range(9):
+                assert (await r.get_message())[1] == b"%d" % i
+        await wait_until(lambda: not box.pending_bytes, message="the rest written")
+        assert box.writes >= writes + 2
+
+
 async def test_session_metadata_reaches_the_receiver(node: Node) -> None:
     svc = unique("svc")
     async with open_app("org/ns/a", node=node, secret=SECRET) as a, \
