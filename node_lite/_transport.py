@@ -212,29 +212,38 @@ class Outbox:
         """Whether the caller may send the queued bytes itself without risk of blocking.
 
         True when the writer is idle, the batch is small and the socket (or
-        in-memory stream) can take it now.
+        in-memory stream) can take it now; on an asyncio transport, when
+        :meth:`send_direct` may try it (it leaves a busy one to the writer).
         """
         if self._wake is None or self._busy or not self._buf or self.closing \
                 or self.failed is not None:
             return False
         if self._bytes > DIRECT_SEND_MAX:
             return False
-        return self._writable()
+        # A direct write to an asyncio transport never waits (send_direct checks
+        # that it is idle), so the readiness poll, a syscall, is only for the rest.
+        return self._write_now is not None or self._writable()
 
     async def send_direct(self) -> None:
         """Send the queued batch from the calling task (after :meth:`can_send_direct`)."""
         buf = self._buf
         data = buf[0] if len(buf) == 1 else b"".join(buf)
+        write_now = self._write_now
+        if write_now is not None:
+            if write_now(data):
+                self.frames_written += self._frames
+                self.writes += 1
+                self.bytes_written += len(data)
+                self._buf = []
+                self._bytes = self._frames = 0
+            else:  # the transport is busy: the writer waits for it
+                self._buf = [data]
+                self.wake_writer()
+            return
         self.frames_written += self._frames
         self._buf = []
         self._inflight = len(data)
         self._bytes = self._frames = 0
-        write_now = self._write_now
-        if write_now is not None and write_now(data):
-            self.writes += 1
-            self.bytes_written += len(data)
-            self._inflight = 0
-            return
         self._busy = True
         self._send_started = anyio.current_time()
         try:

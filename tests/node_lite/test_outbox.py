@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+
 import anyio
 import anyio.lowlevel
 import pytest
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, SocketAttribute
 
-from node_lite._transport import Outbox
+from node_lite._transport import Outbox, WriteBatch, pause_reading
 
 pytestmark = pytest.mark.anyio
-CHUNKS = 3000  # 3 MiB: more than the socket buffers hold, so some writes must wait
+CHUNKS = 3000  # 3 MiB: more than the (small) socket buffers hold: some writes wait
 
 
 async def test_writes_keep_their_order_whether_taken_at_once_or_not(
@@ -20,6 +22,7 @@ async def test_writes_keep_their_order_whether_taken_at_once_or_not(
     done = anyio.Event()
 
     async def serve(stream: ByteStream) -> None:
+        pause_reading(stream)  # else asyncio reads ahead into memory without bound
         async with stream:
             await reading.wait()
             while len(received) < CHUNKS * 1024:
@@ -29,27 +32,41 @@ async def test_writes_keep_their_order_whether_taken_at_once_or_not(
 
     async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
             anyio.create_task_group() as tg:
+        # Small buffers, so that the kernel cannot take it all while nobody reads.
+        listener.extra(SocketAttribute.raw_socket).setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         tg.start_soon(listener.serve, serve)
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        port = listener.extra(SocketAttribute.local_port)
         client = await anyio.connect_tcp("127.0.0.1", port)
-        outbox = Outbox(client)
-        immediate = 0
+        client.extra(SocketAttribute.raw_socket).setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        batch = WriteBatch()
+        outbox = Outbox(client, batch=batch)
+        immediate = refused = left_to_writer = 0
         write_now = outbox._write_now
         if write_now is not None:
 
             def counting(data: bytes | memoryview) -> bool:
-                nonlocal immediate
+                nonlocal immediate, refused
                 taken = write_now(data)
                 immediate += taken
+                refused += not taken
                 return taken
 
             outbox._write_now = counting
         tg.start_soon(outbox.run)
         with anyio.fail_after(20):
             for i in range(CHUNKS):
+                # Every 7th is queued as a reader's batch is, then sent from here.
+                batch.active = i % 7 == 0
                 outbox.write(i.to_bytes(4, "big") * 256)
+                batch.active = False
                 if i % 7 == 0 and outbox.can_send_direct():
+                    before = refused
                     await outbox.send_direct()
+                    if refused > before:  # the transport was busy
+                        assert outbox.pending_frames  # queued for the writer, not awaited
+                        left_to_writer += 1
                 if i % 3 == 0:
                     await anyio.lowlevel.checkpoint()
             reading.set()
@@ -63,5 +80,6 @@ async def test_writes_keep_their_order_whether_taken_at_once_or_not(
     assert outbox.failed is None and outbox.bytes_written == CHUNKS * 1024
     if anyio_backend_name == "asyncio":
         assert immediate > 0  # anyio's send() was skipped where the transport was idle
+        assert left_to_writer > 0  # and a busy one was left to the writer, in order
     else:
         assert write_now is None  # trio's streams keep using send()
