@@ -27,6 +27,18 @@ def collapse_excgroups() -> Iterator[None]:
         raise exc from exc.__cause__
 
 
+def current_backend() -> str:
+    """The async library running this task ("asyncio" or "trio")."""
+    try:
+        import sniffio  # trio depends on it; without it, only asyncio can be running
+    except ImportError:
+        return "asyncio"
+    try:
+        return str(sniffio.current_async_library())
+    except sniffio.AsyncLibraryNotFoundError:
+        return "asyncio"
+
+
 #: Event loops a process of ours can run on: "uvloop" is asyncio on uvloop
 #: (the ``fast`` extra), a faster loop for the same asyncio code.
 BACKENDS = ("asyncio", "uvloop", "trio")

@@ -36,7 +36,7 @@ from node_lite import (
     open_node,
     open_node_process,
 )
-from node_lite._util import BACKENDS
+from node_lite._util import BACKENDS, current_backend
 
 log = logging.getLogger("slim_agents.swarm")
 
@@ -382,18 +382,6 @@ def _tcp_url(node: Node) -> str:
     if not node.ports:
         raise ConfigError("the swarm's workers reach the node over TCP: give it a server")
     return node.url
-
-
-def current_backend() -> str:
-    """The async library running this task (workers run the same one)."""
-    try:
-        import sniffio  # trio depends on it; without it, only asyncio can be running
-    except ImportError:
-        return "asyncio"
-    try:
-        return str(sniffio.current_async_library())
-    except sniffio.AsyncLibraryNotFoundError:
-        return "asyncio"
 
 
 # -- the `slim-agents swarm` command ----------------------------------------------------------
