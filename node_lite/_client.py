@@ -32,8 +32,8 @@ from .wire import (
     decode_frame,
     decode_message,
     encode_frame,
-    may_hold_timestamp,
-    span_may_hold_timestamp,
+    marked,
+    timestamp_marks,
 )
 
 if TYPE_CHECKING:
@@ -135,11 +135,12 @@ class NodeConnection:
         buf, bounds = self._decoder.feed_spans(data)
         view = memoryview(buf)
         ends = range(1, len(bounds))
-        if not may_hold_timestamp(buf):
+        marks = timestamp_marks(buf)
+        if not marks:
             return [decode_frame(view[bounds[i - 1] + 4:bounds[i]], check_ext=False)
                     for i in ends]
         return [decode_frame(view[bounds[i - 1] + 4:bounds[i]],
-                             check_ext=span_may_hold_timestamp(buf, bounds[i - 1], bounds[i]))
+                             check_ext=marked(marks, bounds[i - 1], bounds[i]))
                 for i in ends]
 
     async def receive(self) -> Message:

@@ -72,8 +72,8 @@ from .wire import (
     decode_message,
     encode_frame,
     frame_prefix,
-    may_hold_timestamp,
-    span_may_hold_timestamp,
+    marked,
+    timestamp_marks,
 )
 
 log = logging.getLogger("node_lite.node")
@@ -357,7 +357,7 @@ class NodeCore:
             return congested
         if buf is None:
             return congested
-        check_ext: bool | None = None  # scanned for when a frame is first decoded
+        marks: list[int] | None = None  # scanned for when a frame is first decoded
         limit = decoder.max_frame_size
         unpack_from = _PREFIX.unpack_from
         view = memoryview(buf)
@@ -427,10 +427,10 @@ class NodeCore:
             frame = view[pos:end]
             pos = end
             try:
-                if check_ext is None:
-                    check_ext = may_hold_timestamp(buf)
-                d = decode_frame(frame[4:], check_ext=check_ext and span_may_hold_timestamp(
-                    buf, end - len(frame), end))
+                if marks is None:
+                    marks = timestamp_marks(buf)
+                d = decode_frame(frame[4:], check_ext=bool(marks) and marked(
+                    marks, end - len(frame), end))
                 if d["t"] == "pub" and conn.kind in _ROUTING:
                     if drop_mode and not self._take(conn, 1, len(frame)):
                         self._rate_drop(conn, d, now)

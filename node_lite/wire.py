@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
@@ -67,8 +68,8 @@ __all__ = [
     "encode",
     "encode_frame",
     "frame_prefix",
-    "may_hold_timestamp",
-    "span_may_hold_timestamp",
+    "marked",
+    "timestamp_marks",
 ]
 
 PROTOCOL_VERSION = 1
@@ -861,20 +862,32 @@ def _has_timestamp(value: object) -> bool:
     return False
 
 
-# msgpack decodes ext type -1 (timestamp) itself, without calling ext_hook;
-# these are its encodings, looked for before walking a decoded frame.
-_TIMESTAMP_MARKERS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+_FIXEXT = (0xD6, 0xD7)  # fixext 4 and 8: the other sizes cannot hold a timestamp
 
 
-def may_hold_timestamp(data: bytes) -> bool:
-    """Whether ``data`` could encode a msgpack timestamp (cheap pre-check)."""
-    return b"\xff" in data and any(m in data for m in _TIMESTAMP_MARKERS)
+def timestamp_marks(data: bytes) -> list[int]:
+    """Offsets in ``data`` where a msgpack timestamp could be encoded, ascending.
+
+    msgpack decodes ext type -1 itself, without calling ``ext_hook``, in every
+    ext encoding (fixext 4 and 8, ext 8, 16 and 32), so a frame holding none
+    of these marks needs no walk for Timestamp objects. The mark is the
+    position of the type byte, which lies in the same frame as the rest.
+    """
+    marks = []
+    find = data.find
+    i = find(b"\xff")
+    while i >= 0:
+        if (i >= 1 and data[i - 1] in _FIXEXT) or (i >= 2 and data[i - 2] == 0xC7) \
+                or (i >= 3 and data[i - 3] == 0xC8) or (i >= 5 and data[i - 5] == 0xC9):
+            marks.append(i)
+        i = find(b"\xff", i + 1)
+    return marks
 
 
-def span_may_hold_timestamp(buf: bytes, start: int, end: int) -> bool:
-    """:func:`may_hold_timestamp` for ``buf[start:end]`` (one frame of a buffer whose
-    random payloads, such as ciphertext, make a marker likely somewhere in it)."""
-    return any(buf.find(m, start, end) >= 0 for m in _TIMESTAMP_MARKERS)
+def marked(marks: list[int], start: int, end: int) -> bool:
+    """Whether one of :func:`timestamp_marks` lies in ``[start, end)``."""
+    i = bisect_left(marks, start)
+    return i < len(marks) and marks[i] < end
 
 
 def _map_size(body: bytes | memoryview) -> int:
@@ -894,8 +907,8 @@ def decode_frame(body: bytes | memoryview, *, check_ext: bool = True) -> dict[st
 
     Checks the version and that the type tag is a string; the fields of the
     type are checked by :func:`decode_message` (or by the node's hot path).
-    ``check_ext=False`` skips the timestamp scan when the caller knows the
-    bytes hold no timestamp marker (see :func:`may_hold_timestamp`).
+    ``check_ext=False`` skips the walk for timestamps when the caller knows the
+    bytes hold no timestamp marker (see :func:`timestamp_marks`).
 
     :raises ProtocolError: on any violation.
     """

@@ -44,6 +44,8 @@ from node_lite.wire import (
     encode,
     encode_frame,
     frame_prefix,
+    marked,
+    timestamp_marks,
 )
 
 U32 = 2**32 - 1
@@ -554,6 +556,40 @@ def test_timestamp_ext_type_is_refused_anywhere(ts: msgpack.Timestamp, where: st
         decode_message(decode_frame(raw))
     assert type(info.value) is MalformedFrameError, repr(info.value)
     assert info.value.code == "malformed"
+
+
+# Every ext encoding msgpack turns into a Timestamp itself (type byte -1 = 0xff).
+TIMESTAMP_ENCODINGS = {
+    "fixext4": b"\xd6\xff" + bytes(4), "fixext8": b"\xd7\xff" + bytes(8),
+    "ext8-12": b"\xc7\x0c\xff" + bytes(12), "ext8-4": b"\xc7\x04\xff" + bytes(4),
+    "ext16-8": b"\xc8\x00\x08\xff" + bytes(8),
+    "ext32-12": b"\xc9\x00\x00\x00\x0c\xff" + bytes(12),
+}
+_SENTINEL = "\x00sentinel\x00"
+
+
+@pytest.mark.parametrize("where", [w for w in EXT_PLACES if w != "top"])
+@pytest.mark.parametrize("encoding", list(TIMESTAMP_ENCODINGS))
+def test_the_timestamp_scan_finds_every_encoding(encoding: str, where: str) -> None:
+    # The hot paths skip the walk for Timestamp objects in frames without a mark:
+    # a mark must be found for each encoding, in the frame that holds it.
+    raw = body(_place(_SENTINEL, where)).replace(body(_SENTINEL),
+                                                  TIMESTAMP_ENCODINGS[encoding])
+    plain = body(_place("text", "extra"))
+    buf = plain + raw + plain
+    marks = timestamp_marks(buf)
+    start, end = len(plain), len(plain) + len(raw)
+    assert marked(marks, start, end)
+    assert not marked(marks, 0, start) and not marked(marks, end, len(buf))
+    with pytest.raises(MalformedFrameError, match="timestamp"):
+        decode_frame(raw, check_ext=marked(marks, start, end))
+
+
+def test_frames_without_marks_are_not_marked() -> None:
+    assert timestamp_marks(b"") == [] and timestamp_marks(b"\xff\xff") == []
+    assert timestamp_marks(body(_place("text", "extra"))) == []
+    assert timestamp_marks(b"\x00\xd6\xff") == [2]
+    assert not marked([2], 0, 2) and marked([2], 2, 3) and not marked([], 0, 9)
 
 
 # -- field validation -------------------------------------------------------------------

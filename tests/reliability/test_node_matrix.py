@@ -358,6 +358,13 @@ def _with_int_key(d: dict[Any, Any]) -> dict[Any, Any]:
     return d
 
 
+def _with_raw(d: dict[str, Any], raw: bytes) -> bytes:
+    """``d`` with one more key whose value is the msgpack bytes ``raw``."""
+    packed = msgpack.packb(d)
+    assert 0x80 <= packed[0] < 0x8F  # a fixmap with room for one more entry
+    return bytes([packed[0] + 1]) + packed[1:] + b"\xa2zz" + raw
+
+
 def _deep(n: int) -> bytes:
     return b"\x83\xa1v\x01\xa1t\xa3pub\xa1x" + b"\x91" * n + b"\xc0"
 
@@ -375,6 +382,15 @@ WRONG_SHAPES: dict[str, tuple[Shape, str, str]] = {
     "deep-nesting": (lambda s, d: _deep(10_000), "malformed", ""),
     "ext-type": (lambda s, d: msgpack.packb(pub_dict(s, d, body=msgpack.ExtType(5, b"x"))),
                  "malformed", "ext type"),
+    # Timestamps in the ext encodings msgpack does not use for them, in a key nobody reads.
+    "timestamp-ext8": (lambda s, d: _with_raw(pub_dict(s, d), b"\xc7\x04\xff" + bytes(4)),
+                       "malformed", "timestamp"),
+    "timestamp-ext16": (lambda s, d: _with_raw(pub_dict(s, d),
+                                               b"\xc8\x00\x08\xff" + bytes(8)),
+                        "malformed", "timestamp"),
+    "timestamp-ext32": (lambda s, d: _with_raw(pub_dict(s, d),
+                                               b"\xc9\x00\x00\x00\x0c\xff" + bytes(12)),
+                        "malformed", "timestamp"),
     "int-key": (lambda s, d: msgpack.packb(_with_int_key(pub_dict(s, d))), "malformed", ""),
     "no-type-tag": (lambda s, d: msgpack.packb({"v": 1}), "malformed", "t"),
     "sub-bad-rid": (lambda s, d: msgpack.packb({"v": 1, "t": "sub", "name": d.to_wire(),
