@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 import pytest
@@ -15,6 +15,7 @@ from slim_agents import (
     Name,
     NoRouteError,
     ParticipantError,
+    Session,
     SessionClosedError,
     SessionConfig,
     SessionRejectedError,
@@ -42,13 +43,22 @@ def target(node: Node, transport: str) -> Node | str:
     return node.url if transport == "tcp" else node
 
 
-async def test_point_to_point_round_trip(node: Node, transport: str) -> None:
+@asynccontextmanager
+async def alice_to_bob(node: Node, transport: str
+                       ) -> AsyncIterator[tuple[App, App, Session, Session]]:
+    """Apps alice and (a unique) bob, and a reliable session between them: a, b and
+    the session on each side."""
     bob = unique("bob")
     async with open_app("org/ns/alice", node=target(node, transport), secret=SECRET) as a, \
             open_app(f"org/ns/{bob}", node=target(node, transport), secret=SECRET) as b:
         s = await a.create_session(f"org/ns/{bob}", RELIABLE)
         with anyio.fail_after(5):
             r = await b.listen_for_session()
+        yield a, b, s, r
+
+
+async def test_point_to_point_round_trip(node: Node, transport: str) -> None:
+    async with alice_to_bob(node, transport) as (a, b, s, r):
         assert s.id == r.id
         assert s.dst == b.name and r.dst == a.name
         assert s.src == a.name and r.src == b.name
@@ -65,13 +75,8 @@ async def test_point_to_point_round_trip(node: Node, transport: str) -> None:
 
 
 async def test_replies_carry_the_acks_of_the_requests(node: Node, transport: str) -> None:
-    bob = unique("bob")
-    async with open_app("org/ns/alice", node=target(node, transport), secret=SECRET) as a, \
-            open_app(f"org/ns/{bob}", node=target(node, transport), secret=SECRET) as b:
-        s = await a.create_session(f"org/ns/{bob}", RELIABLE)
+    async with alice_to_bob(node, transport) as (a, b, s, r):
         with anyio.fail_after(10):
-            r = await b.listen_for_session()
-
             async def echo() -> None:
                 while True:
                     _, payload = await r.get_message()
@@ -92,12 +97,7 @@ async def test_replies_carry_the_acks_of_the_requests(node: Node, transport: str
 
 async def test_publishes_while_the_read_loop_is_corked_share_writes(
         node: Node, transport: str) -> None:
-    bob = unique("bob")
-    async with open_app("org/ns/alice", node=target(node, transport), secret=SECRET) as a, \
-            open_app(f"org/ns/{bob}", node=target(node, transport), secret=SECRET) as b:
-        s = await a.create_session(f"org/ns/{bob}", RELIABLE)
-        with anyio.fail_after(5):
-            r = await b.listen_for_session()
+    async with alice_to_bob(node, transport) as (a, _, s, r):
         assert a._conn is not None
         box = a._conn.outbox
         writes = box.writes
