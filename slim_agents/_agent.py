@@ -335,13 +335,15 @@ class RunningAgent:
         self._app: App | None = None
         self._tg: TaskGroup | None = None
         self._handlers = _Handlers(agent.concurrency, agent.mailbox_size)
-        self._peers: dict[Name, Session] = {}
+        # Keyed by Name and by the text a caller passed (no parse per call).
+        self._peers: dict[Name | str, Session] = {}
         self._peer_locks: dict[Name, anyio.Lock] = {}
         self._groups: dict[Name, Session] = {}
         self._waiters: dict[str, _Waiter] = {}
         # Waiters by the session their answers come on: they fail when it closes.
         self._session_waiters: dict[Session, set[str]] = {}
         self._ids = itertools.count(1)
+        self._call_prefix: str | None = None
         self._mail_ids = itertools.count(1)
         # Bounded: when full, the sessions stop being read (backpressure), nothing is dropped.
         self._mailbox: deque[Mail] = deque()
@@ -421,11 +423,8 @@ class RunningAgent:
         finally:
             if session.dst is not None and self._groups.get(session.dst) is session:
                 del self._groups[session.dst]
-            for call_id in self._session_waiters.pop(session, ()):
-                waiter = self._waiters.get(call_id)
-                if waiter is not None:
-                    waiter.closed = session.close_reason or "closed"
-                    waiter.event.set()
+            self._fail_waiters(session, session.close_reason or "closed")
+            self._session_waiters.pop(session, None)
             self._notify(session, "closed")
 
     async def _receive_loop(self, session: Session) -> None:
@@ -440,9 +439,10 @@ class RunningAgent:
                 except SessionError as exc:  # a lost or undecryptable message
                     log.warning("%s: %s", self.agent.name, exc)
                     continue
-                if self._route(msg) in _JOBS:
+                route = self._route(msg)
+                if route in _JOBS:
                     await self._handlers.wait_room()
-                mail = self._dispatch(session, msg)
+                mail = self._dispatch(session, msg, route)
                 if mail is not None:
                     # Straight into the mailbox, in arrival order; wait while it is full.
                     while len(self._mailbox) >= self.agent.mailbox_size:
@@ -470,7 +470,7 @@ class RunningAgent:
                 return False  # the receive loop waits for room
         elif route in _JOBS and self._handlers.full:
             return False
-        mail = self._dispatch(session, msg)
+        mail = self._dispatch(session, msg, route)
         if mail is not None:
             self._post(Mail(next(self._mail_ids), mail, session))
         return True
@@ -488,15 +488,16 @@ class RunningAgent:
             return "call"
         return "mail" if self.agent._on_message is None else "handler"
 
-    def _dispatch(self, session: Session, msg: Message) -> Message | None:
-        """Route a received message; a message returned belongs in the mailbox."""
+    def _dispatch(self, session: Session, msg: Message, route: str) -> Message | None:
+        """Route a received message (``route`` is ``_route(msg)``); a message
+        returned belongs in the mailbox."""
         assert self._tg is not None
         after = self.plugins.hook.slim_after_receive
         if after.get_hookimpls():
             for replaced in after(agent=self.agent, session=session, message=msg):
                 if replaced is not None:
                     msg = replaced
-        route = self._route(msg)
+                    route = self._route(msg)
         meta = msg.context.metadata
         if route == "result":
             self._deliver(meta.get(CALL_ID, ""), msg)
@@ -518,7 +519,7 @@ class RunningAgent:
                 result: Any = self.agent.card()
                 result["agent"] = str(self.name)
             else:
-                request = json.loads(msg.payload)
+                request = _loads(msg.payload)
                 name = request.get("tool") if isinstance(request, dict) else None
                 t = self.agent._tools.get(name) if isinstance(name, str) else None
                 if t is None:
@@ -540,7 +541,7 @@ class RunningAgent:
                                              code="failed").to_result()}
             self.failures += 1
         try:
-            data = json.dumps(body, default=_jsonable).encode()
+            data = _dumps(body).encode()
         except (TypeError, ValueError) as exc:
             data = json.dumps({"ok": False, **ToolError(
                 f"the result is not JSON: {exc}", code="bad_result").to_result()}).encode()
@@ -597,10 +598,11 @@ class RunningAgent:
     async def _send(self, session: Session, payload: bytes, *, payload_type: str | None = None,
                     metadata: dict[str, str] | None = None,
                     to: MessageContext | Name | None = None) -> None:
-        meta = dict(metadata or {})
         hook = self.plugins.hook.slim_before_send
         impls = hook.get_hookimpls()
+        meta = metadata
         if impls:
+            meta = dict(metadata or {})  # plugins may add to it
             # Each plugin sees the payload the previous one produced.
             args: dict[str, Any] = {"agent": self.agent, "session": session,
                                     "payload": payload, "metadata": meta}
@@ -622,22 +624,34 @@ class RunningAgent:
 
     async def session_with(self, target: Name | str) -> Session:
         """The (reused) reliable point-to-point session to ``target``."""
-        name = Name.parse(target) if isinstance(target, str) else target
-        session = self._peers.get(name)
+        session = self._peers.get(target)
         if session is not None and not session.is_closed:
-            return session  # the common case: no lock, no checkpoint
+            return session  # the common case: no parse, no lock, no checkpoint
+        name = Name.parse(target) if isinstance(target, str) else target
         lock = self._peer_locks.setdefault(name, anyio.Lock())
         async with lock:
             session = self._peers.get(name)
             if session is None or session.is_closed:
                 session = await self.app.create_session(name, CALL_SESSION)
                 self._peers[name] = session
+                session.on_unreachable(functools.partial(self._fail_waiters, session,
+                                                         "unreachable"))
                 assert self._tg is not None
                 self._tg.start_soon(self._serve_session, session)
+            self._peers[target] = session
             return session
 
+    def _fail_waiters(self, session: Session, why: str) -> None:
+        for call_id in self._session_waiters.get(session, ()):
+            waiter = self._waiters.get(call_id)
+            if waiter is not None and not waiter.event.is_set():
+                waiter.closed = why
+                waiter.event.set()
+
     def _expect(self, session: Session, want: int) -> tuple[str, _Waiter]:
-        call_id = f"{self.name}#{next(self._ids)}"
+        if self._call_prefix is None:
+            self._call_prefix = f"{self.name}#"
+        call_id = f"{self._call_prefix}{next(self._ids)}"
         waiter = _Waiter(want)
         self._waiters[call_id] = waiter
         self._session_waiters.setdefault(session, set()).add(call_id)
@@ -659,12 +673,6 @@ class RunningAgent:
         for attempt in (1, 2):
             session = await self.session_with(target)
             call_id, waiter = self._expect(session, 1)
-
-            def unreachable(w: _Waiter = waiter) -> None:
-                w.closed = "unreachable"
-                w.event.set()
-
-            stop_watching = session.on_unreachable(unreachable)
             try:
                 await self._send(session, payload, payload_type=payload_type,
                                  metadata={key: call_id})
@@ -674,7 +682,6 @@ class RunningAgent:
                     raise
                 continue
             finally:
-                stop_watching()
                 self._forget(session, call_id)
             if waiter.got:
                 return waiter.got[0]
@@ -693,7 +700,7 @@ class RunningAgent:
 
     async def _exchange(self, target: Name | str, payload_type: str, body: bytes) -> Any:
         answer = await self._ask(target, body, payload_type=payload_type, key=CALL_ID)
-        reply = json.loads(answer.payload)
+        reply = _loads(answer.payload)
         if not reply.get("ok"):
             err = reply.get("error") or {}
             raise ToolError(err.get("message", "the call failed"),
@@ -709,7 +716,7 @@ class RunningAgent:
             ``failed``, ...).
         :raises NoRouteError: when no agent serves ``target``.
         """
-        body = json.dumps({"tool": tool_name, "args": arguments}, default=_jsonable).encode()
+        body = _dumps({"tool": tool_name, "args": arguments}).encode()
         return await self._exchange(target, CALL, body)
 
     async def describe(self, target: Name | str) -> dict[str, Any]:
@@ -919,3 +926,13 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "_asdict"):
         return value._asdict()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# Built once: json.dumps with ``default=`` builds an encoder on every call.
+_dumps = json.JSONEncoder(default=_jsonable).encode
+_decode = json.JSONDecoder().decode
+
+
+def _loads(payload: bytes) -> Any:
+    # Decoding first skips json.loads' byte-encoding sniffing; bad UTF-8 is a ValueError too.
+    return _decode(payload.decode())

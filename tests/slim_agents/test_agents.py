@@ -64,6 +64,26 @@ async def test_a_tool_is_called_by_name_and_a_failure_comes_back_as_an_error_res
     assert "tool call failed" in caplog.text  # logged, not swallowed
 
 
+async def test_a_call_reaches_the_new_instance_when_the_callee_vanished(node: Node) -> None:
+    calc_name = f"org/ns/{unique('calc')}"
+    user = Agent(f"org/ns/{unique('user')}", plugins=make_plugin_manager(allow=False))
+    async with user.run(node, secret=SECRET) as u:
+        async with calculator(calc_name).run(node, secret=SECRET) as old:
+            with anyio.fail_after(10):
+                assert await u.call(calc_name, "add", a=1, b=1) == 2
+            first = u._peers[calc_name]
+            # gone without closing its sessions: its connection is cut at the node
+            old.app._closing = True
+            old.app._tg.cancel_scope.cancel()  # type: ignore[union-attr]
+        async with calculator(calc_name).run(node, secret=SECRET):
+            # The node reports the old instance unreachable; the call is asked
+            # again on a new session, well before the retries (10 x 1 s) run out.
+            with anyio.fail_after(5):
+                assert await u.call(calc_name, "add", a=2, b=3) == 5
+            assert u._peers[calc_name] is not first
+            assert not u._waiters
+
+
 async def test_two_agents_in_separate_processes(node: Node) -> None:
     calc_name = f"org/ns/{unique('calc')}"
     script = textwrap.dedent(f"""
