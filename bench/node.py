@@ -85,10 +85,10 @@ def _handshake(sock: socket.socket, hello: bytes, node: bool) -> bytearray:
 def role_relay(backend: str) -> None:
     import anyio
 
-    from node_lite._transport import pause_reading, set_read_size
+    from node_lite._transport import pause_reading, tune_reading
 
     async def pump(src: object, dst: object) -> None:
-        size = set_read_size(src)
+        size = tune_reading(src)
         pending = b""
         unpack = struct.Struct(">I").unpack_from
         while True:

@@ -21,7 +21,7 @@ from ._errors import (
 )
 from ._limits import Limits
 from ._names import Name
-from ._transport import Outbox, WriteBatch, dial, set_read_size
+from ._transport import Outbox, WriteBatch, dial, tune_reading
 from ._util import collapse_excgroups
 from .wire import (
     Error,
@@ -64,7 +64,7 @@ class NodeConnection:
         self._outbox = Outbox(stream, batch=self._batch)
         self._decoder = FrameDecoder(limits.max_frame_size)
         self._ready: deque[dict[str, Any]] = deque()
-        self._read_size = set_read_size(stream)
+        self._read_size = tune_reading(stream)
         self.hello_ack: HelloAck | None = None
         tg.start_soon(self._outbox.run)
 

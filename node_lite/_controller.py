@@ -21,7 +21,7 @@ from anyio.abc import SocketAttribute, TaskGroup, TaskStatus
 from ._config import split_endpoint
 from ._errors import ConfigError, ProtocolError
 from ._names import Name
-from ._transport import Outbox, dial, pause_reading, set_read_size
+from ._transport import Outbox, dial, pause_reading, tune_reading
 from ._util import collapse_excgroups
 from .wire import (
     Command,
@@ -345,7 +345,7 @@ class Controller:
 
 async def _messages(stream: Any) -> AsyncIterator[Any]:
     decoder = FrameDecoder()
-    size = set_read_size(stream)
+    size = tune_reading(stream)
     while True:
         try:
             data = await stream.receive(size)

@@ -30,7 +30,7 @@ from ._transport import (
     dial,
     memory_stream_pair,
     pause_reading,
-    set_read_size,
+    tune_reading,
 )
 from ._util import collapse_excgroups
 from .wire import (
@@ -246,7 +246,7 @@ class Node:
             link.conn_id = conn_id
         self.core.connection_made(conn_id, outbox, time.time(), dial=link is not None)
         self._poke_timer()
-        size = set_read_size(stream)
+        size = tune_reading(stream)
         core = self.core
         batch = self._batch
         rate_pause = limits.rate_limited and limits.rate_policy is RatePolicy.PAUSE
@@ -350,7 +350,7 @@ class Node:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(outbox.run)
                     decoder = FrameDecoder()
-                    size = set_read_size(stream)
+                    size = tune_reading(stream)
                     while True:
                         try:
                             data = await stream.receive(size)
