@@ -335,10 +335,6 @@ class NodeCore:
         self.touched = []
         conn.last_rx = now
         conn.bytes_in += len(data)
-        # Held until cleared below, when no partial frame is left.
-        conn.read_deadline = deadline = now + self.limits.read_timeout
-        if deadline < self.timer_due:
-            self._arm(deadline)
         limits = self.limits
         # PAUSE charges everything read; DROP charges (and drops) publishes only.
         drop_mode = pause_mode = False
@@ -355,7 +351,8 @@ class NodeCore:
         except FrameTooLargeError as exc:
             self._fail(conn, ErrorCode.FRAME_TOO_LARGE, str(exc))
             return congested
-        if buf is None:
+        if buf is None:  # still inside one frame
+            self._hold_partial(conn, now)
             return congested
         marks: list[int] | None = None  # scanned for when a frame is first decoded
         limit = decoder.max_frame_size
@@ -454,11 +451,20 @@ class NodeCore:
                 decoder.keep(buf, pos)
             except FrameTooLargeError as exc:
                 self._fail(conn, ErrorCode.FRAME_TOO_LARGE, str(exc))
-            if not decoder.buffered:
+            if decoder.buffered:
+                self._hold_partial(conn, now)
+            else:
                 conn.read_deadline = None
             if pause_mode:
                 conn.tokens_frames -= frames
         return congested
+
+    def _hold_partial(self, conn: _Conn, now: float) -> None:
+        # Armed only while part of a frame is held: arming on every read woke
+        # the timer task (and its scan of all connections) once per read.
+        conn.read_deadline = deadline = now + self.limits.read_timeout
+        if deadline < self.timer_due:
+            self._arm(deadline)
 
     # -- inbound rate ----------------------------------------------------------------
 

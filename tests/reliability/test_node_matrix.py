@@ -266,6 +266,12 @@ def test_read_timeout_closes_only_connections_holding_part_of_a_frame() -> None:
     idle, idle_sink, _ = connect_app(core, "idle", now)
     busy, busy_sink, busy_name = connect_app(core, "busy", now)
     frame = encode_frame(Publish(source=busy_name, destination=busy_name, payload=b"p" * 40))
+    core.timer_poke = False
+    core.get_timer()
+    # Whole frames hold nothing back: the timer is not woken for them.
+    core.data_received(busy, frame + frame, now + 0.5)
+    assert not core.timer_poke and core.get_timer() is None
+    assert len(decode_all(busy_sink)) == 2
     core.data_received(busy, frame[:20], now + 1)
     assert core.timer_poke  # the driver must re-read the timer
     assert core.get_timer() == pytest.approx(now + 3)
