@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -66,6 +66,9 @@ class NodeConnection:
         self._ready: deque[dict[str, Any]] = deque()
         self._read_size = tune_reading(stream)
         self.hello_ack: HelloAck | None = None
+        #: Frames from the node that did not decode, by error type. The length
+        #: prefix still frames the stream, so the frames around them are delivered.
+        self.bad_frames: Counter[str] = Counter()
         tg.start_soon(self._outbox.run)
 
     @property
@@ -120,6 +123,8 @@ class NodeConnection:
     async def receive_envelopes(self) -> list[dict[str, Any]]:
         """Read once from the stream and return the envelopes it completes (maybe none).
 
+        A frame that does not decode is counted in :attr:`bad_frames` and skipped.
+
         :raises anyio.EndOfStream: when the node closed the connection.
         :raises ProtocolError: when the node sent bytes that are not frames.
         """
@@ -136,12 +141,23 @@ class NodeConnection:
         view = memoryview(buf)
         ends = range(1, len(bounds))
         marks = timestamp_marks(buf)
-        if not marks:
-            return [decode_frame(view[bounds[i - 1] + 4:bounds[i]], check_ext=False)
+        try:
+            if not marks:
+                return [decode_frame(view[bounds[i - 1] + 4:bounds[i]], check_ext=False)
+                        for i in ends]
+            return [decode_frame(view[bounds[i - 1] + 4:bounds[i]],
+                                 check_ext=marked(marks, bounds[i - 1], bounds[i]))
                     for i in ends]
-        return [decode_frame(view[bounds[i - 1] + 4:bounds[i]],
-                             check_ext=marked(marks, bounds[i - 1], bounds[i]))
-                for i in ends]
+        except ProtocolError:
+            pass
+        out = []  # the rare case, one frame at a time
+        for i in ends:
+            try:
+                out.append(decode_frame(view[bounds[i - 1] + 4:bounds[i]],
+                                        check_ext=marked(marks, bounds[i - 1], bounds[i])))
+            except ProtocolError as exc:
+                self.bad_frames[type(exc).__name__] += 1
+        return out
 
     async def receive(self) -> Message:
         """The next typed message from the node.

@@ -122,7 +122,7 @@ def tune_reading(stream: Any) -> int:
     if transport is None or not isinstance(getattr(transport, "max_size", None), int):
         return READ_SIZE
     transport.max_size = READ_SIZE
-    protocol = getattr(getattr(stream, "transport_stream", stream), "_protocol", None)
+    protocol: Any = getattr(getattr(stream, "transport_stream", stream), "_protocol", None)
     queue = getattr(protocol, "read_queue", None)
     if not isinstance(queue, deque) or not hasattr(transport, "is_reading"):
         return READ_SIZE

@@ -209,9 +209,13 @@ class App:
                 envelopes = await conn.receive_envelopes()
             except anyio.EndOfStream:
                 return
-            except Exception as exc:  # a bad frame from the node: count it, keep reading
+            except Exception as exc:  # bytes that are not frames: count them, keep reading
                 core.count(f"read_error:{type(exc).__name__}")
                 continue
+            if conn.bad_frames:
+                for kind, n in conn.bad_frames.items():
+                    core.count(f"read_error:{kind}", n)
+                conn.bad_frames.clear()
             if envelopes:
                 core.receive(envelopes, time.time(), ack=False)
                 self._pump(defer=True)

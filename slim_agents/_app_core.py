@@ -149,8 +149,8 @@ class AppCore:
     def emit(self, event: Any) -> None:
         self._events.append(event)
 
-    def count(self, what: str) -> None:
-        self.counters[what] += 1
+    def count(self, what: str, n: int = 1) -> None:
+        self.counters[what] += n
 
     def random_mid(self) -> int:
         return self._rng.randrange(1, 0xFFFF_FFFF)

@@ -46,13 +46,13 @@ def fill(raw: socket.socket, sent: bytearray) -> None:
 async def test_a_waiting_reader_leaves_the_transport_reading() -> None:
     async with tcp_pair() as (stream, raw):
         for i in range(3):
+            got: list[bytes] = []
+
+            async def read(into: list[bytes]) -> None:
+                into.append(await stream.receive(READ_SIZE))
+
             async with anyio.create_task_group() as tg:
-                got: list[bytes] = []
-
-                async def read() -> None:
-                    got.append(await stream.receive(READ_SIZE))
-
-                tg.start_soon(read)
+                tg.start_soon(read, got)
                 await anyio.lowlevel.checkpoint()  # the reader waits
                 raw.send(b"ping %d" % i)
             assert got == [b"ping %d" % i]

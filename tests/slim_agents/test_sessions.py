@@ -122,6 +122,23 @@ async def test_publishes_while_the_read_loop_is_corked_share_writes(
         assert box.writes >= writes + 2
 
 
+async def test_a_bad_frame_from_the_node_is_counted_and_the_session_goes_on(
+        node: Node, transport: str) -> None:
+    from node_lite._core import ConnKind
+
+    async with alice_to_bob(node, transport) as (_, b, s, r):
+        # A broken node: a frame that is not a map, to every app connection.
+        for conn_id, box in list(node._outboxes.items()):
+            if node.core.connection_kind(conn_id) is ConnKind.APP:
+                box.write(b"\x00\x00\x00\x04\x93\x01\x02\x03")
+                box.wake_writer()
+        await wait_until(lambda: b.core.counters["read_error:MalformedFrameError"] == 1,
+                         message="the bad frame counted")
+        with anyio.fail_after(5):
+            await (await s.publish(b"after"))
+            assert (await r.get_message())[1] == b"after"
+
+
 async def test_session_metadata_reaches_the_receiver(node: Node) -> None:
     svc = unique("svc")
     async with open_app("org/ns/a", node=node, secret=SECRET) as a, \
