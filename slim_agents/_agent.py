@@ -335,8 +335,7 @@ class RunningAgent:
         self._app: App | None = None
         self._tg: TaskGroup | None = None
         self._handlers = _Handlers(agent.concurrency, agent.mailbox_size)
-        # Keyed by Name and by the text a caller passed (no parse per call).
-        self._peers: dict[Name | str, Session] = {}
+        self._peers: dict[Name, Session] = {}
         self._peer_locks: dict[Name, anyio.Lock] = {}
         self._groups: dict[Name, Session] = {}
         self._waiters: dict[str, _Waiter] = {}
@@ -624,10 +623,10 @@ class RunningAgent:
 
     async def session_with(self, target: Name | str) -> Session:
         """The (reused) reliable point-to-point session to ``target``."""
-        session = self._peers.get(target)
+        name = _parse_name(target) if isinstance(target, str) else target
+        session = self._peers.get(name)
         if session is not None and not session.is_closed:
-            return session  # the common case: no parse, no lock, no checkpoint
-        name = Name.parse(target) if isinstance(target, str) else target
+            return session  # the common case: no lock, no checkpoint
         lock = self._peer_locks.setdefault(name, anyio.Lock())
         async with lock:
             session = self._peers.get(name)
@@ -638,7 +637,6 @@ class RunningAgent:
                                                          "unreachable"))
                 assert self._tg is not None
                 self._tg.start_soon(self._serve_session, session)
-            self._peers[target] = session
             return session
 
     def _fail_waiters(self, session: Session, why: str) -> None:
@@ -928,6 +926,8 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+# Targets are mostly the same few texts: parse each once.
+_parse_name = functools.lru_cache(maxsize=1024)(Name.parse)
 # Built once: json.dumps with ``default=`` builds an encoder on every call.
 _dumps = json.JSONEncoder(default=_jsonable).encode
 _decode = json.JSONDecoder().decode

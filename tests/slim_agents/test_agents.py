@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from node_lite import Node, NodeConfig, open_node
+from node_lite import Name, Node, NodeConfig, open_node
 from slim_agents import Agent, JoinInfo, SessionRejectedError, ToolError
 from slim_agents._plugins import make_plugin_manager
 from slim_agents.hookspecs import hookimpl
@@ -71,7 +71,7 @@ async def test_a_call_reaches_the_new_instance_when_the_callee_vanished(node: No
         async with calculator(calc_name).run(node, secret=SECRET) as old:
             with anyio.fail_after(10):
                 assert await u.call(calc_name, "add", a=1, b=1) == 2
-            first = u._peers[calc_name]
+            first = u._peers[Name.parse(calc_name)]
             # gone without closing its sessions: its connection is cut at the node
             old.app._closing = True
             old.app._tg.cancel_scope.cancel()  # type: ignore[union-attr]
@@ -80,7 +80,7 @@ async def test_a_call_reaches_the_new_instance_when_the_callee_vanished(node: No
             # again on a new session, well before the retries (10 x 1 s) run out.
             with anyio.fail_after(5):
                 assert await u.call(calc_name, "add", a=2, b=3) == 5
-            assert u._peers[calc_name] is not first
+            assert u._peers[Name.parse(calc_name)] is not first
             assert not u._waiters
 
 
