@@ -68,13 +68,17 @@ def _never() -> bool:
     return False
 
 
+def _socket_stream(stream: Any) -> Any:
+    """The socket stream under a TLS layer (else ``stream`` itself)."""
+    return getattr(stream, "transport_stream", stream)
+
+
 def _asyncio_transport(stream: Any) -> Any:
     """The asyncio transport under an anyio stream (through a TLS layer), else None.
 
     anyio does not expose it; the read size, read-ahead and direct writes need it.
     """
-    inner = getattr(stream, "transport_stream", stream)
-    return getattr(inner, "_transport", None)
+    return getattr(_socket_stream(stream), "_transport", None)
 
 
 def _write_now(stream: Any) -> Callable[[bytes | memoryview], bool] | None:
@@ -122,7 +126,7 @@ def tune_reading(stream: Any) -> int:
     if transport is None or not isinstance(getattr(transport, "max_size", None), int):
         return READ_SIZE
     transport.max_size = READ_SIZE
-    protocol: Any = getattr(getattr(stream, "transport_stream", stream), "_protocol", None)
+    protocol: Any = getattr(_socket_stream(stream), "_protocol", None)
     queue = getattr(protocol, "read_queue", None)
     if not isinstance(queue, deque) or not hasattr(transport, "is_reading"):
         return READ_SIZE

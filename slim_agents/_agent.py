@@ -342,7 +342,6 @@ class RunningAgent:
         # Waiters by the session their answers come on: they fail when it closes.
         self._session_waiters: dict[Session, set[str]] = {}
         self._ids = itertools.count(1)
-        self._call_prefix: str | None = None
         self._mail_ids = itertools.count(1)
         # Bounded: when full, the sessions stop being read (backpressure), nothing is dropped.
         self._mailbox: deque[Mail] = deque()
@@ -361,6 +360,10 @@ class RunningAgent:
     @property
     def name(self) -> Name:
         return self.app.name
+
+    @functools.cached_property
+    def _call_prefix(self) -> str:
+        return f"{self.name}#"  # call ids: this prefix and a counter
 
     # -- serving ------------------------------------------------------------------------
 
@@ -647,8 +650,6 @@ class RunningAgent:
                 waiter.event.set()
 
     def _expect(self, session: Session, want: int) -> tuple[str, _Waiter]:
-        if self._call_prefix is None:
-            self._call_prefix = f"{self.name}#"
         call_id = f"{self._call_prefix}{next(self._ids)}"
         waiter = _Waiter(want)
         self._waiters[call_id] = waiter
