@@ -42,7 +42,7 @@ from ._e2e_base import (
     roster_hash,
     seal_open,
     seal_signed,
-    sender_root,
+    sender_roots,
     sha256,
     unpack,
     verify_signature,
@@ -65,7 +65,6 @@ from ._e2e_commit import (
     open_welcome,
 )
 from ._e2e_epoch import (
-    AppLayout,
     Chain,
     Epoch,
     Member,
@@ -325,10 +324,9 @@ class GroupState:
 
     def _install(self, number: int, roster: Roster, secrets: EpochSecrets,
                  th: bytes, now: float) -> None:
-        gid = self._group_id
-        chains = {leaf: Chain(sender_root(secrets.enc_secret, leaf), AppLayout(gid, number, leaf))
-                  for leaf in roster}
-        send = chains.pop(self._leaf)
+        epoch = Epoch(number, roster, sender_roots(secrets.enc_secret, roster),
+                      secrets.authenticator)
+        send = epoch.take(self._leaf)
         self.expire(now)
         old = self._cur
         if old is not None:
@@ -341,7 +339,7 @@ class GroupState:
                 old.wipe()
         self._send.wipe()
         self._send = send
-        self._cur = Epoch(number, roster, chains, secrets.authenticator)
+        self._cur = epoch
         self._by_sub = {m.sub: leaf for leaf, m in roster.items()}
         wipe(self._init_secret)
         wipe(self._exporter)
@@ -650,7 +648,7 @@ class GroupState:
                 raise E2EError("not_member", "sender left the group", sender=m.sub)
         if leaf == self._leaf:
             raise E2EError("replay", "our own message", sender=m.sub)
-        body = open_app(ep.chains[leaf], m, h, aad, signed=self.sender_auth == "signature",
+        body = open_app(ep.chain(leaf), m, h, aad, signed=self.sender_auth == "signature",
                         max_forward=self.max_forward, max_skipped=self.max_skipped)
         return body, m.sub
 

@@ -145,18 +145,41 @@ class Chain:
 
 
 class Epoch:
-    """Receive state of one epoch: its roster and every other sender's chain."""
+    """Receive state of one epoch: its roster and every other sender's chain.
 
-    __slots__ = ("auth", "chains", "expires", "number", "roster")
+    A chain starts at its sender's first message in the epoch (most members of a large
+    group send nothing in most epochs); until then its root waits in ``roots``, and
+    starting the chain wipes the root there.
+    """
 
-    def __init__(self, number: int, roster: Roster, chains: dict[int, Chain], auth: bytes) -> None:
+    __slots__ = ("auth", "chains", "expires", "number", "roots", "roster", "slots")
+
+    def __init__(self, number: int, roster: Roster, roots: bytearray, auth: bytes) -> None:
         self.number = number
         self.roster = roster
-        self.chains = chains
+        self.roots = roots  # the root of the i-th leaf of ``roster`` at [32 * i, 32 * i + 32]
+        self.slots = {leaf: 32 * i for i, leaf in enumerate(roster)}
+        self.chains: dict[int, Chain] = {}
         self.auth = auth
         self.expires = float("inf")
 
+    def chain(self, leaf: int) -> Chain:
+        """The receive chain of the member at ``leaf`` (in the roster)."""
+        c = self.chains.get(leaf)
+        if c is None:
+            c = self.chains[leaf] = self.take(leaf)
+        return c
+
+    def take(self, leaf: int) -> Chain:
+        """Start ``leaf``'s chain from its root, wiped here (it leaves the epoch)."""
+        at = self.slots.pop(leaf)
+        chain = Chain(self.roots[at:at + 32])
+        self.roots[at:at + 32] = bytes(32)
+        return chain
+
     def wipe(self) -> None:
+        wipe(self.roots)
+        self.slots.clear()
         for c in self.chains.values():
             c.wipe()
         self.chains.clear()
@@ -195,7 +218,7 @@ class AppLayout:
 def _layout(chain: Chain, group_id: bytes, epoch: int, leaf: int) -> AppLayout:
     lay = chain.layout
     if lay is None or lay.leaf != leaf or lay.epoch != epoch or lay.group_id != group_id:
-        return AppLayout(group_id, epoch, leaf)
+        lay = chain.layout = AppLayout(group_id, epoch, leaf)
     return lay
 
 

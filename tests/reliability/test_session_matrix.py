@@ -1014,7 +1014,7 @@ async def test_b14_a_member_labelling_its_message_as_another_members_is_refused(
         leaf = state.leaf_of(victim.core.subject)
         aad = SessionKeys.aad(genuine["src"], genuine["dst"], genuine["sid"], genuine["st"],
                               genuine["mid"] + 1, None, None)
-        forged = seal_app(Chain(bytearray(state._epoch.chains[leaf].key)), state._identity,
+        forged = seal_app(Chain(bytearray(state._epoch.chain(leaf).key)), state._identity,
                           group_id=state.group_id, epoch=state.epoch, leaf=leaf,
                           plaintext=b"I am the victim", aad=aad, rng=os.urandom)
         inject(liar, dict(genuine, mid=genuine["mid"] + 1, body=forged))

@@ -211,6 +211,17 @@ def test_vectors_sender_ratchet() -> None:
     v = VECTORS["sender_ratchet"]
     root = base.expand(unhex(v["enc_secret"]), "sender", v["leaf"].to_bytes(4, "big"), 32)
     assert root.hex() == v["root"]
+    # what members derive at each epoch, for every leaf at once
+    enc = unhex(v["enc_secret"])
+    leaves = [v["leaf"], 0, 7, 2**32 - 1]
+    roots = base.sender_roots(enc, leaves)
+    assert roots[:32].hex() == v["root"] and len(roots) == 32 * len(leaves)
+    for i, leaf in enumerate(leaves):
+        assert roots[32 * i:32 * i + 32] == base.sender_root(enc, leaf)
+        assert roots[32 * i:32 * i + 32] == base.expand(enc, "sender", leaf.to_bytes(4, "big"), 32)
+    long_key = enc * 3  # over one SHA-256 block: HMAC hashes the key first
+    assert base.sender_roots(long_key, [5, 6]) == base.sender_root(long_key, 5) + base.sender_root(
+        long_key, 6)
     chain = root
     for g in range(1001):
         # keyed BLAKE2b-512 of label || u32(g): message key, then the next chain key
@@ -434,6 +445,28 @@ def test_late_joiner_cannot_read_messages_from_before_its_epoch() -> None:
     w.check()
 
 
+def test_a_chain_starts_at_its_senders_first_message_and_its_root_is_wiped() -> None:
+    w = world_of(4)
+    m1 = w.states["m1"]
+    ep = m1._cur
+    assert ep is not None and ep.chains == {}  # nobody has sent in this epoch
+    with pytest.raises(KeyError):
+        ep.chain(m1.leaf)  # our own root left the receive state for the send chain
+    at = {leaf: ep.slots[leaf] for leaf in ep.slots}
+    assert all(ep.roots[i:i + 32] != bytes(32) for i in at.values())
+    assert m1.decrypt(w.mod.encrypt(b"hi", AAD), AAD, w.now) == (b"hi", "mod")
+    assert list(ep.chains) == [w.mod.leaf]
+    assert ep.roots[at[w.mod.leaf]:at[w.mod.leaf] + 32] == bytes(32)  # forward secrecy
+    assert sum(ep.roots[i:i + 32] != bytes(32) for i in at.values()) == len(at) - 1
+    assert m1.decrypt(w.mod.encrypt(b"again", AAD), AAD, w.now) == (b"again", "mod")
+    w.check()  # every pair talks: every chain of the epoch starts
+    assert ep.roots == bytearray(len(ep.roots)) and len(ep.chains) == len(at)
+    w.refresh()
+    assert m1._past[-1] is ep
+    m1.expire(w.now + 61)  # past epochs' keys go  # the past epoch's keys go, the roots with them
+    assert m1._past == [] and ep.chains == {}
+
+
 def test_epoch_ahead_is_pending_until_the_commit_applies() -> None:
     w = world_of(3)
     m2 = w.states["m2"]
@@ -480,7 +513,7 @@ def test_member_labelling_its_message_as_another_members_is_rejected() -> None:
     # Mallory holds every sender chain of the epoch: she forges alice's next generation.
     ep = mallory._cur
     assert ep is not None
-    chain = ep.chains[alice.leaf]
+    chain = ep.chain(alice.leaf)
     copy = type(chain)(bytearray(chain.key))
     forged = seal_app(copy, mallory._identity, group_id=mallory.group_id, epoch=mallory.epoch,
                       leaf=alice.leaf, plaintext=b"from alice, honest", aad=AAD,

@@ -273,7 +273,7 @@ def test_a_member_labelling_its_message_as_another_members_is_refused() -> None:
     # Or with the victim's leaf in the GK header: the key derives, the signature fails.
     state = ls.keys.state
     leaf = state.leaf_of(victim.subject)
-    victim_chain = state._epoch.chains[leaf]
+    victim_chain = state._epoch.chain(leaf)
     forged = seal_app(Chain(bytearray(victim_chain.key)), state._identity,
                       group_id=state.group_id, epoch=state.epoch, leaf=leaf,
                       plaintext=b"I am m1", aad=aad, rng=os.urandom)
