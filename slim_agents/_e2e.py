@@ -39,7 +39,6 @@ from ._e2e_base import (
     extract,
     key_schedule,
     open_signed,
-    roster_hash,
     seal_open,
     seal_signed,
     sender_roots,
@@ -72,8 +71,8 @@ from ._e2e_epoch import (
     app_fields,
     next_roster,
     open_app,
+    roster_digest,
     seal_app,
-    wire_roster,
 )
 from ._e2e_identity import (
     Binding,
@@ -185,7 +184,7 @@ class GroupState:
         th = sha256(canonical([PREFIX + "/group", gid, identity.public_key]))
         secret = bytearray(rng(32))
         secrets = key_schedule(extract(bytes(32), secret),
-                               epoch_context(gid, 0, roster_hash(wire_roster(roster)), th))
+                               epoch_context(gid, 0, roster_digest(roster), th))
         wipe(secret)
         st._install(0, roster, secrets, th, now)
         return st
@@ -558,7 +557,7 @@ class GroupState:
             raise bad_commit("transcript differs")
         roster, gone = next_roster(self._epoch.roster, op, d.get("target"),
                                   as_map(d.get("diff"), "commit.diff"))
-        rh = roster_hash(wire_roster(roster))
+        rh = roster_digest(roster)
         if as_bin(d.get("roster_hash"), "commit.roster_hash", 32) != rh:
             raise bad_commit("roster hash differs")
         if self._leaf in gone:

@@ -474,12 +474,3 @@ def ratchet(chain: bytes | bytearray, g: int) -> tuple[bytes, bytes]:
     return d[:32], d[32:]
 
 
-def roster_hash(entries: list[list[Any]]) -> bytes:
-    """SHA-256 of the canonical roster: ``[[leaf, sub, spk, enc_pk], ...]`` by leaf."""
-    ordered = sorted(entries, key=lambda e: int(e[0]))
-    if all(type(e) is list and len(e) == 4 and type(e[0]) is int and type(e[1]) is str
-           and type(e[2]) is bytes and type(e[3]) is bytes for e in ordered):
-        # Lists of scalars are canonical as packed (every commit hashes the roster)
-        data: bytes = msgpack.packb(ordered, use_bin_type=True)
-        return sha256(data)
-    return sha256(canonical(ordered))

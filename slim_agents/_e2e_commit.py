@@ -27,7 +27,6 @@ from ._e2e_base import (
     extract,
     key_schedule,
     open_signed,
-    roster_hash,
     seal,
     seal_open,
     seal_signed,
@@ -36,7 +35,7 @@ from ._e2e_base import (
     verify_signature,
     wipe,
 )
-from ._e2e_epoch import Roster, member_of, wire_roster
+from ._e2e_epoch import Roster, member_of, roster_digest, wire_roster
 from ._e2e_identity import KeyPackage, KeyPackageSecret, SigningIdentity
 
 #: Rosters up to this size get their envelopes inside the commit (section 2.6).
@@ -75,7 +74,7 @@ def build_commit(identity: SigningIdentity, *, group_id: bytes, cid: int, epoch:
     refresh); otherwise it is zero and members need no envelope (path-less add).
     """
     e_to = epoch + 1
-    rh = roster_hash(wire_roster(roster))
+    rh = roster_digest(roster)
     secret = bytearray(rng(32)) if fresh else bytearray(32)
     sealed = [(leaf, seal(m.enc_pk, bytes(secret), rng))
               for leaf, m in sorted(roster.items()) if fresh and leaf != own_leaf]
@@ -213,7 +212,7 @@ def open_welcome(welcome: bytes, kp_secret: KeyPackageSecret,
     epoch = as_int(d.get("e"), "welcome.e", 0, U64)
     th = as_bin(p.get("th"), "welcome.th", 32)
     secrets = key_schedule(as_bin(p.get("joiner_secret"), "welcome.joiner_secret", 32),
-                           epoch_context(group_id, epoch, roster_hash(wire_roster(roster)), th))
+                           epoch_context(group_id, epoch, roster_digest(roster), th))
     if not hmac.compare_digest(confirmation_tag(secrets.confirm_key, th),
                                as_bin(p.get("conf"), "welcome.conf", 32)):
         secrets.wipe()

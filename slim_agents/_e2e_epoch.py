@@ -34,6 +34,7 @@ from ._e2e_base import (
     bin_header,
     pack_uint,
     ratchet,
+    sha256,
     unpack,
     verify_signature,
     wipe,
@@ -57,6 +58,16 @@ Roster = dict[int, Member]
 
 def wire_roster(roster: Roster) -> list[list[Any]]:
     return [[leaf, m.sub, m.spk, m.enc_pk] for leaf, m in sorted(roster.items())]
+
+
+def roster_digest(roster: Roster) -> bytes:
+    """SHA-256 of the canonical roster ``[[leaf, sub, spk, enc_pk], ...]`` by leaf.
+
+    Every member hashes it at every commit. Members hold checked types (:func:`member_of`
+    checks what comes off the wire), and lists of ints, strings and bytes are canonical
+    as msgpack packs them, so no canonical walk is needed.
+    """
+    return sha256(msgpack.packb(wire_roster(roster), use_bin_type=True))
 
 
 def member_of(entry: object, what: str) -> tuple[int, Member]:

@@ -300,6 +300,15 @@ def test_hot_path_encodings_are_canonical() -> None:
         assert base.canonical(base.unpack(obj, "x")) == obj
 
 
+
+def test_roster_digest_is_the_hash_of_the_canonical_roster() -> None:
+    roster = {leaf: epoch_mod.Member(sub, bytes([leaf % 256]) * 32, bytes(32))
+              for leaf, sub in [(2**32 - 1, "z"), (0, "mod"), (300, "ünï"), (7, "a" * 300)]}
+    want = base.sha256(base.canonical(sorted(
+        ([leaf, m.sub, m.spk, m.enc_pk] for leaf, m in roster.items()), key=lambda e: e[0])))
+    assert epoch_mod.roster_digest(roster) == want
+    assert epoch_mod.roster_digest(dict(reversed(roster.items()))) == want
+
 # -- credentials -----------------------------------------------------------------------
 
 
