@@ -68,9 +68,11 @@ from ._e2e_epoch import (
     Epoch,
     Member,
     Roster,
-    app_fields,
+    canonical_app_fields,
+    decode_app_fields,
     next_roster,
     open_app,
+    open_next,
     roster_digest,
     seal_app,
 )
@@ -618,7 +620,9 @@ class GroupState:
         sender leaf and generation. A retransmission resends the returned bytes: never
         encrypt the same content again under a new generation.
         """
-        ep = self._epoch
+        ep = self._cur
+        if ep is None:
+            raise E2EError("not_member", "removed from the group")
         return seal_app(self._send, self._identity if self.sender_auth == "signature" else None,
                         group_id=self._group_id, epoch=ep.number, leaf=self._leaf,
                         plaintext=plaintext, aad=aad, rng=self._rng)
@@ -632,22 +636,30 @@ class GroupState:
         :raises E2EError: see section 2.12; ``epoch_pending`` asks the caller to keep
             the message until the next commit applies.
         """
-        h = app_fields(ciphertext)
+        signed = self.sender_auth == "signature"
+        cur = self._cur
+        if cur is not None:
+            hit = open_next(cur, ciphertext, aad, self._group_id, signed)
+            if hit is not None:
+                return hit[0], hit[1].sub
+        h = canonical_app_fields(ciphertext) or decode_app_fields(ciphertext)
         group_id, e, leaf = h[0], h[1], h[2]
         if group_id != self._group_id:
             raise E2EError("malformed", "app message of another group")
-        ep = self._epoch_of(e, now)
+        ep = cur
+        if ep is None or e != ep.number:
+            ep = self._epoch_of(e, now)
         m = ep.roster.get(leaf)
         if m is None:
             raise E2EError("not_member", f"no member at leaf {leaf}")
-        if ep is not self._epoch:
+        if ep is not cur:
             # A member removed since that epoch must not keep talking in it.
             by_sub = self._by_sub.get(m.sub)
             if by_sub is None or self._epoch.roster[by_sub].spk != m.spk:
                 raise E2EError("not_member", "sender left the group", sender=m.sub)
         if leaf == self._leaf:
             raise E2EError("replay", "our own message", sender=m.sub)
-        body = open_app(ep.chain(leaf), m, h, aad, signed=self.sender_auth == "signature",
+        body = open_app(ep.chain(leaf), m, h, aad, signed=signed,
                         max_forward=self.max_forward, max_skipped=self.max_skipped)
         return body, m.sub
 

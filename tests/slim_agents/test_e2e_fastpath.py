@@ -19,6 +19,7 @@ from slim_agents._e2e_epoch import (
     AppHeader,
     AppLayout,
     Chain,
+    Epoch,
     Member,
     app_aad,
     app_fields,
@@ -27,6 +28,7 @@ from slim_agents._e2e_epoch import (
     decode_app_fields,
     decode_plaintext,
     open_app,
+    open_next,
     parse_app,
     seal_app,
 )
@@ -430,3 +432,76 @@ def test_signed_plaintext_without_a_signature_is_refused_as_before() -> None:
 def test_header_fast_path_on_short_inputs(data: bytes) -> None:
     check_header(data)
     check_plaintext(data)
+
+
+# -- the one-pass read of the next message (open_next) ------------------------------------
+
+
+def _started_epoch(key: bytes, leaf: int, signed: bool, gid: bytes = bytes(16),
+                   ) -> tuple[Epoch, Chain]:
+    """An epoch whose chain of ``leaf`` has started (one message read the full way),
+    and that sender's own chain, ready for its second message."""
+    roster = {0: Member("me", bytes(32), bytes(32)), leaf: SENDER}
+    ep = Epoch(5, roster, bytearray(key * len(roster)), bytes(16))
+    mine = Chain(bytearray(key))
+    first = seal_app(mine, IDENTITY if signed else None, group_id=gid, epoch=5, leaf=leaf,
+                     plaintext=b"first", aad=b"aad", rng=bytes)
+    h = app_fields(first)
+    assert open_app(ep.chain(leaf), SENDER, h, b"aad", signed=signed, max_forward=10,
+                    max_skipped=4) == b"first"
+    return ep, mine
+
+
+@pytest.mark.parametrize("leaf", [1, 127, 128, 255])
+@pytest.mark.parametrize("signed", [False, True])
+def test_open_next_reads_the_next_message_and_nothing_else(leaf: int, signed: bool) -> None:
+    ep, mine = _started_epoch(bytes(range(32)), leaf, signed)
+    chain = ep.chains[leaf]
+    second = seal_app(mine, IDENTITY if signed else None, group_id=bytes(16), epoch=5,
+                      leaf=leaf, plaintext=b"second", aad=b"aad", rng=bytes)
+    third = seal_app(mine, IDENTITY if signed else None, group_id=bytes(16), epoch=5,
+                     leaf=leaf, plaintext=b"third", aad=b"aad", rng=bytes)
+    state = (chain.n, bytes(chain.key))
+    # Not the next generation, another aad, group or signing mode: left to the full path.
+    for data, aad, gid, sig in [(third, b"aad", bytes(16), signed),
+                                (second, b"other", bytes(16), signed),
+                                (second, b"aad", bytes(15) + b"\x01", signed),
+                                (second, b"aad", bytes(16), not signed)]:
+        assert open_next(ep, data, aad, gid, sig) is None
+        assert (chain.n, bytes(chain.key)) == state
+    assert open_next(ep, second, b"aad", bytes(16), signed) == (b"second", SENDER)
+    assert chain.n == 2 and open_next(ep, second, b"aad", bytes(16), signed) is None
+    assert open_next(ep, third, b"aad", bytes(16), signed) == (b"third", SENDER)
+
+
+def test_open_next_leaves_senders_past_leaf_255_and_unstarted_chains_to_the_full_path() -> None:
+    ep, mine = _started_epoch(bytes(32), 256, False)
+    second = seal_app(mine, None, group_id=bytes(16), epoch=5, leaf=256, plaintext=b"x",
+                      aad=b"", rng=bytes)
+    assert open_next(ep, second, b"", bytes(16), False) is None
+    fresh = Epoch(5, {0: SENDER, 3: SENDER}, bytearray(64), bytes(16))
+    first = seal_app(Chain(bytearray(32)), None, group_id=bytes(16), epoch=5, leaf=3,
+                     plaintext=b"x", aad=b"", rng=bytes)
+    assert open_next(fresh, first, b"", bytes(16), False) is None and not fresh.chains
+
+
+@FAST
+@given(st.binary(min_size=32, max_size=32), st.sampled_from([1, 127, 128, 255]),
+       st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=3),
+       st.integers(0, 10**6), st.binary(min_size=1, max_size=3), st.booleans())
+def test_open_next_refuses_every_altered_message_and_changes_nothing(
+        key: bytes, leaf: int, flips: list[tuple[int, int]], cut: int, insert: bytes,
+        signed: bool) -> None:
+    ep, mine = _started_epoch(key, leaf, signed)
+    chain = ep.chains[leaf]
+    good = seal_app(mine, IDENTITY if signed else None, group_id=bytes(16), epoch=5,
+                    leaf=leaf, plaintext=b"next", aad=b"aad", rng=bytes)
+    flipped = bytearray(good)
+    for pos, mask in flips:
+        flipped[pos % len(good)] ^= mask
+    at = cut % len(good)
+    for data in (bytes(flipped), good[:at], good[:at] + insert + good[at:]):
+        if data != good:
+            assert open_next(ep, data, b"aad", bytes(16), signed) is None
+            assert chain.n == 1
+    assert open_next(ep, good, b"aad", bytes(16), signed) == (b"next", SENDER)
