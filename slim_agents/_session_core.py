@@ -1104,23 +1104,23 @@ class SessionCore:
             # effort drops; reliable leaves the message unacknowledged, so it is resent.
             self.dropped += 1
             return
+        stream = self._recv_stream(src_key, direct) if self.reliable else None
         body = d.get("body", b"")
         if self.keys is not None:
-            body = self._open(d, src_key, member, meta, direct, now)
+            body = self._open(d, stream, src_key, member, meta, direct, now)
             if body is None:
                 return
         dst = self.channel if self.group and not direct else self.local
         ctx = MessageContext(member.name, dst, d.get("pt") or "msg", meta, self.sid, d["mid"],
                              member.subject, 0, direct)
         message = Message(ctx, body)
-        if not self.reliable:
+        if stream is None:
             inbox.append(message)
             self.received += 1
             self.owner.inbox_ready(self)
             if len(inbox) >= self.config.max_inbox:
                 self.owner.congested(self)
             return
-        stream = self._recv_stream(src_key, direct)
         items = stream.receive(d["mid"], message, now)
         if items is None:
             return
@@ -1139,14 +1139,14 @@ class SessionCore:
                 timeout=self._send.timeout, max_retries=self._send.max_retries, first=first)
         return stream
 
-    def _open(self, d: dict[str, Any], src_key: Key, member: Member, meta: Mapping[str, str],
-              direct: bool, now: float) -> bytes | None:
+    def _open(self, d: dict[str, Any], stream: ReceiveStream[Message | BaseException] | None,
+              src_key: Key, member: Member, meta: Mapping[str, str], direct: bool, now: float,
+              ) -> bytes | None:
         """Decrypt a member's message. None: it was held, dropped or replaced by an error."""
         keys = self.keys
         assert keys is not None
         mid = d["mid"]
-        stream = self._recv_stream(src_key, direct) if self.reliable else None
-        if stream is not None:
+        if stream is not None and mid != stream.next:  # the next one is new, with room
             if stream.seen(mid):
                 return b""  # a duplicate: the stream acknowledges it again, nothing to open
             if not stream.has_room(mid):
