@@ -68,8 +68,7 @@ from ._e2e_epoch import (
     Epoch,
     Member,
     Roster,
-    canonical_app_fields,
-    decode_app_fields,
+    app_fields,
     next_roster,
     open_app,
     open_next,
@@ -620,9 +619,7 @@ class GroupState:
         sender leaf and generation. A retransmission resends the returned bytes: never
         encrypt the same content again under a new generation.
         """
-        ep = self._cur
-        if ep is None:
-            raise E2EError("not_member", "removed from the group")
+        ep = self._epoch
         return seal_app(self._send, self._identity if self.sender_auth == "signature" else None,
                         group_id=self._group_id, epoch=ep.number, leaf=self._leaf,
                         plaintext=plaintext, aad=aad, rng=self._rng)
@@ -642,13 +639,11 @@ class GroupState:
             hit = open_next(cur, ciphertext, aad, self._group_id, signed)
             if hit is not None:
                 return hit[0], hit[1].sub
-        h = canonical_app_fields(ciphertext) or decode_app_fields(ciphertext)
+        h = app_fields(ciphertext)
         group_id, e, leaf = h[0], h[1], h[2]
         if group_id != self._group_id:
             raise E2EError("malformed", "app message of another group")
-        ep = cur
-        if ep is None or e != ep.number:
-            ep = self._epoch_of(e, now)
+        ep = self._epoch_of(e, now)
         m = ep.roster.get(leaf)
         if m is None:
             raise E2EError("not_member", f"no member at leaf {leaf}")

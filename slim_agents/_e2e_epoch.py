@@ -226,6 +226,14 @@ class AppLayout:
         return b"".join((self.aad, pack_uint(g), bin_header(len(aad)), aad))
 
 
+def _layout(chain: Chain, group_id: bytes, epoch: int, leaf: int) -> AppLayout:
+    """The chain's layout, made at its first message (kept: the chain's messages share it)."""
+    lay = chain.layout
+    if lay is None or lay.leaf != leaf or lay.epoch != epoch or lay.group_id != group_id:
+        lay = chain.layout = AppLayout(group_id, epoch, leaf)
+    return lay
+
+
 def app_aad(group_id: bytes, epoch: int, leaf: int, g: int, aad: bytes) -> bytes:
     """``canonical([label, group_id, epoch, leaf, g, aad])``."""
     return AppLayout(group_id, epoch, leaf).full_aad(g, aad)
@@ -244,9 +252,7 @@ def seal_app(chain: Chain, identity: SigningIdentity | None, *, group_id: bytes,
         raise ValueError("generation space exhausted: the moderator must refresh")
     key, chain.key[:] = ratchet(chain.key, g)
     chain.n = g + 1
-    lay = chain.layout
-    if lay is None or lay.leaf != leaf or lay.epoch != epoch or lay.group_id != group_id:
-        lay = chain.layout = AppLayout(group_id, epoch, leaf)
+    lay = _layout(chain, group_id, epoch, leaf)
     full_aad = lay.full_aad(g, aad)
     # The canonical encodings, written out: {"b": plaintext[, "sig": sig]}, then the header.
     if identity is not None:
@@ -422,10 +428,7 @@ def open_app(chain: Chain, sender: Member, h: AppFields, aad: bytes, *, signed: 
         raise E2EError("too_far_ahead", f"generation {n}, expected {chain.n}", sender=sender.sub)
     else:
         key, nxt, fresh = _ratchet(chain, n, max_skipped)
-    lay = chain.layout
-    if lay is None or lay.leaf != leaf or lay.epoch != epoch or lay.group_id != group_id:
-        lay = chain.layout = AppLayout(group_id, epoch, leaf)
-    full_aad = lay.full_aad(n, aad)
+    full_aad = _layout(chain, group_id, epoch, leaf).full_aad(n, aad)
     pt = aead_decrypt(ct, full_aad, iv, key)
     if pt is None:
         raise E2EError("bad_tag", "header or body altered", sender=sender.sub)
@@ -461,13 +464,10 @@ def open_next(ep: Epoch, data: bytes, aad: bytes, group_id: bytes, signed: bool,
     if type(data) is not bytes or data[-3:] != _V_TAIL or data[:4] != _CT \
             or len(data) > MAX_OBJECT:
         return None
-    b = data[-4]
-    if b < 0x80 and data[-6:-4] == b"\xa1s":
-        chain = ep.chains.get(b)
-    elif data[-7:-4] == b"\xa1s\xcc":
-        chain = ep.chains.get(b)
-    else:
+    b = data[-4]  # the sender's leaf, when it is below 256
+    if not ((b < 0x80 and data[-6:-4] == b"\xa1s") or data[-7:-4] == b"\xa1s\xcc"):
         return None
+    chain = ep.chains.get(b)
     if chain is None:
         return None
     lay = chain.layout
@@ -482,14 +482,11 @@ def open_next(ep: Epoch, data: bytes, aad: bytes, group_id: bytes, signed: bool,
         return None
     at = end + len(lay.head)
     n = chain.n
-    g = pack_uint(n)
     if data[end:at] != lay.head or data[at + 24:at + 32] != _K_N \
-            or data[at + 32:] != g + lay.tail:
+            or data[at + 32:] != pack_uint(n) + lay.tail:
         return None
     key, nxt = ratchet(chain.key, n)
-    if type(aad) is not bytes:
-        aad = bytes(aad)
-    full_aad = b"".join((lay.aad, g, bin_header(len(aad)), aad))
+    full_aad = lay.full_aad(n, aad)
     pt = aead_decrypt(data[start:end], full_aad, data[at:at + 24], key)
     if pt is None:
         return None
