@@ -64,6 +64,13 @@ from ._session_core import (
 )
 
 log = logging.getLogger("slim_agents.app")
+
+# A publish this long after the previous one is sent at once by the caller;
+# closer ones are left to the writer, which joins them into one write.
+_BURST_GAP = 200e-6
+# Frames a corked read loop lets its woken tasks queue before they go out: a
+# whole round in one write would leave the peer idle while this side works.
+_CORK_MAX = 8
 # Reconnect backoff: from 100 ms, doubling, at most 2 s (with jitter), as links do.
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 2.0
@@ -289,6 +296,28 @@ class App:
             if deadline is not None and deadline < self._timer_at and \
                     self._timer_wake is not None:
                 self._timer_wake.set()
+
+    async def _send_published(self, session: SessionCore, soonest: float) -> bool:
+        """Send what a publish of ``session`` queued, as the traffic around it suits;
+        True when it went out from here (the caller has been through a checkpoint)."""
+        now = anyio.current_time()
+        burst = now - self._last_publish <= _BURST_GAP
+        self._last_publish = now
+        if self._corked:
+            # Woken by the read loop's batch: it sends this with the rest, or
+            # this sends a full share now so the peer can start on it.
+            self._after(session, defer=True, soonest=soonest)
+            conn = self._conn
+            if conn is not None and conn.outbox.pending_frames >= _CORK_MAX:
+                await self._flush()
+            return False
+        if not burst:
+            # Not part of a burst (request/reply): send from here, one task switch less.
+            self._after(session, defer=True, soonest=soonest)
+            await self._flush()
+            return True
+        self._after(session, soonest=soonest)  # the writer joins the burst into one write
+        return False
 
     def _send_frames(self, *, defer: bool = False) -> None:
         frames = self.core.take_frames()

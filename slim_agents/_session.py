@@ -23,12 +23,6 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 # get_message() yields to the event loop at least this often when messages are waiting.
 _YIELD_EVERY = 1024
-# A publish this long after the previous one is sent at once by the caller;
-# closer ones are left to the writer, which joins them into one write.
-_BURST_GAP = 200e-6
-# Frames a corked read loop lets its woken tasks queue before they go out: a
-# whole round in one write would leave the peer idle while this side works.
-_CORK_MAX = 8
 
 
 class Handle(Generic[R]):
@@ -216,23 +210,8 @@ class Session:
         # The only deadline a publish adds is its retransmission's.
         timeout = core.config.timeout
         soonest = math.inf if timeout is None else sent_at + timeout
-        now = anyio.current_time()
-        burst = now - app._last_publish <= _BURST_GAP
-        app._last_publish = now
-        if app._corked:
-            # Woken by the read loop's batch: it sends this with the rest, or
-            # this sends a full share now so the peer can start on it.
-            app._after(core, defer=True, soonest=soonest)
-            conn = app._conn
-            if conn is not None and conn.outbox.pending_frames >= _CORK_MAX:
-                await app._flush()
-        elif not burst:
-            # Not part of a burst (request/reply): send from here, one task switch less.
-            app._after(core, defer=True, soonest=soonest)
-            await app._flush()
+        if await app._send_published(core, soonest):
             return Handle(app, ticket)
-        else:
-            app._after(core, soonest=soonest)
         self._gets += 1
         if self._gets % _YIELD_EVERY == 0:
             # A real checkpoint now and then lets the writer and others run;
