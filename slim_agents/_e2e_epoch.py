@@ -308,23 +308,28 @@ _APP_REST: Final = re.compile(
     rb"\xa1v\x01", re.DOTALL)
 
 
+def _ct_span(data: bytes) -> tuple[int, int] | None:
+    """Where the ciphertext lies in a message that starts with ``_CT`` (by its bin
+    header; the end may lie past the data, which the caller's match then refuses)."""
+    kind = data[4]
+    if kind == 0xC4:
+        return 6, 6 + data[5]
+    if kind == 0xC5:
+        return 7, 7 + (data[5] << 8 | data[6])
+    if kind == 0xC6:
+        return 9, 9 + int.from_bytes(data[5:9], "big")
+    return None
+
+
 def canonical_app_fields(data: bytes) -> AppFields | None:
     """The fields of a canonically encoded application message, None for anything else
     (:func:`app_fields` then decodes it in full; both agree where this one answers)."""
     if type(data) is not bytes or data[:4] != _CT or not 9 <= len(data) <= MAX_OBJECT:
         return None
-    kind = data[4]
-    if kind == 0xC4:
-        start = 6
-        end = 6 + data[5]
-    elif kind == 0xC5:
-        start = 7
-        end = 7 + (data[5] << 8 | data[6])
-    elif kind == 0xC6:
-        start = 9
-        end = 9 + int.from_bytes(data[5:9], "big")
-    else:
+    span = _ct_span(data)
+    if span is None:
         return None
+    start, end = span
     m = _APP_REST.fullmatch(data, end)
     if m is None:
         return None
@@ -473,13 +478,10 @@ def open_next(ep: Epoch, data: bytes, aad: bytes, group_id: bytes, signed: bool,
     lay = chain.layout
     if lay is None or lay.leaf != b or lay.epoch != ep.number or lay.group_id != group_id:
         return None
-    kind = data[4]
-    if kind == 0xC4:
-        start, end = 6, 6 + data[5]
-    elif kind == 0xC5:
-        start, end = 7, 7 + (data[5] << 8 | data[6])
-    else:
+    span = _ct_span(data)
+    if span is None:
         return None
+    start, end = span
     at = end + len(lay.head)
     n = chain.n
     if data[end:at] != lay.head or data[at + 24:at + 32] != _K_N \
