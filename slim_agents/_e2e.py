@@ -64,6 +64,7 @@ from ._e2e_commit import (
     open_welcome,
 )
 from ._e2e_epoch import (
+    AppLayout,
     Chain,
     Epoch,
     Member,
@@ -73,7 +74,7 @@ from ._e2e_epoch import (
     open_app,
     open_next,
     roster_digest,
-    seal_app,
+    seal_next,
 )
 from ._e2e_identity import (
     Binding,
@@ -327,6 +328,7 @@ class GroupState:
         epoch = Epoch(number, roster, sender_roots(secrets.enc_secret, roster),
                       secrets.authenticator)
         send = epoch.take(self._leaf)
+        send.layout = AppLayout(self._group_id, number, self._leaf)
         self.expire(now)
         old = self._cur
         if old is not None:
@@ -619,10 +621,8 @@ class GroupState:
         sender leaf and generation. A retransmission resends the returned bytes: never
         encrypt the same content again under a new generation.
         """
-        ep = self._epoch
-        return seal_app(self._send, self._identity if self.sender_auth == "signature" else None,
-                        group_id=self._group_id, epoch=ep.number, leaf=self._leaf,
-                        plaintext=plaintext, aad=aad, rng=self._rng)
+        return seal_next(self._send, self._identity if self.sender_auth == "signature" else None,
+                         plaintext, aad, self._rng)
 
     def decrypt(self, ciphertext: bytes, aad: bytes, now: float) -> tuple[bytes, str]:
         """Decrypt and authenticate one message: (plaintext, sender subject).

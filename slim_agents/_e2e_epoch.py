@@ -25,7 +25,6 @@ from ._e2e_base import (
     Rng,
     _refuse_ext,
     aead_decrypt,
-    aead_encrypt,
     as_bin,
     as_int,
     as_list,
@@ -34,6 +33,8 @@ from ._e2e_base import (
     bin_header,
     pack_uint,
     ratchet,
+    ratchet_open,
+    ratchet_seal,
     sha256,
     unpack,
     verify_signature,
@@ -151,6 +152,7 @@ class Chain:
 
     def wipe(self) -> None:
         wipe(self.key)
+        self.layout = None  # a wiped send chain seals nothing more
         self.skipped.clear()
         self.ahead.clear()
 
@@ -218,12 +220,11 @@ class AppLayout:
         self.head = b"\xa1e" + pack_uint(epoch) + b"\xa1g" + gid + b"\xa2iv\xc4\x18"
         self.tail = b"\xa1s" + pack_uint(leaf) + b"\xa1v" + pack_uint(VERSION)
 
-    def full_aad(self, g: int, aad: bytes) -> bytes:
+    def full_aad(self, packed_g: bytes, aad: bytes) -> bytes:
         """``canonical([label, group_id, epoch, leaf, g, aad])``: what the AEAD and the
-        signature of message ``g`` bind."""
-        if type(aad) is not bytes:
-            aad = bytes(aad)
-        return b"".join((self.aad, pack_uint(g), bin_header(len(aad)), aad))
+        signature of message ``g`` bind (``packed_g``: ``pack_uint(g)``, which the
+        header holds too)."""
+        return b"".join((self.aad, packed_g, bin_header(len(aad)), aad))
 
 
 def _layout(chain: Chain, group_id: bytes, epoch: int, leaf: int) -> AppLayout:
@@ -236,7 +237,7 @@ def _layout(chain: Chain, group_id: bytes, epoch: int, leaf: int) -> AppLayout:
 
 def app_aad(group_id: bytes, epoch: int, leaf: int, g: int, aad: bytes) -> bytes:
     """``canonical([label, group_id, epoch, leaf, g, aad])``."""
-    return AppLayout(group_id, epoch, leaf).full_aad(g, aad)
+    return AppLayout(group_id, epoch, leaf).full_aad(pack_uint(g), aad)
 
 
 _CT: Final = b"\x88\xa2ct"
@@ -247,13 +248,22 @@ _SIG64: Final = b"\xa3sig\xc4\x40"
 def seal_app(chain: Chain, identity: SigningIdentity | None, *, group_id: bytes, epoch: int,
              leaf: int, plaintext: bytes, aad: bytes, rng: Rng) -> bytes:
     """Encrypt with the next generation of our own chain (signed unless ``identity`` is None)."""
+    _layout(chain, group_id, epoch, leaf)
+    return seal_next(chain, identity, plaintext, aad, rng)
+
+
+def seal_next(chain: Chain, identity: SigningIdentity | None, plaintext: bytes, aad: bytes,
+              rng: Rng) -> bytes:
+    """:func:`seal_app` with the chain's own layout: the send chain of the current epoch,
+    whose layout is set when the epoch is installed (and dropped when it is wiped)."""
+    lay = chain.layout
+    if lay is None:
+        raise E2EError("not_member", "removed from the group")
     g = chain.n
     if g > U32:
         raise ValueError("generation space exhausted: the moderator must refresh")
-    key, chain.key[:] = ratchet(chain.key, g)
-    chain.n = g + 1
-    lay = _layout(chain, group_id, epoch, leaf)
-    full_aad = lay.full_aad(g, aad)
+    packed_g = pack_uint(g)
+    full_aad = lay.full_aad(packed_g, aad)
     # The canonical encodings, written out: {"b": plaintext[, "sig": sig]}, then the header.
     if identity is not None:
         sig = identity.sign(LABEL_APP_SIG, full_aad + plaintext)
@@ -262,8 +272,9 @@ def seal_app(chain: Chain, identity: SigningIdentity | None, *, group_id: bytes,
     else:
         pt = b"\x81\xa1b" + bin_header(len(plaintext)) + plaintext
     iv = rng(24)
-    ct = aead_encrypt(pt, full_aad, iv, key)
-    return b"".join((_CT, bin_header(len(ct)), ct, lay.head, iv, _K_N, pack_uint(g), lay.tail))
+    ct = ratchet_seal(chain.key, g, pt, full_aad, iv)
+    chain.n = g + 1
+    return b"".join((_CT, bin_header(len(ct)), ct, lay.head, iv, _K_N, packed_g, lay.tail))
 
 
 class AppHeader(NamedTuple):
@@ -433,7 +444,7 @@ def open_app(chain: Chain, sender: Member, h: AppFields, aad: bytes, *, signed: 
         raise E2EError("too_far_ahead", f"generation {n}, expected {chain.n}", sender=sender.sub)
     else:
         key, nxt, fresh = _ratchet(chain, n, max_skipped)
-    full_aad = _layout(chain, group_id, epoch, leaf).full_aad(n, aad)
+    full_aad = _layout(chain, group_id, epoch, leaf).full_aad(pack_uint(n), aad)
     pt = aead_decrypt(ct, full_aad, iv, key)
     if pt is None:
         raise E2EError("bad_tag", "header or body altered", sender=sender.sub)
@@ -453,9 +464,6 @@ def open_app(chain: Chain, sender: Member, h: AppFields, aad: bytes, *, signed: 
     return body
 
 
-_V_TAIL: Final = b"\xa1v" + pack_uint(VERSION)
-
-
 def open_next(ep: Epoch, data: bytes, aad: bytes, group_id: bytes, signed: bool,
               ) -> tuple[bytes, Member] | None:
     """(body, sender) of the common message, read in one pass: canonical layout, epoch
@@ -466,12 +474,11 @@ def open_next(ep: Epoch, data: bytes, aad: bytes, group_id: bytes, signed: bool,
     right error. The header is compared whole with the sender's layout, so a guessed
     leaf that is wrong simply does not match.
     """
-    if type(data) is not bytes or data[-3:] != _V_TAIL or data[:4] != _CT \
-            or len(data) > MAX_OBJECT:
+    if type(data) is not bytes or not 40 < len(data) <= MAX_OBJECT or data[:4] != _CT:
         return None
-    b = data[-4]  # the sender's leaf, when it is below 256
-    if not ((b < 0x80 and data[-6:-4] == b"\xa1s") or data[-7:-4] == b"\xa1s\xcc"):
-        return None
+    # A leaf below 256 ends the message as its 4th byte from the end ("s", the leaf,
+    # "v", the version); any other message fails the compare with the layout's tail.
+    b = data[-4]
     chain = ep.chains.get(b)
     if chain is None:
         return None
@@ -484,15 +491,15 @@ def open_next(ep: Epoch, data: bytes, aad: bytes, group_id: bytes, signed: bool,
     start, end = span
     at = end + len(lay.head)
     n = chain.n
-    if data[end:at] != lay.head or data[at + 24:at + 32] != _K_N \
-            or data[at + 32:] != pack_uint(n) + lay.tail:
+    packed_n = pack_uint(n)
+    if data[end:at] != lay.head or data[at + 24:] != _K_N + packed_n + lay.tail:
         return None
-    key, nxt = ratchet(chain.key, n)
-    full_aad = lay.full_aad(n, aad)
-    pt = aead_decrypt(data[start:end], full_aad, data[at:at + 24], key)
-    if pt is None:
+    full_aad = lay.full_aad(packed_n, aad)
+    opened = ratchet_open(chain.key, n, data[start:end], full_aad, data[at:at + 24])
+    if opened is None:
         return None
-    fields = canonical_plaintext(pt, signed) if len(pt) <= MAX_OBJECT else None
+    pt, nxt = opened
+    fields = canonical_plaintext(pt, signed)  # shorter than data: within MAX_OBJECT
     if fields is None:
         return None
     body, sig = fields

@@ -191,6 +191,23 @@ def test_bin_header_is_packb(size: int) -> None:
 
 
 @FAST
+@given(st.binary(min_size=32, max_size=32), u32s, st.binary(max_size=600), blobs,
+       st.binary(min_size=24, max_size=24))
+def test_ratchet_seal_and_open_are_ratchet_then_the_aead(key: bytes, g: int, plaintext: bytes,
+                                                         aad: bytes, iv: bytes) -> None:
+    message_key, next_key = base.ratchet(key, g)
+    chain = bytearray(key)
+    ct = base.ratchet_seal(chain, g, plaintext, aad, iv)
+    assert ct == base.aead_encrypt(plaintext, aad, iv, message_key)
+    assert chain == next_key  # moved to g + 1
+    assert base.ratchet_open(key, g, ct, aad, iv) == (plaintext, next_key)
+    assert base.ratchet_open(key, g ^ 1, ct, aad, iv) is None  # another generation's key
+    assert base.ratchet_open(key, g, ct, aad + b"x", iv) is None
+    assert base.ratchet_open(key, g, ct[:-1], aad, iv) is None
+    assert base.ratchet_open(key, g, ct[:15], aad, iv) is None  # shorter than a tag
+
+
+@FAST
 @given(st.binary(max_size=20), u64s, u32s, u32s, blobs)
 def test_app_aad_is_the_canonical_list(group_id: bytes, epoch: int, leaf: int, g: int,
                                        aad: bytes) -> None:
