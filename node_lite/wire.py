@@ -862,7 +862,10 @@ def _has_timestamp(value: object) -> bool:
     return False
 
 
-_FIXEXT = (0xD6, 0xD7)  # fixext 4 and 8: the other sizes cannot hold a timestamp
+# The byte before the type byte of an ext that msgpack can turn into a Timestamp: it
+# takes only 4, 8 and 12 data bytes (any other size fails to decode), so fixext 4 and 8,
+# or the low byte of an ext 8/16/32 length of 4, 8 or 12.
+_BEFORE_TYPE = frozenset((0xD6, 0xD7, 4, 8, 12))
 
 
 def timestamp_marks(data: bytes) -> list[int]:
@@ -872,13 +875,15 @@ def timestamp_marks(data: bytes) -> list[int]:
     ext encoding (fixext 4 and 8, ext 8, 16 and 32), so a frame holding none
     of these marks needs no walk for Timestamp objects. The mark is the
     position of the type byte, which lies in the same frame as the rest.
+    Random bytes (ciphertext) hold a 0xff in every 256: each costs one test.
     """
     marks = []
     find = data.find
-    i = find(b"\xff")
-    while i >= 0:
-        if (i >= 1 and data[i - 1] in _FIXEXT) or (i >= 2 and data[i - 2] == 0xC7) \
-                or (i >= 3 and data[i - 3] == 0xC8) or (i >= 5 and data[i - 5] == 0xC9):
+    i = find(b"\xff", 1)  # a type byte has at least one byte before it
+    while i > 0:
+        if data[i - 1] in _BEFORE_TYPE and (
+                data[i - 1] >= 0xD6 or data[i - 2] == 0xC7
+                or data[i - 3:i - 1] == b"\xc8\x00" or data[i - 5:i - 1] == b"\xc9\x00\x00\x00"):
             marks.append(i)
         i = find(b"\xff", i + 1)
     return marks

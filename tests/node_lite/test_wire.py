@@ -585,6 +585,35 @@ def test_the_timestamp_scan_finds_every_encoding(encoding: str, where: str) -> N
         decode_frame(raw, check_ext=marked(marks, start, end))
 
 
+def _decodes_to_timestamp(data: bytes, at: int) -> bool:
+    # Whether an ext object with its type byte at ``at`` decodes to a Timestamp.
+    for start in range(max(0, at - 5), at):
+        try:
+            obj = msgpack.unpackb(data[start:], raw=False, strict_map_key=False)
+        except msgpack.ExtraData as extra:
+            obj = extra.unpacked
+        except Exception:
+            continue
+        if isinstance(obj, msgpack.Timestamp):
+            return True
+    return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=40), st.sampled_from(
+    [enc for enc in TIMESTAMP_ENCODINGS.values()]
+    + [b"\xc7\x05\xff", b"\xd8\xff", b"\xd4\xff", b"\xc8\x01\x0c\xff"])), max_size=12))
+def test_the_timestamp_scan_misses_no_timestamp_in_any_bytes(parts: list[bytes]) -> None:
+    # Every 0xff that starts to decode as a Timestamp is marked (spurious marks only
+    # cost a walk); the sizes msgpack refuses for a timestamp need none.
+    data = b"".join(parts)
+    marks = timestamp_marks(data)
+    assert marks == sorted(set(marks))
+    for at in range(len(data)):
+        if data[at] == 0xFF and _decodes_to_timestamp(data, at):
+            assert at in marks, (data, at)
+
+
 def test_frames_without_marks_are_not_marked() -> None:
     assert timestamp_marks(b"") == [] and timestamp_marks(b"\xff\xff") == []
     assert timestamp_marks(body(_place("text", "extra"))) == []
