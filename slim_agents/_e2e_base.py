@@ -474,8 +474,6 @@ def ratchet(chain: bytes | bytearray, g: int) -> tuple[bytes, bytes]:
     return d[:32], d[32:]
 
 
-
-
 def ratchet_seal(chain: bytearray, g: int, plaintext: bytes, aad: bytes, nonce: bytes) -> bytes:
     """:func:`aead_encrypt` under the key of message ``g`` (:func:`ratchet`), moving
     ``chain`` to the chain key of ``g + 1``: both steps of every message sent, in one

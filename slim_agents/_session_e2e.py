@@ -98,7 +98,6 @@ class SessionKeys:
         self.group_id: bytes | None = None
         self.held: deque[tuple[float, dict[str, Any]]] = deque()
         self.messages = 0
-        self.counting = False  # the moderator counts the messages between refreshes
         self.refreshed_at = now
         self.wiped = False
 
@@ -111,7 +110,6 @@ class SessionKeys:
             sender_auth="group" if self.sender_auth == "group" else "signature",
             max_forward=self.max_forward, max_skipped=self.max_skipped)
         self.group_id = self.state.group_id
-        self.counting = True
 
     def join_body(self) -> dict[str, Any]:
         assert self.group_id is not None
@@ -191,7 +189,7 @@ class SessionKeys:
 
     def encrypt(self, payload: bytes, aad: bytes) -> bytes:
         assert self.state is not None
-        if self.counting:
+        if self.state.is_moderator:
             self.messages += 1
         return self.state.encrypt(payload, aad)
 
@@ -206,7 +204,7 @@ class SessionKeys:
         if sender != subject:
             raise E2EError("bad_signature", f"sent by {sender!r}, labelled as {subject!r}",
                            sender=sender)
-        if self.counting:
+        if state.is_moderator:  # it counts the messages between refreshes
             self.messages += 1
         return plaintext
 
