@@ -881,8 +881,9 @@ def timestamp_marks(data: bytes) -> list[int]:
     find = data.find
     i = find(b"\xff", 1)  # a type byte has at least one byte before it
     while i > 0:
-        if data[i - 1] in _BEFORE_TYPE and (
-                data[i - 1] >= 0xD6 or data[i - 2] == 0xC7
+        # (At i == 1, data[i - 2] reads the last byte: at worst a spurious mark, one walk.)
+        if (before := data[i - 1]) in _BEFORE_TYPE and (
+                before >= 0xD6 or data[i - 2] == 0xC7
                 or data[i - 3:i - 1] == b"\xc8\x00" or data[i - 5:i - 1] == b"\xc9\x00\x00\x00"):
             marks.append(i)
         i = find(b"\xff", i + 1)

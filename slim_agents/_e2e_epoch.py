@@ -272,8 +272,8 @@ def seal_next(chain: Chain, identity: SigningIdentity | None, plaintext: bytes, 
     else:
         pt = b"\x81\xa1b" + bin_header(len(plaintext)) + plaintext
     iv = rng(24)
+    chain.n = g + 1  # with the key, which ratchet_seal moves first: g is spent even on error
     ct = ratchet_seal(chain.key, g, pt, full_aad, iv)
-    chain.n = g + 1
     return b"".join((_CT, bin_header(len(ct)), ct, lay.head, iv, _K_N, packed_g, lay.tail))
 
 

@@ -207,6 +207,20 @@ def test_ratchet_seal_and_open_are_ratchet_then_the_aead(key: bytes, g: int, pla
     assert base.ratchet_open(key, g, ct[:15], aad, iv) is None  # shorter than a tag
 
 
+def test_a_seal_that_fails_spends_its_generation_and_the_chain_stays_usable() -> None:
+    key = bytes(range(32))
+    mine = Chain(bytearray(key))
+    with pytest.raises(ValueError, match="24-byte nonce"):
+        seal_app(mine, None, group_id=bytes(16), epoch=5, leaf=1, plaintext=b"lost",
+                 aad=b"", rng=lambda n: bytes(n - 1))
+    after = seal_app(mine, None, group_id=bytes(16), epoch=5, leaf=1, plaintext=b"after",
+                     aad=b"", rng=bytes)
+    h = app_fields(after)
+    assert h[3] == 1  # generation 0 was spent
+    assert open_app(Chain(bytearray(key)), SENDER, h, b"", signed=False, max_forward=10,
+                    max_skipped=4) == b"after"
+
+
 @FAST
 @given(st.binary(max_size=20), u64s, u32s, u32s, blobs)
 def test_app_aad_is_the_canonical_list(group_id: bytes, epoch: int, leaf: int, g: int,
