@@ -10,6 +10,10 @@
 #   declared lost so that later messages are not held forever.
 # * Acknowledgements are ranges of ids the receiver holds or delivered, so one
 #   ack frame covers a whole batch.
+# * A message is sent again only to recipients that went quiet: one that
+#   acknowledged an earlier message within the last `timeout` is still working
+#   through the queue ahead of it (TCP keeps order), and a copy would only add to
+#   that queue. Resending to it anyway is how a slow group collapses into copies.
 from __future__ import annotations
 
 from collections import deque
@@ -86,6 +90,8 @@ class SendStream(Generic[T]):
         self._timers: deque[tuple[float, int, int]] = deque()  # deadline, mid, attempt
         self.retransmissions = 0
         self._through: dict[Name, int] = {}  # recipient -> all up to this acknowledged
+        # recipient -> (when, highest id) of its last acknowledgement that counted
+        self._heard: dict[Name, tuple[float, int]] = {}
 
     def has_room(self) -> bool:
         return len(self.pending) < self.window and self.pending_bytes < self.window_bytes
@@ -122,19 +128,25 @@ class SendStream(Generic[T]):
         self._timers.append((p.deadline, mid, 0))
         return p
 
-    def ack(self, recipient: Name, mids: Iterable[int]) -> list[Pending[T]]:
+    def ack(self, recipient: Name, mids: Iterable[int], now: float) -> list[Pending[T]]:
         """Record acknowledgements; returns the messages now complete."""
         done = []
         pending = self.pending
+        top = 0
         for mid in mids:
             p = pending.get(mid)
             if p is not None and recipient in p.waiting:
                 p.waiting.discard(recipient)
+                if mid > top:
+                    top = mid
                 if not p.waiting:
                     done.append(self._finish(mid))
+        if top:
+            heard = self._heard.get(recipient)
+            self._heard[recipient] = (now, top if heard is None or top > heard[1] else heard[1])
         return done
 
-    def ack_through(self, recipient: Name, last: int) -> list[Pending[T]]:
+    def ack_through(self, recipient: Name, last: int, now: float) -> list[Pending[T]]:
         """Record that ``recipient`` has every message up to ``last``; returns those
         now complete. A later acknowledgement so stands in for a lost one.
 
@@ -150,11 +162,12 @@ class SendStream(Generic[T]):
             mids: Iterable[int] = [m for m in range(first, last + 1) if m in pending]
         else:
             mids = [m for m in pending if first <= m <= last]
-        return self.ack(recipient, mids)
+        return self.ack(recipient, mids, now)
 
     def drop_recipient(self, recipient: Name, reason: str) -> list[Pending[T]]:
         """Stop waiting for a recipient (it left); returns the messages now complete."""
         self._through.pop(recipient, None)
+        self._heard.pop(recipient, None)
         done = []
         for mid, p in list(self.pending.items()):
             if recipient in p.waiting:
@@ -178,27 +191,39 @@ class SendStream(Generic[T]):
             self._timers.popleft()  # stale: acked or rescheduled
         return None
 
-    def due(self, now: float) -> tuple[list[Pending[T]], list[Pending[T]]]:
-        """Messages to send again (to ``p.waiting``) and messages that ran out of retries."""
-        resend: list[Pending[T]] = []
+    def due(self, now: float) -> tuple[list[tuple[Pending[T], list[Name]]], list[Pending[T]]]:
+        """Messages to send again, each with the recipients to send it to, and
+        messages that ran out of retries (complete, with their failures)."""
+        resend: list[tuple[Pending[T], list[Name]]] = []
         expired: list[Pending[T]] = []
         timers = self._timers
+        heard = self._heard
+        recent = now - self.timeout
         while timers and timers[0][0] <= now:
             _, mid, attempt = timers.popleft()
             p = self.pending.get(mid)
             if p is None or p.attempts != attempt:
                 continue
-            if p.attempts >= self.max_retries:
-                for r in p.waiting:
+            quiet = []
+            for r in p.waiting:
+                h = heard.get(r)
+                # Busy on earlier messages: this one is queued behind them.
+                if h is None or h[0] <= recent or h[1] > mid:
+                    quiet.append(r)
+            if quiet and p.attempts >= self.max_retries:
+                for r in quiet:
+                    p.waiting.discard(r)
                     p.failed[r] = "timeout"
-                p.waiting.clear()
-                expired.append(self._finish(mid))
-                continue
-            p.attempts += 1
+                if not p.waiting:
+                    expired.append(self._finish(mid))
+                    continue
+                quiet = []
             p.deadline = now + self.timeout
+            if quiet:
+                p.attempts += 1
+                self.retransmissions += 1
+                resend.append((p, quiet))
             timers.append((p.deadline, mid, p.attempts))
-            self.retransmissions += 1
-            resend.append(p)
         return resend, expired
 
     def lookup(self, mid: int) -> Pending[T] | None:

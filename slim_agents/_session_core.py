@@ -1039,7 +1039,7 @@ class SessionCore:
             if ack is not None:
                 if type(ack) is not bytes:
                     raise ProtocolViolation("ack: expected an encoded ack body")
-                self._apply_acks(src_key, decode_body(ack))
+                self._apply_acks(src_key, decode_body(ack), now)
             self._on_data(d, src_key, member, now)
             return
         if kind == Kind.MSG_ACK:
@@ -1234,9 +1234,9 @@ class SessionCore:
         return encode_body(body)
 
     def _on_ack(self, src_key: Key, d: dict[str, Any], now: float) -> None:
-        self._apply_acks(src_key, decode_body(d.get("body", b"")))
+        self._apply_acks(src_key, decode_body(d.get("body", b"")), now)
 
-    def _apply_acks(self, src_key: Key, body: dict[str, Any]) -> None:
+    def _apply_acks(self, src_key: Key, body: dict[str, Any], now: float) -> None:
         member = self.members.get(src_key)
         if member is None:
             return
@@ -1246,10 +1246,10 @@ class SessionCore:
         for stream, ranges, through in ((self._send, "a", "at"), (direct, "d", "dt")):
             if stream is None:
                 continue
-            done += stream.ack(name, iter_ranges(ranges_of(body.get(ranges), ranges)))
+            done += stream.ack(name, iter_ranges(ranges_of(body.get(ranges), ranges)), now)
             last = body.get(through)
             if last is not None:
-                done += stream.ack_through(name, int_of(last, through))
+                done += stream.ack_through(name, int_of(last, through), now)
         for p in done:
             self._complete(p)
         if done:
@@ -1635,8 +1635,7 @@ class SessionCore:
         streams.extend(self._send_direct.items())
         for _, stream in streams:
             resend, expired = stream.due(now)
-            for p in resend:
-                names = list(p.waiting)
+            for p, names in resend:
                 if self.group and p.record.direct_to is None and len(names) > 2:
                     dst, fanout = self._data_dst()
                     rec = p.record

@@ -378,9 +378,53 @@ def test_acks_through_an_id_count_each_member_once_and_bound_the_work() -> None:
     for _ in range(5):
         mid = stream.allocate()
         stream.track(mid, f"m{mid}", 10, [a, b], 0.0)
-    assert stream.ack_through(a, 3) == []  # b still owes them
-    assert [p.mid for p in stream.ack_through(b, 2)] == [1, 2]
-    assert stream.ack_through(b, 2) == []  # nothing new
-    assert stream.ack_through(a, 2**32 - 1) == []  # a hostile id: no huge walk
-    assert [p.mid for p in stream.ack_through(b, 5)] == [3, 4, 5]
+    assert stream.ack_through(a, 3, 0.0) == []  # b still owes them
+    assert [p.mid for p in stream.ack_through(b, 2, 0.0)] == [1, 2]
+    assert stream.ack_through(b, 2, 0.0) == []  # nothing new
+    assert stream.ack_through(a, 2**32 - 1, 0.0) == []  # a hostile id: no huge walk
+    assert [p.mid for p in stream.ack_through(b, 5, 0.0)] == [3, 4, 5]
     assert not stream.pending
+
+
+def _stream_of_four(max_retries: int = 3):  # type: ignore[no-untyped-def]
+    from slim_agents._reliability import SendStream
+
+    a, b = Name("org", "ns", "a", 1), Name("org", "ns", "b", 2)
+    stream: SendStream[str] = SendStream(timeout=1.0, max_retries=max_retries)
+    for _ in range(4):
+        mid = stream.allocate()
+        stream.track(mid, f"m{mid}", 10, [a, b], 0.0)
+    return stream, a, b
+
+
+def test_a_recipient_still_acknowledging_earlier_messages_gets_no_copy() -> None:
+    stream, a, b = _stream_of_four()
+    stream.ack(a, [1, 2, 3, 4], 0.9)
+    stream.ack_through(b, 1, 0.9)  # b is slow, not gone: 2-4 queue behind 1
+    assert stream.due(1.0) == ([], [])
+    assert stream.retransmissions == 0
+    resend, expired = stream.due(2.0)  # b went quiet
+    assert [(p.mid, names) for p, names in resend] == [(2, [b]), (3, [b]), (4, [b])]
+    assert expired == [] and stream.retransmissions == 3
+
+
+def test_a_recipient_that_acknowledged_a_later_message_gets_the_one_it_missed() -> None:
+    stream, a, b = _stream_of_four()
+    stream.ack(a, [1, 2, 3, 4], 0.9)
+    stream.ack(b, [1, 3], 0.9)
+    resend, _ = stream.due(1.0)
+    assert [(p.mid, names) for p, names in resend] == [(2, [b])]
+
+
+def test_retries_run_out_only_for_the_recipients_that_went_quiet() -> None:
+    stream, a, b = _stream_of_four(max_retries=1)
+    resend, _ = stream.due(1.0)
+    assert [p.mid for p, names in resend] == [1, 2, 3, 4]
+    assert all(set(names) == {a, b} for _, names in resend)
+    stream.ack_through(b, 1, 1.5)
+    resend, expired = stream.due(2.0)
+    assert resend == []
+    assert [(p.mid, p.failed, p.delivered) for p in expired] == [(1, {a: "timeout"}, (b,))]
+    assert sorted(stream.pending) == [2, 3, 4]  # b is still working through them
+    (done,) = stream.ack_through(b, 2, 2.5)
+    assert (done.mid, done.failed, done.delivered) == (2, {a: "timeout"}, (b,))
