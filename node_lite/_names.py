@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Upstream prints the wildcard id as all ones; it is never a real instance id.
 WILDCARD_ID = 0xFFFF_FFFF_FFFF_FFFF
@@ -22,6 +22,8 @@ class Name:
     ns: str
     app: str
     id: int | None = None
+    # Names key the sets and maps of every message's path: hash once.
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for part in (self.org, self.ns, self.app):
@@ -31,6 +33,14 @@ class Name:
             type(self.id) is not int or not 0 <= self.id <= MAX_ID
         ):
             raise ValueError(f"invalid instance id {self.id!r}")
+        object.__setattr__(self, "_hash", hash((self.org, self.ns, self.app, self.id)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[Name], tuple[str, str, str, int | None]]:
+        # String hashes differ between processes: a copy hashes afresh.
+        return (Name, (self.org, self.ns, self.app, self.id))
 
     @classmethod
     def parse(cls, text: str) -> Name:

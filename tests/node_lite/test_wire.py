@@ -1004,3 +1004,23 @@ def test_error_codes_match_wire_codes() -> None:
     assert UnknownMessageTypeError("x").code == ErrorCode.UNKNOWN_TYPE
     assert UnsupportedVersionError(2).code == ErrorCode.UNSUPPORTED_VERSION
     assert LimitExceededError("x", 1, 2).code == ErrorCode.LIMIT_EXCEEDED
+
+
+def test_a_name_sent_to_another_process_hashes_there_afresh() -> None:
+    # Names cache their hash; string hashes differ between processes, so a
+    # pickled name must not carry its hash along (the multiprocess runtime
+    # sends names to workers).
+    import pickle
+    import subprocess
+    import sys
+
+    name = Name("org", "ns", "app", 7)
+    assert pickle.loads(pickle.dumps(name)) == name and copy.deepcopy(name) == name
+    code = ("import pickle, sys\n"
+            "from node_lite import Name\n"
+            "n = pickle.loads(sys.stdin.buffer.read())\n"
+            "print({Name('org', 'ns', 'app', 7): 'found'}.get(n, 'missing'))\n")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(name),
+                         capture_output=True, env={"PYTHONHASHSEED": "12345"}, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+    assert out.stdout.decode().strip() == "found"
