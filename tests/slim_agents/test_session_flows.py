@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node_lite import Name, NoRouteError
+from node_lite.wire import decode_frame
 from slim_agents._config import SessionConfig
 from slim_agents._errors import (
     DeliveryTimeoutError,
@@ -15,9 +19,10 @@ from slim_agents._errors import (
     SessionClosedError,
     SessionRejectedError,
 )
+from slim_agents._protocol import Kind
 from slim_agents._reports import Message
 from slim_agents._session_core import State
-from tests.slim_agents.harness import Faults, Net
+from tests.slim_agents.harness import FaultInjector, Faults, Net
 
 RELIABLE = {"timeout": 1.0, "max_retries": 5}
 CHAN = Name("org", "ns", "chan")
@@ -428,3 +433,35 @@ def test_retries_run_out_only_for_the_recipients_that_went_quiet() -> None:
     assert sorted(stream.pending) == [2, 3, 4]  # b is still working through them
     (done,) = stream.ack_through(b, 2, 2.5)
     assert (done.mid, done.failed, done.delivered) == (2, {a: "timeout"}, (b,))
+
+
+@dataclass
+class _Trickle(FaultInjector):
+    """Holds the data messages going down one lane; the test lets them out one by one."""
+
+    lane: Any = None
+    queue: list[bytes] = field(default_factory=list)
+
+    def on_publish(self, lane: Any, frame: bytes) -> list[bytes]:
+        if lane == self.lane and decode_frame(frame[4:]).get("k") == Kind.MSG:
+            self.queue.append(frame)
+            return []
+        return [frame]
+
+
+def test_a_member_slower_than_the_timeout_but_still_acknowledging_gets_no_copies() -> None:
+    net = Net()
+    mod, (_, slow), g, (fast_s, slow_s) = group(net, 2)
+    trickle = net.faults = _Trickle(lane=("down", net.conn_of(slow)))
+    sent = [f"m{i}".encode() for i in range(40)]
+    tickets = [send(mod, g, p, net) for p in sent]
+    net.pump()
+    assert payloads(fast_s) == sent
+    while trickle.queue:  # 0.1 s per message: the last one is 4 s behind, the timeout 1 s
+        net.advance(0.1)
+        frame = trickle.queue.pop(0)
+        slow.receive(net._rewrite([frame], slow), net.now)
+        net.pump()
+    assert payloads(slow_s) == sent
+    assert all(t.resolved and t.error is None for t in tickets)
+    assert g._send is not None and g._send.retransmissions == 0
