@@ -162,8 +162,10 @@ def role_members(url: str, chan: str, n: int, backend: str) -> None:
             async with anyio.create_task_group() as tg:
                 for i, app in enumerate(apps):
                     tg.start_soon(member, i, app)
-            dropped = sum(s.statistics()["dropped"] for a in apps for s in a.sessions)
-            emit("RESULT", {"rate": sum(counts) / WINDOW, "dropped": dropped})
+            stats = [s.statistics() for a in apps for s in a.sessions]
+            emit("RESULT", {"rate": sum(counts) / WINDOW,
+                            "dropped": sum(st["dropped"] for st in stats),
+                            "duplicates": sum(st["duplicates"] for st in stats)})
 
     run(main, backend=backend)
 
@@ -274,7 +276,11 @@ def run_fanout(backend: str, n: int, reliable: bool, *, start: NodeStarter | Non
     mod = spawn([script, "role", "moderator", "--url", url, "--chan", chan, "--n", str(n),
                  "--backend", backend] + (["--reliable"] if reliable else []), timeout=120)
     try:
-        return float(members.result(timeout=120)["rate"]), float(mod.ready["invite_ms"])
+        res = members.result(timeout=120)
+        if res.get("duplicates"):  # resent before the acks came back: wasted work
+            print(f"  fan-out to {n}: members received {res['duplicates']} duplicate copies",
+                  file=sys.stderr)
+        return float(res["rate"]), float(mod.ready["invite_ms"])
     finally:
         for c in (mod, members, node):
             c.stop()

@@ -874,7 +874,8 @@ class UpstreamSession:
                 "members": len(self._roster), "published": self.published,
                 "received": self.received,
                 "inbox": len(self._inbox),
-                "dropped": 0, "retransmissions": 0, "acks_pending": 0}
+                "dropped": 0, "retransmissions": 0, "acks_pending": 0,
+                "duplicates": 0}
 
     def __repr__(self) -> str:
         state = "closed" if self.is_closed else "open"

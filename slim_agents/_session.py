@@ -437,7 +437,11 @@ class Session:
                 "inbox": len(core.inbox), "dropped": core.dropped,
                 "offline": len(core.offline), "moderator_lost": core.moderator_lost,
                 "retransmissions": core._send.retransmissions if core._send else 0,
-                "acks_pending": len(core._send.pending) if core._send else 0}
+                "acks_pending": len(core._send.pending) if core._send else 0,
+                # copies received of what was already here: a high count means
+                # senders resend before their acks arrive
+                "duplicates": sum(r.duplicates for streams in (core._recv, core._recv_direct)
+                                  for r in streams.values())}
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.kind.value} {self._core.state.value} dst={self.dst}>"

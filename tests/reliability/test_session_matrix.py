@@ -859,6 +859,7 @@ async def test_b9_a_replayed_data_frame_is_dropped_and_acknowledged_again(
         if config.reliable:
             stream = core._recv[tuple(a.core.wire)]
             await wait_until(lambda: stream.duplicates == 2, message="both duplicates counted")
+            assert sb.statistics()["duplicates"] == 2
             await wait_until(lambda: len(of_kind(acks, Kind.MSG_ACK)) > acked_before,
                              message="the duplicates acknowledged again")
         else:

@@ -137,7 +137,7 @@ async def test_statistics_count_exactly_what_a_scripted_exchange_did() -> None:
     s, r = sender.statistics(), receiver.statistics()
     assert (s["published"], s["received"], s["retransmissions"], s["acks_pending"]) == \
         (10, 0, 0, 0)
-    assert (r["published"], r["received"], r["dropped"]) == (0, 10, 0)
+    assert (r["published"], r["received"], r["dropped"], r["duplicates"]) == (0, 10, 0, 0)
     da = [x - y for x, y in zip(after[str(a.name)], before[str(a.name)], strict=True)]
     db = [x - y for x, y in zip(after[str(b.name)], before[str(b.name)], strict=True)]
     assert da[:2] == [10, 10] and db[:2] == [10, 10]  # 10 data in from a, 10 acks in from b
