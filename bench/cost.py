@@ -1,4 +1,4 @@
-"""CPU instructions per message, encrypted vs plain: the cost of E2E without the noise.
+"""CPU instructions per message: the cost of E2E and of reliability, without the noise.
 
 Wall-clock rates on a shared 2-vCPU machine swing 20-60 % between identical runs;
 instruction counts do not (about 0.5 %). Each case runs a reliable p2p session (sender
@@ -10,7 +10,8 @@ N2 - N1 is the cost of one message through all three, setup excluded.
     python bench/cost.py --sizes 64   # one size
 
 The ratio plain/encrypted is the encrypted throughput, as a fraction of plain, that
-a CPU-bound run would reach. Needs valgrind (skips with a message otherwise).
+a CPU-bound run would reach. A best-effort plain session, measured the same way, gives
+what acks and retransmission state add. Needs valgrind (skips with a message otherwise).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from bench._harness import print_table  # noqa: E402
 N1, N2 = 500, 2500
 
 
-def role(n: int, size: int, mls: bool) -> None:
+def role(n: int, size: int, mode: str) -> None:
+    """``mode``: "enc" (reliable, encrypted), "rel" (reliable) or "be" (best effort)."""
     import anyio
 
     from node_lite import NodeConfig, open_node
@@ -51,8 +53,9 @@ def role(n: int, size: int, mls: bool) -> None:
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(receive)
-                session = await sapp.create_session("bench/ns/recv", SessionConfig(
-                    timeout=5.0, max_retries=10, mls_enabled=mls))
+                config = SessionConfig() if mode == "be" else SessionConfig(
+                    timeout=5.0, max_retries=10, mls_enabled=mode == "enc")
+                session = await sapp.create_session("bench/ns/recv", config)
                 payload = b"x" * size
                 for _ in range(n):
                     await session.publish(payload)
@@ -60,10 +63,10 @@ def role(n: int, size: int, mls: bool) -> None:
     anyio.run(main)
 
 
-def instructions(n: int, size: int, mls: bool) -> int:
+def instructions(n: int, size: int, mode: str) -> int:
     out = subprocess.run(
         ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-         sys.executable, HERE, "role", str(n), str(size), "1" if mls else "0"],
+         sys.executable, HERE, "role", str(n), str(size), mode],
         capture_output=True, text=True, cwd=ROOT, check=True)
     found = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
     if found is None:
@@ -71,14 +74,14 @@ def instructions(n: int, size: int, mls: bool) -> int:
     return int(found.group(1).replace(",", ""))
 
 
-def per_message(size: int, mls: bool) -> float:
-    return (instructions(N2, size, mls) - instructions(N1, size, mls)) / (N2 - N1)
+def per_message(size: int, mode: str) -> float:
+    return (instructions(N2, size, mode) - instructions(N1, size, mode)) / (N2 - N1)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "role":
-        n, size, mls = sys.argv[2:5]
-        role(int(n), int(size), mls == "1")
+        n, size, mode = sys.argv[2:5]
+        role(int(n), int(size), mode)
         return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,15 +90,17 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         print("valgrind is not installed: nothing measured")
         return
-    print(f"slim_agents E2E cost in instructions per message (valgrind, {N2 - N1} messages "
-          "counted); sender app, node and receiver app in one process, reliable p2p")
+    print(f"slim_agents cost in instructions per message (valgrind, {N2 - N1} messages "
+          "counted); sender app, node and receiver app in one process, p2p")
     rows = []
     for size in args.sizes:
-        plain, enc = per_message(size, False), per_message(size, True)
+        enc, plain, be = (per_message(size, mode) for mode in ("enc", "rel", "be"))
         rows.append([f"{size} B", f"{enc / 1e3:.1f} k", f"{plain / 1e3:.1f} k",
-                     f"{(enc - plain) / 1e3:.1f} k", f"{plain / enc:.2f}x"])
-    print_table("Instructions per message", ["payload", "encrypted", "plain", "added by E2E",
-                                              "CPU-bound ratio"], rows)
+                     f"{be / 1e3:.1f} k", f"{(enc - plain) / 1e3:.1f} k",
+                     f"{(plain - be) / 1e3:.1f} k", f"{plain / enc:.2f}x"])
+    print_table("Instructions per message (reliable unless said)",
+                ["payload", "encrypted", "plain", "plain best effort", "added by E2E",
+                 "added by reliability", "CPU-bound ratio (E2E)"], rows)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -44,17 +44,6 @@ def to_ranges(mids: Iterable[int]) -> list[list[int]]:
         else:
             out.append([mid, mid])
     return out
-
-
-def iter_ranges(ranges: Iterable[Iterable[int]], limit: int = 1 << 20) -> Iterator[int]:
-    """The ids of ``[lo, hi]`` ranges (at most ``limit`` of them)."""
-    count = 0
-    for lo, hi in ranges:
-        for mid in range(lo, hi + 1):
-            count += 1
-            if count > limit:
-                return
-            yield mid
 
 
 @dataclass(slots=True)
@@ -139,12 +128,29 @@ class SendStream(Generic[T]):
                 p.waiting.discard(recipient)
                 if mid > top:
                     top = mid
-                if not p.waiting:
-                    done.append(self._finish(mid))
+                if not p.waiting:  # finished (inline: once per message)
+                    del pending[mid]
+                    self.pending_bytes -= p.size
+                    done.append(p)
         if top:
             heard = self._heard.get(recipient)
             self._heard[recipient] = (now, top if heard is None or top > heard[1] else heard[1])
         return done
+
+    def ack_ranges(self, recipient: Name, ranges: Iterable[Iterable[int]], now: float,
+                   limit: int = 1 << 20) -> list[Pending[T]]:
+        """:meth:`ack` of inclusive ``[lo, hi]`` ranges (at most ``limit`` ids looked at)."""
+        pending = self.pending
+        mids: list[int] = []
+        for lo, hi in ranges:
+            if hi - lo < len(pending):
+                mids.extend(range(lo, hi + 1))
+            else:  # a range wider than what is pending: walk the pending ids instead
+                mids.extend([m for m in pending if lo <= m <= hi])
+            if len(mids) > limit:
+                del mids[limit:]
+                break
+        return self.ack(recipient, mids, now)
 
     def ack_through(self, recipient: Name, last: int, now: float) -> list[Pending[T]]:
         """Record that ``recipient`` has every message up to ``last``; returns those

@@ -67,7 +67,7 @@ from ._protocol import (
     name_of,
     ranges_of,
 )
-from ._reliability import ReceiveStream, SendStream, iter_ranges, to_ranges
+from ._reliability import ReceiveStream, SendStream, to_ranges
 from ._reports import DeliveryReport, Message, MessageContext, Ticket
 from ._session_e2e import (
     REFRESH_INTERVAL,
@@ -1104,7 +1104,11 @@ class SessionCore:
             # effort drops; reliable leaves the message unacknowledged, so it is resent.
             self.dropped += 1
             return
-        stream = self._recv_stream(src_key, direct) if self.reliable else None
+        if self.reliable:
+            stream = (self._recv_direct if direct else self._recv).get(src_key) \
+                or self._recv_stream(src_key, direct)
+        else:
+            stream = None
         body = d.get("body", b"")
         if self.keys is not None:
             body = self._open(d, stream, src_key, member, meta, direct, now)
@@ -1124,8 +1128,9 @@ class SessionCore:
         items = stream.receive(d["mid"], message, now)
         if items is None:
             return
-        self._dirty_recv.add((src_key, direct))
-        self.owner.mark_dirty(self)
+        if len(stream.to_ack) == 1:  # the first since the last ack went out
+            self._dirty_recv.add((src_key, direct))
+            self.owner.mark_dirty(self)
         if items:
             self._deliver(items)
 
@@ -1246,7 +1251,7 @@ class SessionCore:
         for stream, ranges, through in ((self._send, "a", "at"), (direct, "d", "dt")):
             if stream is None:
                 continue
-            done += stream.ack(name, iter_ranges(ranges_of(body.get(ranges), ranges)), now)
+            done += stream.ack_ranges(name, ranges_of(body.get(ranges), ranges), now)
             last = body.get(through)
             if last is not None:
                 done += stream.ack_through(name, int_of(last, through), now)

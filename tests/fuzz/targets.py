@@ -69,7 +69,7 @@ from slim_agents._protocol import (
     ranges_of,
     reliability_of,
 )
-from slim_agents._reliability import iter_ranges
+from slim_agents._reliability import SendStream
 
 SECRET = "fuzz-secret-that-is-long-enough-for-hmac-0123456789"
 NOW = 1_700_000_000.0
@@ -230,11 +230,16 @@ def _node_examples() -> list[bytes]:
 # -- session control bodies --------------------------------------------------------------
 
 
+_PEER = Name("org", "ns", "peer", 1)
+
+
 def session_body(data: bytes) -> None:
     d = decode_body(data)
+    stream: SendStream[None] = SendStream(timeout=1.0, max_retries=1)
+    for _ in range(8):
+        stream.track(stream.allocate(), None, 1, [_PEER], 0.0)
     for key in ("a", "d", "m"):
-        for _ in iter_ranges(ranges_of(d.get(key), key), limit=1 << 12):
-            pass
+        stream.ack_ranges(_PEER, ranges_of(d.get(key), key), 0.0, limit=1 << 12)
     for key in ("at", "dt"):
         if key in d:
             int_of(d[key], key)

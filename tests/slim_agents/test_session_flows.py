@@ -465,3 +465,12 @@ def test_a_member_slower_than_the_timeout_but_still_acknowledging_gets_no_copies
     assert payloads(slow_s) == sent
     assert all(t.resolved and t.error is None for t in tickets)
     assert g._send is not None and g._send.retransmissions == 0
+
+
+def test_acks_by_range_look_at_pending_ids_only_and_bound_the_work() -> None:
+    stream, a, b = _stream_of_four()
+    # A hostile range as wide as the id space walks the four pending ids, not 2**32.
+    assert stream.ack_ranges(a, [[1, 2**32 - 1]], 0.0) == []
+    assert [p.mid for p in stream.ack_ranges(b, [[2, 3], [9, 9]], 0.0)] == [2, 3]
+    assert [p.mid for p in stream.ack_ranges(b, [[1, 1], [4, 4]], 0.0, limit=1)] == [1]
+    assert sorted(stream.pending) == [4]  # past the limit: not looked at
