@@ -61,7 +61,8 @@ class NodeConnection:
         self._stream = stream
         self._limits = limits
         self._batch = WriteBatch()
-        self._outbox = Outbox(stream, batch=self._batch)
+        #: The writer's queue (an attribute: the hot path reads it per message).
+        self.outbox = Outbox(stream, batch=self._batch)
         self._decoder = FrameDecoder(limits.max_frame_size)
         self._ready: deque[dict[str, Any]] = deque()
         self._read_size = tune_reading(stream)
@@ -69,29 +70,25 @@ class NodeConnection:
         #: Frames from the node that did not decode, by error type. The length
         #: prefix still frames the stream, so the frames around them are delivered.
         self.bad_frames: Counter[str] = Counter()
-        tg.start_soon(self._outbox.run)
+        tg.start_soon(self.outbox.run)
 
     @property
     def pending_bytes(self) -> int:
-        return self._outbox.pending_bytes
-
-    @property
-    def outbox(self) -> Outbox:
-        return self._outbox
+        return self.outbox.pending_bytes
 
     def write_deferred(self, data: bytes) -> None:
         """Queue bytes without waking the writer; call :meth:`flush` next."""
         batch = self._batch
         batch.active = True
         try:
-            self._outbox.write(data)
+            self.outbox.write(data)
         finally:
             batch.active = False
 
     async def flush(self) -> None:
         """Send what :meth:`write_deferred` queued: from this task when the socket
         can take it now (one task switch less), else by waking the writer."""
-        box = self._outbox
+        box = self.outbox
         if box.can_send_direct():
             await box.send_direct()
         else:
@@ -103,22 +100,22 @@ class NodeConnection:
         :raises anyio.ClosedResourceError: if the connection is closed.
         :raises anyio.WouldBlock: if the outbound backlog is over its limit.
         """
-        if self._outbox.is_closed:
+        if self.outbox.is_closed:
             raise anyio.ClosedResourceError
-        if self._outbox.pending_bytes >= self._limits.max_pending_bytes:
+        if self.outbox.pending_bytes >= self._limits.max_pending_bytes:
             raise anyio.WouldBlock
-        self._outbox.write(message if isinstance(message, bytes) else encode_frame(message))
+        self.outbox.write(message if isinstance(message, bytes) else encode_frame(message))
 
     async def send(self, message: Message | Mapping[str, Any] | bytes) -> None:
         """Queue a message, waiting while the outbound backlog is over its limit."""
         await anyio.lowlevel.checkpoint_if_cancelled()
-        while self._outbox.pending_bytes >= self._limits.max_pending_bytes:
-            if self._outbox.is_closed:
+        while self.outbox.pending_bytes >= self._limits.max_pending_bytes:
+            if self.outbox.is_closed:
                 break
-            await self._outbox.wait_drained()
-        if self._outbox.is_closed:
+            await self.outbox.wait_drained()
+        if self.outbox.is_closed:
             raise anyio.ClosedResourceError
-        self._outbox.write(message if isinstance(message, bytes) else encode_frame(message))
+        self.outbox.write(message if isinstance(message, bytes) else encode_frame(message))
 
     async def receive_envelopes(self) -> list[dict[str, Any]]:
         """Read once from the stream and return the envelopes it completes (maybe none).
@@ -170,10 +167,10 @@ class NodeConnection:
 
     async def aclose(self) -> None:
         """Flush what is queued (bounded by one second), then close."""
-        self._outbox.close()
+        self.outbox.close()
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(1.0):
-                await self._outbox.wait_finished()
+                await self.outbox.wait_finished()
             await anyio.aclose_forcefully(self._stream)
 
 
