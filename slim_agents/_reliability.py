@@ -139,17 +139,20 @@ class SendStream(Generic[T]):
 
     def ack_ranges(self, recipient: Name, ranges: Iterable[Iterable[int]], now: float,
                    limit: int = 1 << 20) -> list[Pending[T]]:
-        """:meth:`ack` of inclusive ``[lo, hi]`` ranges (at most ``limit`` ids looked at)."""
+        """:meth:`ack` of inclusive ``[lo, hi]`` ranges; ranges past the first ``limit``
+        ids looked at are ignored (a peer's frame must not buy unbounded work)."""
         pending = self.pending
         mids: list[int] = []
+        looked = 0
         for lo, hi in ranges:
+            if looked >= limit:
+                break
             if hi - lo < len(pending):
                 mids.extend(range(lo, hi + 1))
+                looked += hi - lo + 1
             else:  # a range wider than what is pending: walk the pending ids instead
                 mids.extend([m for m in pending if lo <= m <= hi])
-            if len(mids) > limit:
-                del mids[limit:]
-                break
+                looked += len(pending)
         return self.ack(recipient, mids, now)
 
     def ack_through(self, recipient: Name, last: int, now: float) -> list[Pending[T]]:

@@ -474,3 +474,7 @@ def test_acks_by_range_look_at_pending_ids_only_and_bound_the_work() -> None:
     assert [p.mid for p in stream.ack_ranges(b, [[2, 3], [9, 9]], 0.0)] == [2, 3]
     assert [p.mid for p in stream.ack_ranges(b, [[1, 1], [4, 4]], 0.0, limit=1)] == [1]
     assert sorted(stream.pending) == [4]  # past the limit: not looked at
+    # A wide range counts as the pending ids it walks: many of them stop early too.
+    assert stream.ack_ranges(b, [[5, 2**32 - 1]] * 3 + [[4, 4]], 0.0, limit=3) == []
+    assert sorted(stream.pending) == [4]
+    assert [p.mid for p in stream.ack_ranges(b, [[5, 2**32 - 1], [4, 4]], 0.0, limit=3)] == [4]
