@@ -1112,8 +1112,8 @@ class SessionCore:
             self.dropped += 1
             return
         if self.reliable:
-            stream = (self._recv_direct if direct else self._recv).get(src_key) \
-                or self._recv_stream(src_key, direct)
+            streams = self._recv_direct if direct else self._recv
+            stream = streams.get(src_key) or self._new_recv_stream(streams, src_key, direct)
         else:
             stream = None
         body = d.get("body", b"")
@@ -1141,14 +1141,14 @@ class SessionCore:
         if items:
             self._deliver(items)
 
-    def _recv_stream(self, src_key: Key, direct: bool) -> ReceiveStream[Message | BaseException]:
-        streams = self._recv_direct if direct else self._recv
-        stream = streams.get(src_key)
-        if stream is None:
-            assert self._send is not None
-            first = 1 if direct else self._first_mid.pop(src_key, 1)
-            stream = streams[src_key] = ReceiveStream(
-                timeout=self._send.timeout, max_retries=self._send.max_retries, first=first)
+    def _new_recv_stream(self, streams: dict[Key, ReceiveStream[Message | BaseException]],
+                         src_key: Key, direct: bool) -> ReceiveStream[Message | BaseException]:
+        """The receive stream of a sender's first message (its first id as announced)."""
+        assert self._send is not None
+        first = 1 if direct else self._first_mid.pop(src_key, 1)
+        stream: ReceiveStream[Message | BaseException] = ReceiveStream(
+            timeout=self._send.timeout, max_retries=self._send.max_retries, first=first)
+        streams[src_key] = stream
         return stream
 
     def _open(self, d: dict[str, Any], stream: ReceiveStream[Message | BaseException] | None,
