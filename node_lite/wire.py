@@ -429,13 +429,31 @@ class Publish:
 
 
 def check_publish(d: Mapping[str, Any], limits: Limits,
-                  known_names: set[tuple[Any, ...]] | None = None) -> None:
+                  known_names: set[tuple[Any, ...]] | None = None) -> bool:
     """Validate a decoded publish map in place (the node's hot path uses the map).
 
     ``known_names`` caches names already found valid (as 4-tuples); checks
-    are inlined because this runs once per routed frame.
+    are inlined because this runs once per routed frame. Returns True when
+    the short path for a common frame with known names decided.
     """
     get = d.get
+    if known_names is not None:
+        # The common frame (known names, no optional fields) in one expression;
+        # anything else, valid or not, takes the full walk below.
+        src, dst, fan, ttl = get("src"), get("dst"), get("fan"), get("ttl")
+        sid, mid, st, k = get("sid", 0), get("mid", 0), get("st", 0), get("k", 0)
+        if (type(src) is list and type(dst) is list and len(src) == 4 and len(dst) == 4
+                # bool and float ids equal ints: only an int may match a cached id
+                and type(src[3]) is int and (dst[3] is None or type(dst[3]) is int)
+                and type(fan) is int and type(ttl) is int and type(sid) is int
+                and type(mid) is int and type(st) is int and type(k) is int
+                and 1 <= fan <= _U32 and 0 <= ttl <= 255 and 0 <= sid <= _U32
+                and 0 <= mid <= _U32 and 0 <= st <= 255 and 0 <= k <= 255
+                and type(get("body", b"")) is bytes
+                and "pt" not in d and "meta" not in d and "id" not in d and "err" not in d
+                and "orig" not in d
+                and tuple(src) in known_names and tuple(dst) in known_names):
+            return True
     for key, wildcard in (("src", False), ("dst", True)):
         name = get(key)
         if known_names is not None and type(name) is list and len(name) == 4:
@@ -473,6 +491,7 @@ def check_publish(d: Mapping[str, Any], limits: Limits,
                 raise MalformedFrameError("expected a list of node ids", field="orig")
             for o in orig:
                 _node_id(o, "orig", limits)
+    return False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -1024,3 +1024,69 @@ def test_a_name_sent_to_another_process_hashes_there_afresh() -> None:
                          capture_output=True, env={"PYTHONHASHSEED": "12345"}, check=True,
                          cwd=str(__import__("pathlib").Path(__file__).parents[2]))
     assert out.stdout.decode().strip() == "found"
+
+
+# -- check_publish with known names: the one-expression path must agree with the walk ---
+
+def _verdict(d: dict[str, Any], known: set[tuple[Any, ...]] | None) -> str | None:
+    try:
+        check_publish(d, LIMITS, known)
+    except MalformedFrameError as exc:
+        return f"{type(exc).__name__}:{exc.field}"
+    except LimitExceededError as exc:
+        return type(exc).__name__
+    return None
+
+
+# A data frame as sessions send it: no optional field, so the one-expression path applies.
+PLAIN_PUB = {k: v for k, v in VALID["pub"].items() if k not in ("pt", "meta", "id", "err", "orig")}
+
+
+def _warm() -> set[tuple[Any, ...]]:
+    known: set[tuple[Any, ...]] = set()
+    check_publish(copy.deepcopy(PLAIN_PUB), LIMITS, known)
+    assert (*PLAIN_PUB["src"],) in known and (*PLAIN_PUB["dst"],) in known
+    return known
+
+
+def test_check_publish_takes_the_short_path_for_known_names() -> None:
+    known = _warm()
+    assert check_publish(copy.deepcopy(PLAIN_PUB), LIMITS, known)
+    assert not check_publish(copy.deepcopy(PLAIN_PUB), LIMITS, None)
+    assert not check_publish({**PLAIN_PUB, "pt": "text"}, LIMITS, known)
+    assert not check_publish({**PLAIN_PUB, "src": ["org", "ns", "new", 1]}, LIMITS, known)
+
+
+# Values that equal a cached id or a bound without being one: bool, float, big ints.
+_SLY = [True, False, 1.0, 0, -1, 2**32 - 1, 2**32, 255, 256, None, "1", b"1", [1], 2**64]
+
+
+@pytest.mark.parametrize(("kind", "key", "value"), [f for f in BAD_FIELDS if f[0] == "pub"]
+                         + [("pub", k, v) for k in ("fan", "ttl", "sid", "mid", "st", "k")
+                            for v in _SLY]
+                         + [("pub", k, [*PLAIN_PUB[k][:3], v]) for k in ("src", "dst")
+                            for v in _SLY])
+def test_check_publish_with_known_names_agrees_with_the_full_walk(kind: str, key: str,
+                                                                   value: Any) -> None:
+    d = copy.deepcopy(PLAIN_PUB)
+    if value is MISSING:
+        d.pop(key, None)
+    else:
+        d[key] = value
+    assert _verdict(d, _warm()) == _verdict(copy.deepcopy(d), None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["src", "dst", "fan", "ttl", "sid", "mid", "st", "k",
+                                        "body", "pt", "id", "err", "meta", "orig"]),
+                       st.sampled_from([*_SLY, MISSING, ["org", "ns", "app", 1],
+                                        ["org", "ns", "app", True], ["org", "ns", "app", None],
+                                        b"", {"a": "b"}, ["n1"], "text"])))
+def test_check_publish_fast_path_agrees_with_the_full_walk(changes: dict[str, Any]) -> None:
+    d = copy.deepcopy(PLAIN_PUB)
+    for key, value in changes.items():
+        if value is MISSING:
+            d.pop(key, None)
+        else:
+            d[key] = copy.deepcopy(value)
+    assert _verdict(d, _warm()) == _verdict(copy.deepcopy(d), None)
