@@ -187,6 +187,10 @@ class _Control:
     frames: dict[Key, bytes] | None = None  # one frame per member (its own envelope)
 
 
+# Builds a NamedTuple in C: their __new__ is a Python function, too dear per message.
+_new = tuple.__new__
+
+
 def _key(wire: list[Any]) -> Key:
     return (wire[0], wire[1], wire[2], wire[3])
 
@@ -456,7 +460,7 @@ class SessionCore:
         names = self._recipient_names()
         ticket = Ticket("publish")
         if stream is None:
-            ticket.resolve(DeliveryReport(mid, names, reliable=False))
+            ticket.resolve(_new(DeliveryReport, (mid, names, _NO_FAILURES, False)))
             return ticket
         meta = dict(metadata) if metadata else None
         offline = self.offline
@@ -1122,9 +1126,9 @@ class SessionCore:
             if body is None:
                 return
         dst = self.channel if self.group and not direct else self.local
-        ctx = MessageContext(member.name, dst, d.get("pt") or "msg", meta, self.sid, d["mid"],
-                             member.subject, 0, direct)
-        message = Message(ctx, body)
+        message = _new(Message, (_new(MessageContext, (
+            member.name, dst, d.get("pt") or "msg", meta, self.sid, d["mid"], member.subject, 0,
+            direct)), body))
         if stream is None:
             inbox.append(message)
             self.received += 1
@@ -1275,7 +1279,7 @@ class SessionCore:
             timeout = all(why == "timeout" for why in p.failed.values())
             ticket.fail((DeliveryTimeoutError if timeout else DeliveryError)(report))
         else:
-            ticket.resolve(DeliveryReport(p.mid, p.recipients, _NO_FAILURES, True))
+            ticket.resolve(_new(DeliveryReport, (p.mid, p.recipients, _NO_FAILURES, True)))
         if ticket.waiter is not None:  # only a handle someone awaits needs a wake-up
             self.owner.emit(TicketDone(ticket))
 
