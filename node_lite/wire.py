@@ -947,7 +947,8 @@ def decode_frame(body: bytes | memoryview, *, check_ext: bool = True) -> dict[st
         raise MalformedFrameError("ext type -1 (timestamp) is not allowed")
     if type(d) is not dict:
         raise MalformedFrameError("a frame holds a map")
-    if len(d) != _map_size(body):
+    first = body[0]
+    if len(d) != (first & 0x0F if 0x80 <= first <= 0x8F else _map_size(body)):
         # A repeated key would let a later value override the one a node checked.
         raise MalformedFrameError("repeated key in the frame's map")
     version = d.get("v")

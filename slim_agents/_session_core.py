@@ -454,7 +454,7 @@ class SessionCore:
                 self.local_wire, dst, fanout=fanout, sid=self.sid, st=self.st, kind=Kind.MSG)
             self._peer_key = None if self.group else _key(dst)
         peer = self._peer_key
-        ack = self._acks_for(peer) if peer is not None else None
+        ack = self._acks_for(peer) if peer is not None and self._dirty_recv else None
         self.owner.send(template.frame(mid, payload, payload_type, metadata, ack))
         self.published += 1
         names = self._recipient_names()
@@ -1031,7 +1031,7 @@ class SessionCore:
         """Process one publish addressed to this session."""
         self._now = now
         kind = d["k"]
-        src_key = _key(d["src"])
+        src_key = tuple(d["src"])  # _key in C: check_publish saw a list of four
         if kind == _MSG or kind == _RTX_REPLY:
             member = self.members.get(src_key)
             state = self.state
