@@ -290,21 +290,23 @@ class AppCore:
         self._touch(session)
         return session, ticket
 
-    def operate(self, session: SessionCore, now: float, soonest: float | None = None) -> None:
+    def operate(self, session: SessionCore, now: float, soonest: float | None = None) -> bool:
         """Call after any operation on a session (publish, invite, ...).
 
         ``soonest``: the earliest deadline the operation can have added (a publish:
         its retransmission, or none), so that a session whose known deadline comes
-        first needs no look at its timers.
+        first needs no look at its timers. Returns False when the timers were
+        left as they were.
         """
         self._now = now
         if soonest is not None:
             if soonest == math.inf:
-                return
+                return False
             current = self._deadlines.get(session.sid)
             if current is not None and current <= soonest:
-                return
+                return False
         self._touch(session)
+        return True
 
     def receive(self, envelopes: Iterable[dict[str, Any]], now: float, *,
                 ack: bool = True) -> None:
