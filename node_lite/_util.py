@@ -68,22 +68,21 @@ class Wakeup:
     nobody waits for costs nothing.
     """
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "waiting")
 
     def __init__(self) -> None:
         self._event: anyio.Event | None = None
-
-    @property
-    def waiting(self) -> bool:
-        """Whether a task waits for the next fire."""
-        return self._event is not None
+        #: Whether a task waits for the next fire (an attribute: read per message).
+        self.waiting = False
 
     async def wait(self) -> None:
         if self._event is None:
             self._event = anyio.Event()
+            self.waiting = True
         await self._event.wait()
 
     def fire(self) -> None:
         event, self._event = self._event, None
         if event is not None:
+            self.waiting = False
             event.set()

@@ -241,7 +241,9 @@ class Session:
                     if not core.inbox:
                         continue
                 item = core.inbox.popleft()
-                self._taken()
+                room = self._room_wakeup  # _taken, inline: once per message
+                if room.waiting and len(core.inbox) <= core.config.max_inbox // 2:
+                    room.fire()
                 if isinstance(item, BaseException):
                     raise item
                 if self._app.instrument is not None:
