@@ -46,6 +46,9 @@ class DeliveryReport(NamedTuple):
         return not self.failed
 
 
+_PENDING: Any = object()
+
+
 class Ticket:
     """The completion record of a long-running operation inside a sans-IO core.
 
@@ -54,10 +57,15 @@ class Ticket:
 
     __slots__ = ("error", "kind", "resolved", "result", "waiter")
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, result: Any = _PENDING) -> None:
+        # ``result``: already resolved with it (a best-effort publish: one call, not two)
         self.kind = kind
-        self.resolved = False
-        self.result: Any = None
+        if result is _PENDING:
+            self.resolved = False
+            self.result: Any = None
+        else:
+            self.resolved = True
+            self.result = result
         self.error: BaseException | None = None
         #: Opaque to the core: the driver parks its wake-up object here.
         self.waiter: Any = None

@@ -457,11 +457,10 @@ class SessionCore:
         ack = self._acks_for(peer) if peer is not None and self._dirty_recv else None
         self.owner.send(template.frame(mid, payload, payload_type, metadata, ack))
         self.published += 1
-        names = self._recipient_names()
-        ticket = Ticket("publish")
+        names = self._names_cache or self._recipient_names()
         if stream is None:
-            ticket.resolve(_new(DeliveryReport, (mid, names, _NO_FAILURES, False)))
-            return ticket
+            return Ticket("publish", _new(DeliveryReport, (mid, names, _NO_FAILURES, False)))
+        ticket = Ticket("publish")
         meta = dict(metadata) if metadata else None
         offline = self.offline
         p = stream.track(mid, _Outgoing(payload, payload_type, meta, ticket), len(payload) + 64,
