@@ -287,16 +287,15 @@ class App:
     def _after(self, session: SessionCore, *, defer: bool = False,
                soonest: float | None = None) -> None:
         core = self.core
-        retimed = core.operate(session, time.time(), soonest)
+        core.operate(session, time.time(), soonest)
         if core._events or core._ready:
             self._pump(defer=defer)
         else:
             self._send_frames(defer=defer)
-            if retimed:
-                deadline = core.get_timer()
-                if deadline is not None and deadline < self._timer_at and \
-                        self._timer_wake is not None:
-                    self._timer_wake.set()
+            deadline = core.get_timer()
+            if deadline is not None and deadline < self._timer_at and \
+                    self._timer_wake is not None:
+                self._timer_wake.set()
 
     async def _send_published(self, session: SessionCore, soonest: float) -> bool:
         """Send what a publish of ``session`` queued, as the traffic around it suits;
@@ -321,10 +320,8 @@ class App:
         return False
 
     def _send_frames(self, *, defer: bool = False) -> None:
-        core = self.core
-        frames = core._out  # take_frames, inline: once per publish
+        frames = self.core.take_frames()
         if frames:
-            core._out = []
             conn = self._conn
             if conn is not None and not conn.outbox.is_closed:
                 data = frames[0] if len(frames) == 1 else b"".join(frames)

@@ -290,23 +290,21 @@ class AppCore:
         self._touch(session)
         return session, ticket
 
-    def operate(self, session: SessionCore, now: float, soonest: float | None = None) -> bool:
+    def operate(self, session: SessionCore, now: float, soonest: float | None = None) -> None:
         """Call after any operation on a session (publish, invite, ...).
 
         ``soonest``: the earliest deadline the operation can have added (a publish:
         its retransmission, or none), so that a session whose known deadline comes
-        first needs no look at its timers. Returns False when the timers were
-        left as they were.
+        first needs no look at its timers.
         """
         self._now = now
         if soonest is not None:
             if soonest == math.inf:
-                return False
+                return
             current = self._deadlines.get(session.sid)
             if current is not None and current <= soonest:
-                return False
+                return
         self._touch(session)
-        return True
 
     def receive(self, envelopes: Iterable[dict[str, Any]], now: float, *,
                 ack: bool = True) -> None:
