@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ssl
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import ByteStream, TaskGroup
+from anyio.lowlevel import RunVar
 
 from ._config import TlsConfig, split_endpoint
 from ._errors import (
@@ -50,6 +51,70 @@ def error_from_frame(err: Error) -> NodeError:
                      session_id=err.session_id)
 
 
+# Frames up to this size are decoded once for all connections of an event loop;
+# a larger one costs more to copy as a key than its decoding saves.
+_SHARED_FRAME_MAX = 2048
+_SHARED_ENTRIES = 1024  # per generation: about the frames of one read
+# A generation that filled with fewer than one hit per eight entries (frames not
+# shared: apps talking point-to-point) pauses the sharing for _PAUSE frames.
+_PAUSE = 16384
+
+
+class SharedDecoding:
+    """Frames decoded once for every connection of one event loop that receives them.
+
+    Apps of one process in the same group get each group frame on their own
+    connection. Decoding is a function of the frame's bytes alone, so with more
+    than one connection open the map is made once and handed to every reader
+    (who must not change it). Bounded: two generations of entries, the older
+    dropped whole when the newer fills (a dict emptied from the front one key at
+    a time makes each next removal walk the holes). Where frames are rarely
+    shared, it steps aside for a while (a lookup that misses costs about a
+    tenth of a decode).
+    """
+
+    __slots__ = ("_hits", "_new", "_old", "connections", "paused")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        #: Frames left to decode directly (see _PAUSE).
+        self.paused = 0
+        self._hits = 0  # in the current generation
+        self._new: dict[bytes, dict[str, Any]] = {}
+        self._old: dict[bytes, dict[str, Any]] = {}
+
+    def decode(self, frame: memoryview, *, check_ext: bool) -> dict[str, Any]:
+        """:func:`decode_frame`, once per distinct frame among the recent ones."""
+        if len(frame) > _SHARED_FRAME_MAX:
+            return decode_frame(frame, check_ext=check_ext)
+        key = frame.tobytes()
+        d = self._new.get(key) or self._old.get(key)
+        if d is None:
+            d = decode_frame(frame, check_ext=check_ext)  # raises: nothing kept
+            if len(self._new) >= _SHARED_ENTRIES:
+                if self._hits * 8 < _SHARED_ENTRIES:
+                    self.paused = _PAUSE
+                self._hits = 0
+                self._old, self._new = self._new, {}
+            self._new[key] = d
+        else:
+            self._hits += 1
+        return d
+
+
+_SHARED: RunVar[SharedDecoding] = RunVar("node_lite.shared_decoding")
+
+
+def shared_decoding() -> SharedDecoding:
+    """The current event loop's :class:`SharedDecoding`."""
+    try:
+        return _SHARED.get()
+    except LookupError:
+        shared = SharedDecoding()
+        _SHARED.set(shared)
+        return shared
+
+
 class NodeConnection:
     """An authenticated connection to a node.
 
@@ -70,6 +135,8 @@ class NodeConnection:
         #: Frames from the node that did not decode, by error type. The length
         #: prefix still frames the stream, so the frames around them are delivered.
         self.bad_frames: Counter[str] = Counter()
+        self._shared: SharedDecoding | None = shared_decoding()
+        self._shared.connections += 1
         tg.start_soon(self.outbox.run)
 
     @property
@@ -121,6 +188,8 @@ class NodeConnection:
         """Read once from the stream and return the envelopes it completes (maybe none).
 
         A frame that does not decode is counted in :attr:`bad_frames` and skipped.
+        The envelopes may be shared with other connections of this event loop
+        (see :class:`SharedDecoding`): read them, do not change them.
 
         :raises anyio.EndOfStream: when the node closed the connection.
         :raises ProtocolError: when the node sent bytes that are not frames.
@@ -138,20 +207,27 @@ class NodeConnection:
         view = memoryview(buf)
         ends = range(1, len(bounds))
         marks = timestamp_marks(buf)
+        shared = self._shared
+        decode: Callable[..., dict[str, Any]] = decode_frame
+        if shared is not None and shared.connections > 1:
+            if shared.paused > 0:
+                shared.paused -= len(ends)
+            else:
+                decode = shared.decode
         try:
             if not marks:
-                return [decode_frame(view[bounds[i - 1] + 4:bounds[i]], check_ext=False)
+                return [decode(view[bounds[i - 1] + 4:bounds[i]], check_ext=False)
                         for i in ends]
-            return [decode_frame(view[bounds[i - 1] + 4:bounds[i]],
-                                 check_ext=marked(marks, bounds[i - 1], bounds[i]))
+            return [decode(view[bounds[i - 1] + 4:bounds[i]],
+                           check_ext=marked(marks, bounds[i - 1], bounds[i]))
                     for i in ends]
         except ProtocolError:
             pass
         out = []  # the rare case, one frame at a time
         for i in ends:
             try:
-                out.append(decode_frame(view[bounds[i - 1] + 4:bounds[i]],
-                                        check_ext=marked(marks, bounds[i - 1], bounds[i])))
+                out.append(decode(view[bounds[i - 1] + 4:bounds[i]],
+                                  check_ext=marked(marks, bounds[i - 1], bounds[i])))
             except ProtocolError as exc:
                 self.bad_frames[type(exc).__name__] += 1
         return out
@@ -167,6 +243,9 @@ class NodeConnection:
 
     async def aclose(self) -> None:
         """Flush what is queued (bounded by one second), then close."""
+        if self._shared is not None:
+            self._shared.connections -= 1
+            self._shared = None
         self.outbox.close()
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(1.0):

@@ -1,0 +1,128 @@
+"""Frames decoded once for all the connections of an event loop (SharedDecoding)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from node_lite import Name, NodeConfig, open_node
+from node_lite._client import (
+    _PAUSE,
+    _SHARED_ENTRIES,
+    _SHARED_FRAME_MAX,
+    SharedDecoding,
+    shared_decoding,
+)
+from node_lite.wire import (
+    MalformedFrameError,
+    Publish,
+    Subscribe,
+    SubscribeAck,
+    decode_frame,
+    encode_frame,
+)
+from tests.helpers import SECRET, app_connection, unique
+
+SRC = Name("org", "ns", "src", 1)
+CHAN = Name("org", "ns", "chan")
+
+
+def frame(mid: int, payload: bytes = b"p") -> memoryview:
+    body = encode_frame(Publish(source=SRC, destination=CHAN, fanout=4, message_id=mid,
+                                payload=payload))[4:]
+    return memoryview(body)
+
+
+def test_a_frame_is_decoded_once_and_equals_its_own_decoding() -> None:
+    shared = SharedDecoding()
+    first = shared.decode(frame(1), check_ext=False)
+    again = shared.decode(memoryview(bytes(frame(1))), check_ext=True)  # other buffer
+    assert again is first
+    assert first == decode_frame(frame(1))
+    assert shared.decode(frame(2), check_ext=False) is not first
+
+
+def test_a_frame_that_does_not_decode_is_refused_every_time() -> None:
+    shared = SharedDecoding()
+    bad = memoryview(b"\x81\xa1v\x01")  # no type tag
+    for _ in range(2):
+        with pytest.raises(MalformedFrameError):
+            shared.decode(bad, check_ext=False)
+    with pytest.raises(MalformedFrameError):
+        decode_frame(bad)
+
+
+def test_a_large_frame_is_decoded_each_time() -> None:
+    shared = SharedDecoding()
+    big = frame(1, b"x" * _SHARED_FRAME_MAX)
+    first = shared.decode(big, check_ext=False)
+    second = shared.decode(big, check_ext=False)
+    assert first == second and first is not second
+
+
+def test_entries_are_bounded_by_two_generations() -> None:
+    shared = SharedDecoding()
+    for mid in range(3 * _SHARED_ENTRIES + 5):
+        shared.decode(frame(mid), check_ext=False)
+    assert len(shared._new) + len(shared._old) <= 2 * _SHARED_ENTRIES
+    # The most recent generation is still there.
+    last = 3 * _SHARED_ENTRIES + 4
+    assert shared.decode(frame(last), check_ext=False) is shared.decode(frame(last),
+                                                                         check_ext=False)
+
+
+def test_frames_nobody_shares_pause_the_sharing_and_shared_ones_do_not() -> None:
+    alone = SharedDecoding()
+    for mid in range(_SHARED_ENTRIES + 1):  # a generation full of misses
+        alone.decode(frame(mid), check_ext=False)
+    assert alone.paused == _PAUSE
+    group = SharedDecoding()
+    for mid in range(_SHARED_ENTRIES + 1):
+        for _ in range(2):  # each frame read by two connections
+            group.decode(frame(mid), check_ext=False)
+    assert group.paused == 0
+
+
+async def _subscribed(conn: Any, chan: Name) -> None:
+    await conn.send(Subscribe(name=chan, request_id=1))
+    with anyio.fail_after(5):
+        assert isinstance(await conn.receive(), SubscribeAck)
+
+
+async def _envelope(conn: Any) -> dict[str, Any]:
+    with anyio.fail_after(5):
+        while True:
+            for d in await conn.receive_envelopes():
+                if d["t"] == "pub":
+                    return d
+
+
+@pytest.mark.anyio
+async def test_connections_of_one_loop_share_the_decoded_frame() -> None:
+    chan = Name("org", "ns", unique("chan"))
+    async with open_node(NodeConfig(shared_secret=SECRET)) as node:
+        async with app_connection(node.url, "src") as (src, src_name), \
+                app_connection(node.url, "a") as (a, _), \
+                app_connection(node.url, "b") as (b, _):
+            shared = shared_decoding()
+            assert shared.connections == 3
+            for conn in (a, b):
+                await _subscribed(conn, chan)
+            await src.send(Publish(source=src_name, destination=chan, fanout=2,
+                                   payload=b"both"))
+            got_a, got_b = await _envelope(a), await _envelope(b)
+            assert got_a is got_b
+            assert got_a["body"] == b"both"
+        assert shared.connections == 0
+
+
+@pytest.mark.anyio
+async def test_a_lone_connection_decodes_its_frames_itself() -> None:
+    async with open_node(NodeConfig(shared_secret=SECRET)) as node:
+        async with app_connection(node.url, "solo") as (solo, _name):
+            shared = shared_decoding()
+            assert shared.connections == 1
+            await _subscribed(solo, Name("org", "ns", unique("chan")))
+            assert not shared._new and not shared._old
