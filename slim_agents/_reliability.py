@@ -124,11 +124,15 @@ class SendStream(Generic[T]):
         top = 0
         for mid in mids:
             p = pending.get(mid)
-            if p is not None and recipient in p.waiting:
-                p.waiting.discard(recipient)
+            if p is None:
+                continue
+            waiting = p.waiting
+            n = len(waiting)
+            waiting.discard(recipient)  # one hash of the name (a Python call), not two
+            if len(waiting) < n:
                 if mid > top:
                     top = mid
-                if not p.waiting:  # finished (inline: once per message)
+                if not waiting:  # finished (inline: once per message)
                     del pending[mid]
                     self.pending_bytes -= p.size
                     done.append(p)
