@@ -55,8 +55,8 @@ def error_from_frame(err: Error) -> NodeError:
 # a larger one costs more to copy as a key than its decoding saves.
 _SHARED_FRAME_MAX = 2048
 _SHARED_ENTRIES = 1024  # per generation: about the frames of one read
-# A generation that filled with fewer than one hit per eight entries (frames not
-# shared: apps talking point-to-point) pauses the sharing for _PAUSE frames.
+# Every _SHARED_ENTRIES misses, fewer than one hit per eight misses (apps talking
+# point-to-point) pauses the sharing for _PAUSE frames.
 _PAUSE = 16384
 
 
@@ -66,20 +66,24 @@ class SharedDecoding:
     Apps of one process in the same group get each group frame on their own
     connection. Decoding is a function of the frame's bytes alone, so with more
     than one connection open the map is made once and handed to every reader
-    (who must not change it). Bounded: two generations of entries, the older
-    dropped whole when the newer fills (a dict emptied from the front one key at
-    a time makes each next removal walk the holes). Where frames are rarely
-    shared, it steps aside for a while (a lookup that misses costs about a
-    tenth of a decode).
+    (who must not change it).
+
+    Only frames to a wildcard name (a channel) are kept: a frame to one
+    instance reaches one connection, and keeping it would only age it into the
+    garbage collector's oldest generation (whose full collections stall the
+    loop). Bounded: two generations of entries, the older dropped whole when
+    the newer fills (a dict emptied from the front one key at a time makes each
+    next removal walk the holes). Where frames are rarely shared, it steps
+    aside for a while.
     """
 
-    __slots__ = ("_hits", "_new", "_old", "connections", "paused")
+    __slots__ = ("_hits", "_misses", "_new", "_old", "connections", "paused")
 
     def __init__(self) -> None:
         self.connections = 0
         #: Frames left to decode directly (see _PAUSE).
         self.paused = 0
-        self._hits = 0  # in the current generation
+        self._hits = self._misses = 0
         self._new: dict[bytes, dict[str, Any]] = {}
         self._old: dict[bytes, dict[str, Any]] = {}
 
@@ -89,16 +93,20 @@ class SharedDecoding:
             return decode_frame(frame, check_ext=check_ext)
         key = frame.tobytes()
         d = self._new.get(key) or self._old.get(key)
-        if d is None:
-            d = decode_frame(frame, check_ext=check_ext)  # raises: nothing kept
+        if d is not None:
+            self._hits += 1
+            return d
+        d = decode_frame(frame, check_ext=check_ext)  # raises: nothing kept
+        self._misses += 1
+        if self._misses >= _SHARED_ENTRIES:
+            if self._hits * 8 < self._misses:
+                self.paused = _PAUSE
+            self._hits = self._misses = 0
+        dst = d.get("dst")
+        if type(dst) is list and len(dst) == 4 and dst[3] is None:
             if len(self._new) >= _SHARED_ENTRIES:
-                if self._hits * 8 < _SHARED_ENTRIES:
-                    self.paused = _PAUSE
-                self._hits = 0
                 self._old, self._new = self._new, {}
             self._new[key] = d
-        else:
-            self._hits += 1
         return d
 
 

@@ -44,6 +44,17 @@ def test_a_frame_is_decoded_once_and_equals_its_own_decoding() -> None:
     assert shared.decode(frame(2), check_ext=False) is not first
 
 
+def test_a_frame_to_one_instance_is_not_kept() -> None:
+    # Only one connection gets it: keeping it would only age it in the collector.
+    shared = SharedDecoding()
+    body = encode_frame(Publish(source=SRC, destination=Name("org", "ns", "dst", 2),
+                                message_id=1, payload=b"p"))[4:]
+    first = shared.decode(memoryview(body), check_ext=False)
+    assert first == decode_frame(body)
+    assert shared.decode(memoryview(body), check_ext=False) is not first
+    assert not shared._new and not shared._old
+
+
 def test_a_frame_that_does_not_decode_is_refused_every_time() -> None:
     shared = SharedDecoding()
     bad = memoryview(b"\x81\xa1v\x01")  # no type tag
@@ -75,7 +86,7 @@ def test_entries_are_bounded_by_two_generations() -> None:
 
 def test_frames_nobody_shares_pause_the_sharing_and_shared_ones_do_not() -> None:
     alone = SharedDecoding()
-    for mid in range(_SHARED_ENTRIES + 1):  # a generation full of misses
+    for mid in range(_SHARED_ENTRIES + 1):  # misses only
         alone.decode(frame(mid), check_ext=False)
     assert alone.paused == _PAUSE
     group = SharedDecoding()
