@@ -68,21 +68,19 @@ class Wakeup:
     nobody waits for costs nothing.
     """
 
-    __slots__ = ("_event", "waiting")
+    __slots__ = ("waiting",)
 
     def __init__(self) -> None:
-        self._event: anyio.Event | None = None
-        #: Whether a task waits for the next fire (an attribute: read per message).
-        self.waiting = False
+        #: The event tasks wait on; set (true) exactly while a task waits for the
+        #: next fire. An attribute, not a property: it is read per message.
+        self.waiting: anyio.Event | None = None
 
     async def wait(self) -> None:
-        if self._event is None:
-            self._event = anyio.Event()
-            self.waiting = True
-        await self._event.wait()
+        if self.waiting is None:
+            self.waiting = anyio.Event()
+        await self.waiting.wait()
 
     def fire(self) -> None:
-        event, self._event = self._event, None
+        event, self.waiting = self.waiting, None
         if event is not None:
-            self.waiting = False
             event.set()
