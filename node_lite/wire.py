@@ -916,10 +916,9 @@ def marked(marks: list[int], start: int, end: int) -> bool:
 
 
 def _map_size(body: bytes | memoryview) -> int:
-    """Entry count announced by the map header at the start of ``body`` (-1 if none)."""
+    """Entry count announced by a map16 or map32 header at the start of ``body``
+    (-1 if none); :func:`decode_frame` reads a fixmap's count itself."""
     first = body[0]
-    if 0x80 <= first <= 0x8F:
-        return first & 0x0F
     if first == 0xDE and len(body) >= 3:
         return int(body[1]) << 8 | body[2]
     if first == 0xDF and len(body) >= 5:
