@@ -309,6 +309,49 @@ def test_roster_digest_is_the_hash_of_the_canonical_roster() -> None:
     assert epoch_mod.roster_digest(roster) == want
     assert epoch_mod.roster_digest(dict(reversed(roster.items()))) == want
 
+# -- signatures verified once per process ----------------------------------------------
+
+
+def test_a_verified_signature_is_remembered_and_only_its_exact_bytes_hit() -> None:
+    ident, other = SigningIdentity.generate(), SigningIdentity.generate()
+    label, tbs = base.LABEL_APP_SIG, b"a group message " + bytes(range(40))
+    sig = ident.sign(label, tbs)
+    before = len(base._verified)
+    assert base.verify_signature(ident.public_key, label, tbs, sig)
+    assert len(base._verified) == before + 1
+    assert base.verify_signature(ident.public_key, label, tbs, sig)  # from the memo
+    assert len(base._verified) == before + 1
+    # Anything else is checked afresh, and failures are not kept.
+    assert not base.verify_signature(other.public_key, label, tbs, sig)
+    assert not base.verify_signature(ident.public_key, label, tbs + b"x", sig)
+    assert not base.verify_signature(ident.public_key, base.LABEL_KUPD, tbs, sig)
+    assert not base.verify_signature(ident.public_key, label, tbs, sig[:63] + b"\0")
+    assert len(base._verified) == before + 1
+
+
+def test_a_key_or_signature_of_another_size_fails_without_reaching_the_memo() -> None:
+    # The digest's input is key || signature || signed bytes: a 33-byte key with a
+    # 63-byte signature would spell the same bytes as a remembered pair.
+    ident = SigningIdentity.generate()
+    label, tbs = base.LABEL_APP_SIG, b"\x00" + b"m" * 40
+    sig = ident.sign(label, tbs)
+    assert base.verify_signature(ident.public_key, label, tbs, sig)
+    shifted_key, shifted_sig = ident.public_key + sig[:1], sig[1:]
+    assert not base.verify_signature(shifted_key, label, tbs, shifted_sig)
+    assert not base.verify_signature(ident.public_key, label, tbs, sig + b"\0")
+    assert not base.verify_signature(bytearray(ident.public_key), label, tbs, sig)  # type: ignore[arg-type]
+    assert not base.verify_signature(ident.public_key, label, "text", sig)  # type: ignore[arg-type]
+
+
+def test_the_memo_keeps_two_generations() -> None:
+    memo = base.VerifiedSignatures(generation=4)
+    digests = [bytes([i]) * 32 for i in range(10)]
+    for d in digests:
+        memo.add(d)
+    assert len(memo) == 6  # the full previous generation and two new ones
+    assert all(d in memo for d in digests[4:]) and not any(d in memo for d in digests[:4])
+
+
 # -- credentials -----------------------------------------------------------------------
 
 

@@ -118,3 +118,44 @@ async def test_jwt_identities_bind_their_signing_keys_by_claim_or_fall_back_to_t
             assert r.encryption is not None and s.encryption is not None
             assert r.encryption.bindings == {alice.subject: "claim"}
             assert s.encryption.bindings[bob.subject] == "tofu"
+
+
+async def test_members_sharing_a_process_check_each_group_message_signature_once(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    from slim_agents import _e2e_base as base
+
+    checked: list[bytes] = []
+    real = base._sign_open
+
+    def counting(signed: bytes, spk: bytes) -> bytes:  # the real check, counted
+        if signed[64:].startswith(base.LABEL_APP_SIG.encode()):
+            checked.append(signed)
+        return real(signed, spk)
+
+    monkeypatch.setattr(base, "_sign_open", counting)
+    chan = f"org/ns/{unique('chan')}"
+    names = [unique(f"m{i}") for i in range(3)]
+    async with AsyncExitStack() as stack:
+        mod = await stack.enter_async_context(open_app("org/ns/mod", node=node.url,
+                                                       secret=SECRET))
+        apps = [await stack.enter_async_context(
+            open_app(f"org/ns/{n}", node=node.url, secret=SECRET)) for n in names]
+        g = await mod.create_session(chan, GROUP)
+        sessions: list[Session] = []
+        with anyio.fail_after(20):
+            for app, n in zip(apps, names, strict=True):
+                await g.invite(f"org/ns/{n}")
+                sessions.append(await app.listen_for_session())
+            for s in sessions:
+                await s.wait_participants(4)
+        everyone = [g, *sessions]
+        assert all(s.encryption.sender_auth == "signature"  # type: ignore[union-attr]
+                   for s in everyone)
+        for i, s in enumerate(everyone):
+            await (await s.publish(f"signed {i}".encode()))
+        with anyio.fail_after(10):
+            for j, s in enumerate(everyone):
+                got = {(await s.get_message()).payload for _ in range(3)}
+                assert got == {f"signed {i}".encode() for i in range(4) if i != j}
+    # Four messages, each read by three members of this process: four checks, not twelve.
+    assert len(checked) == 4 and len(set(checked)) == 4
