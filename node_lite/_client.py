@@ -30,6 +30,7 @@ from .wire import (
     Hello,
     HelloAck,
     Message,
+    SharedEnvelope,
     decode_frame,
     decode_message,
     encode_frame,
@@ -84,18 +85,18 @@ class SharedDecoding:
         #: Frames left to decode directly (see _PAUSE).
         self.paused = 0
         self._hits = self._misses = 0
-        self._new: dict[bytes, dict[str, Any]] = {}
-        self._old: dict[bytes, dict[str, Any]] = {}
+        self._new: dict[bytes, SharedEnvelope] = {}
+        self._old: dict[bytes, SharedEnvelope] = {}
 
     def decode(self, frame: memoryview, *, check_ext: bool) -> dict[str, Any]:
         """:func:`decode_frame`, once per distinct frame among the recent ones."""
         if len(frame) > _SHARED_FRAME_MAX:
             return decode_frame(frame, check_ext=check_ext)
         key = frame.tobytes()
-        d = self._new.get(key) or self._old.get(key)
-        if d is not None:
+        hit = self._new.get(key) or self._old.get(key)
+        if hit is not None:
             self._hits += 1
-            return d
+            return hit
         d = decode_frame(frame, check_ext=check_ext)  # raises: nothing kept
         self._misses += 1
         if self._misses >= _SHARED_ENTRIES:
@@ -106,7 +107,9 @@ class SharedDecoding:
         if type(dst) is list and len(dst) == 4 and dst[3] is None:
             if len(self._new) >= _SHARED_ENTRIES:
                 self._old, self._new = self._new, {}
-            self._new[key] = d
+            shared = self._new[key] = SharedEnvelope(d)
+            shared.checked = None
+            return shared
         return d
 
 

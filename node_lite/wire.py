@@ -926,6 +926,19 @@ def _map_size(body: bytes | memoryview) -> int:
     return -1
 
 
+class SharedEnvelope(dict[str, Any]):
+    """A decoded frame map handed to several readers (the client decodes a group
+    frame once for all the apps of an event loop), which must not change it.
+
+    ``checked`` holds the :class:`Limits` a reader validated the map under (None
+    before), so the next reader with those same limits can skip
+    :func:`check_publish`: its verdict depends on the map and the limits alone.
+    """
+
+    __slots__ = ("checked",)
+    checked: Limits | None
+
+
 def decode_frame(body: bytes | memoryview, *, check_ext: bool = True) -> dict[str, Any]:
     """Decode one frame body (without its length prefix) into a checked envelope map.
 

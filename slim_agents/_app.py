@@ -80,6 +80,9 @@ CLOSE_GRACE = 2.0
 MAX_LISTEN_QUEUE = 1024
 # Longest pause of the read loop for one full session inbox.
 INBOX_PAUSE = 1.0
+# One instance for every app left to the defaults: a group frame an app checked under
+# it needs no check by the other apps of the loop (SharedEnvelope.checked).
+_DEFAULT_LIMITS = Limits()
 
 
 class _Default(enum.Enum):
@@ -112,7 +115,7 @@ class App:
         self.instrument = instrument
         self.provider = provider
         self.name = base.with_id(instance_id_for(provider.subject))
-        self.limits = limits or Limits()
+        self.limits = limits or _DEFAULT_LIMITS
         self.core = AppCore(self.name, provider, verifier, rng=rng, limits=self.limits,
                             invite_policy=invite_policy, signing=signing_identity)
         self._target = node

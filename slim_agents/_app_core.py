@@ -40,6 +40,7 @@ from node_lite.wire import (
     LookupResult,
     ReportRequest,
     ReportResult,
+    SharedEnvelope,
     Subscribe,
     Unsubscribe,
     check_publish,
@@ -353,7 +354,11 @@ class AppCore:
             self._touch(session)
 
     def _on_publish(self, d: dict[str, Any], now: float) -> None:
-        check_publish(d, self.limits, self._known)
+        if type(d) is not SharedEnvelope:
+            check_publish(d, self.limits, self._known)
+        elif d.checked is not self.limits:  # another app of this loop may have checked it
+            check_publish(d, self.limits, self._known)
+            d.checked = self.limits
         session = self.sessions.get(d.get("sid", 0))
         if session is not None:
             session.handle_frame(d, now)

@@ -1,0 +1,113 @@
+"""A group frame decoded once for the apps of an event loop is also checked once
+(SharedEnvelope.checked), by apps that share its limits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import pytest
+
+from node_lite import (
+    Limits,
+    Name,
+    NodeConfig,
+    SharedSecretProvider,
+    SharedSecretVerifier,
+    open_node,
+)
+from node_lite._client import SharedDecoding
+from node_lite.wire import Publish, SharedEnvelope, encode_frame
+from slim_agents import SessionConfig, open_app
+from slim_agents import _app_core as app_core
+from slim_agents._app_core import AppCore
+from tests.helpers import SECRET, unique
+
+CHAN = Name("org", "ns", "chan")
+
+
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, Limits]]:
+    """Record each real check_publish call: (the map, kept alive, and the limits)."""
+    calls: list[tuple[Any, Limits]] = []
+    real: Callable[..., bool] = app_core.check_publish
+
+    def counting(d: Any, limits: Limits, known: Any = None) -> bool:
+        calls.append((d, limits))
+        return real(d, limits, known)
+
+    monkeypatch.setattr(app_core, "check_publish", counting)
+    return calls
+
+
+def core(app: str, limits: Limits) -> AppCore:
+    provider = SharedSecretProvider(f"org/ns/{app}", SECRET)
+    return AppCore(Name("org", "ns", app, 1), provider,
+                   SharedSecretVerifier(SECRET, replay_cache=0), limits=limits)
+
+
+def shared_frame(src: list[Any], mid: int = 1) -> SharedEnvelope:
+    body = encode_frame(Publish(source=Name("org", "ns", "src", 7), destination=CHAN,
+                                fanout=3, message_id=mid, payload=b"x"))[4:]
+    decoded = SharedDecoding().decode(memoryview(body), check_ext=False)
+    assert type(decoded) is SharedEnvelope and decoded.checked is None
+    decoded["src"] = src  # a test-made map: in use, shared maps are read-only
+    return decoded
+
+
+def test_apps_with_the_same_limits_check_a_shared_frame_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy(monkeypatch)
+    limits, other = Limits(), Limits(max_name_component=64)
+    cores = [core("a", limits), core("b", limits), core("c", other), core("d", limits)]
+    env = shared_frame(["org", "ns", "src", 7])
+    for c in cores:
+        c.receive([env], 0.0)
+    # a checks; b reuses it; c (other limits) checks and takes the mark; d checks again.
+    assert [lim for _, lim in calls] == [limits, other, limits]
+    assert env.checked is limits
+    assert all(c.counters["no_session"] == 1 for c in cores)
+
+
+def test_a_malformed_shared_frame_is_refused_by_every_app(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy(monkeypatch)
+    limits = Limits()
+    cores = [core("a", limits), core("b", limits)]
+    env = shared_frame(["org", "ns", "", 7])  # an empty name component
+    for c in cores:
+        c.receive([env], 0.0)
+    assert len(calls) == 2 and env.checked is None
+    assert all(c.counters["malformed"] == 1 and not c.counters["no_session"] for c in cores)
+
+
+@pytest.mark.anyio
+async def test_group_members_of_one_loop_check_each_group_frame_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy(monkeypatch)
+    chan = f"org/ns/{unique('chan')}"
+    names = [unique(f"m{i}") for i in range(3)]
+    async with open_node(NodeConfig(shared_secret=SECRET)) as node, AsyncExitStack() as stack:
+        mod = await stack.enter_async_context(open_app("org/ns/mod", node=node.url,
+                                                       secret=SECRET))
+        apps = [await stack.enter_async_context(
+            open_app(f"org/ns/{n}", node=node.url, secret=SECRET)) for n in names]
+        group = await mod.create_session(chan, SessionConfig.group())
+        with anyio.fail_after(20):
+            for n in names:
+                await group.invite(f"org/ns/{n}")
+            members = [await a.listen_for_session() for a in apps]
+            for m in members:
+                await m.wait_participants(4)
+        calls.clear()
+        for i in range(20):
+            await group.publish(f"m{i}".encode())
+        with anyio.fail_after(10):
+            for m in members:
+                assert [(await m.get_message()).payload for _ in range(20)] == [
+                    f"m{i}".encode() for i in range(20)]
+    # Every group frame reached three apps of this loop and was checked once.
+    to_chan = [d for d, _ in calls if d["dst"][3] is None]
+    assert len(to_chan) >= 20 and all(type(d) is SharedEnvelope for d in to_chan)
+    assert len({id(d) for d in to_chan}) == len(to_chan)
