@@ -6,7 +6,7 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 
@@ -18,6 +18,7 @@ from node_lite import (
     instance_id_for,
     open_connection,
 )
+from slim_agents import Session, SessionConfig, open_app
 
 # The tutorial's config.yaml, verbatim.
 TUTORIAL_CONFIG = """\
@@ -79,3 +80,22 @@ async def wait_until(predicate: Callable[[], bool], *, timeout: float = 5.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
         await anyio.sleep(0.005)
+
+
+async def open_group(stack: AsyncExitStack, url: str, config: SessionConfig,
+                     members: int) -> list[Session]:
+    """A moderator app and ``members`` apps on ``url``, each invited to a fresh channel
+    and holding the whole roster: the moderator's session first, then the members'."""
+    names = [unique(f"m{i}") for i in range(members)]
+    mod = await stack.enter_async_context(open_app("org/ns/mod", node=url, secret=SECRET))
+    apps = [await stack.enter_async_context(open_app(f"org/ns/{n}", node=url, secret=SECRET))
+            for n in names]
+    group = await mod.create_session(f"org/ns/{unique('chan')}", config)
+    sessions = [group]
+    with anyio.fail_after(20):
+        for app, n in zip(apps, names, strict=True):
+            await group.invite(f"org/ns/{n}")
+            sessions.append(await app.listen_for_session())
+        for s in sessions:
+            await s.wait_participants(members + 1)
+    return sessions

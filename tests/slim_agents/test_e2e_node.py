@@ -13,16 +13,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from node_lite import Node, NodeConfig, open_node
 from slim_agents import (
-    App,
     JwtProvider,
     JwtVerifier,
-    Session,
     SessionConfig,
     SigningIdentity,
     jwks_from_public_keys,
     open_app,
 )
-from tests.helpers import SECRET, unique
+from tests.helpers import SECRET, open_group, unique
 
 pytestmark = pytest.mark.anyio
 GROUP = SessionConfig.group(mls_enabled=True, timeout=0.5, max_retries=10)
@@ -51,24 +49,9 @@ async def node() -> AsyncIterator[Node]:
 async def test_group_of_ten_over_tcp_reads_each_other_and_the_tap_sees_no_body(
         node: Node) -> None:
     wire = tap(node)
-    chan = f"org/ns/{unique('chan')}"
-    names = [unique(f"m{i}") for i in range(9)]
     async with AsyncExitStack() as stack:
-        mod = await stack.enter_async_context(open_app("org/ns/mod", node=node.url,
-                                                       secret=SECRET))
-        apps: list[App] = [await stack.enter_async_context(
-            open_app(f"org/ns/{n}", node=node.url, secret=SECRET)) for n in names]
-        g = await mod.create_session(chan, GROUP)
-        sessions: list[Session] = []
-        with anyio.fail_after(20):
-            for app, n in zip(apps, names, strict=True):
-                await g.invite(f"org/ns/{n}")
-                sessions.append(await app.listen_for_session())
-        everyone = [g, *sessions]
-        with anyio.fail_after(10):
-            await g.wait_participants(10)
-            for s in sessions:
-                await s.wait_participants(10)
+        everyone = await open_group(stack, node.url, GROUP, 9)
+        g, sessions = everyone[0], everyone[1:]
         assert len({s.encryption.authenticator for s in everyone  # type: ignore[union-attr]
                     }) == 1
         texts = [f"confidential {i}: the eagle lands at {i}".encode() for i in range(10)]
@@ -80,7 +63,7 @@ async def test_group_of_ten_over_tcp_reads_each_other_and_the_tap_sees_no_body(
                 assert got == {t for i, t in enumerate(texts) if i != j}
         assert not [t for t in texts if any(t in chunk for chunk in wire)]
         # a member removed stops reading; the others move to a new epoch together
-        await g.remove(apps[4].name)
+        await g.remove(sessions[4].src)
         with anyio.fail_after(10):
             assert await sessions[4].wait_closed() == "removed"
         rest = [g, *sessions[:4], *sessions[5:]]
@@ -133,22 +116,8 @@ async def test_members_sharing_a_process_check_each_group_message_signature_once
         return real(signed, spk)
 
     monkeypatch.setattr(base, "_sign_open", counting)
-    chan = f"org/ns/{unique('chan')}"
-    names = [unique(f"m{i}") for i in range(3)]
     async with AsyncExitStack() as stack:
-        mod = await stack.enter_async_context(open_app("org/ns/mod", node=node.url,
-                                                       secret=SECRET))
-        apps = [await stack.enter_async_context(
-            open_app(f"org/ns/{n}", node=node.url, secret=SECRET)) for n in names]
-        g = await mod.create_session(chan, GROUP)
-        sessions: list[Session] = []
-        with anyio.fail_after(20):
-            for app, n in zip(apps, names, strict=True):
-                await g.invite(f"org/ns/{n}")
-                sessions.append(await app.listen_for_session())
-            for s in sessions:
-                await s.wait_participants(4)
-        everyone = [g, *sessions]
+        everyone = await open_group(stack, node.url, GROUP, 3)
         assert all(s.encryption.sender_auth == "signature"  # type: ignore[union-attr]
                    for s in everyone)
         for i, s in enumerate(everyone):

@@ -19,11 +19,11 @@ from node_lite import (
     open_node,
 )
 from node_lite._client import SharedDecoding
-from node_lite.wire import Publish, SharedEnvelope, encode_frame
-from slim_agents import SessionConfig, open_app
+from node_lite.wire import Publish, SharedEnvelope, check_publish, encode_frame
+from slim_agents import SessionConfig
 from slim_agents import _app_core as app_core
 from slim_agents._app_core import AppCore
-from tests.helpers import SECRET, unique
+from tests.helpers import SECRET, open_group
 
 CHAN = Name("org", "ns", "chan")
 
@@ -31,7 +31,7 @@ CHAN = Name("org", "ns", "chan")
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, Limits]]:
     """Record each real check_publish call: (the map, kept alive, and the limits)."""
     calls: list[tuple[Any, Limits]] = []
-    real: Callable[..., bool] = app_core.check_publish
+    real: Callable[..., bool] = check_publish
 
     def counting(d: Any, limits: Limits, known: Any = None) -> bool:
         calls.append((d, limits))
@@ -86,20 +86,8 @@ def test_a_malformed_shared_frame_is_refused_by_every_app(
 async def test_group_members_of_one_loop_check_each_group_frame_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     calls = spy(monkeypatch)
-    chan = f"org/ns/{unique('chan')}"
-    names = [unique(f"m{i}") for i in range(3)]
     async with open_node(NodeConfig(shared_secret=SECRET)) as node, AsyncExitStack() as stack:
-        mod = await stack.enter_async_context(open_app("org/ns/mod", node=node.url,
-                                                       secret=SECRET))
-        apps = [await stack.enter_async_context(
-            open_app(f"org/ns/{n}", node=node.url, secret=SECRET)) for n in names]
-        group = await mod.create_session(chan, SessionConfig.group())
-        with anyio.fail_after(20):
-            for n in names:
-                await group.invite(f"org/ns/{n}")
-            members = [await a.listen_for_session() for a in apps]
-            for m in members:
-                await m.wait_participants(4)
+        group, *members = await open_group(stack, node.url, SessionConfig.group(), 3)
         calls.clear()
         for i in range(20):
             await group.publish(f"m{i}".encode())
