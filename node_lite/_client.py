@@ -20,7 +20,7 @@ from ._errors import (
     NoRouteError,
     ProtocolError,
 )
-from ._limits import Limits
+from ._limits import DEFAULT_LIMITS, Limits
 from ._names import Name
 from ._transport import Outbox, WriteBatch, dial, tune_reading
 from ._util import collapse_excgroups
@@ -316,7 +316,7 @@ async def open_connection(
     :raises AuthenticationError: when the node refuses the identity.
     """
     stream = await _open_stream(target, tls)
-    limits = limits or Limits()
+    limits = limits or DEFAULT_LIMITS
     try:
         with collapse_excgroups():
             async with anyio.create_task_group() as tg:

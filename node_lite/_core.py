@@ -43,7 +43,7 @@ from ._errors import (
     ProtocolError,
     UnknownMessageTypeError,
 )
-from ._limits import Limits, RatePolicy, SlowConsumerPolicy
+from ._limits import DEFAULT_LIMITS, Limits, RatePolicy, SlowConsumerPolicy
 from ._names import Name, instance_id_for
 from ._routing import RoutingTable
 from .wire import (
@@ -202,7 +202,7 @@ class NodeCore:
     ) -> None:
         self.node_id = node_id
         self.flow_cache = flow_cache
-        self.limits = limits or Limits()
+        self.limits = limits or DEFAULT_LIMITS
         self.acl = acl or SubscribeAcl()
         self._rate_limited = self.limits.rate_limited
         # claimed channel (service, id) -> the moderator's public key

@@ -118,3 +118,8 @@ class Limits:
         if self.rate_bytes * self.rate_burst < self.max_frame_size:
             # a bucket that cannot hold one full frame would refuse it forever
             raise ConfigError("rate_bytes * rate_burst must be at least max_frame_size")
+
+
+#: The defaults, one shared instance (frozen): code left to them uses this one, so that
+#: a check made under it holds for every app of a loop (see wire.SharedEnvelope).
+DEFAULT_LIMITS = Limits()

@@ -31,7 +31,7 @@ from ._errors import (
     UnknownMessageTypeError,
     UnsupportedVersionError,
 )
-from ._limits import Limits
+from ._limits import DEFAULT_LIMITS, Limits
 from ._names import MAX_ID, Name
 
 __all__ = [
@@ -75,7 +75,6 @@ __all__ = [
 PROTOCOL_VERSION = 1
 _PREFIX = struct.Struct(">I")
 frame_prefix = _PREFIX.pack
-_DEFAULT_LIMITS = Limits()
 _U32 = 0xFFFF_FFFF
 
 
@@ -971,7 +970,7 @@ def decode_frame(body: bytes | memoryview, *, check_ext: bool = True) -> dict[st
     return d
 
 
-def decode_message(d: Mapping[str, Any], limits: Limits = _DEFAULT_LIMITS) -> Message:
+def decode_message(d: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     """Turn a decoded envelope map into its typed message.
 
     :raises UnknownMessageTypeError: for a type tag this version does not know.
@@ -1008,7 +1007,7 @@ class FrameDecoder:
 
     __slots__ = ("_chunks", "_have", "_need", "max_frame_size")
 
-    def __init__(self, max_frame_size: int = _DEFAULT_LIMITS.max_frame_size) -> None:
+    def __init__(self, max_frame_size: int = DEFAULT_LIMITS.max_frame_size) -> None:
         self.max_frame_size = max_frame_size
         self._chunks: list[bytes] = []  # an incomplete frame, in pieces
         self._have = 0

@@ -33,6 +33,7 @@ from node_lite import (
     instance_id_for,
     open_connection,
 )
+from node_lite._limits import DEFAULT_LIMITS
 from node_lite._util import Wakeup, collapse_excgroups, current_backend
 from node_lite.wire import (
     Command,
@@ -80,9 +81,6 @@ CLOSE_GRACE = 2.0
 MAX_LISTEN_QUEUE = 1024
 # Longest pause of the read loop for one full session inbox.
 INBOX_PAUSE = 1.0
-# One instance for every app left to the defaults: a group frame an app checked under
-# it needs no check by the other apps of the loop (SharedEnvelope.checked).
-_DEFAULT_LIMITS = Limits()
 
 
 class _Default(enum.Enum):
@@ -115,7 +113,7 @@ class App:
         self.instrument = instrument
         self.provider = provider
         self.name = base.with_id(instance_id_for(provider.subject))
-        self.limits = limits or _DEFAULT_LIMITS
+        self.limits = limits or DEFAULT_LIMITS
         self.core = AppCore(self.name, provider, verifier, rng=rng, limits=self.limits,
                             invite_policy=invite_policy, signing=signing_identity)
         self._target = node

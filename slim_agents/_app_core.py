@@ -31,6 +31,7 @@ from node_lite import (
     instance_id_for,
 )
 from node_lite._auth import parse_unverified
+from node_lite._limits import DEFAULT_LIMITS
 from node_lite.wire import (
     MAX_CARD_SIZE,
     Announce,
@@ -114,7 +115,7 @@ class AppCore:
         self.provider = provider
         self.subject = provider.subject
         self.verifier = verifier
-        self.limits = limits or Limits()
+        self.limits = limits or DEFAULT_LIMITS
         self.invite_policy = invite_policy
         self._rng = rng or random.Random()
         self.sessions: dict[int, SessionCore] = {}
