@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from ._transport import Outbox, WriteBatch, dial, tune_reading
 from ._util import collapse_excgroups
 from .wire import (
     Error,
+    FlowDecoding,
     FrameDecoder,
     Hello,
     HelloAck,
@@ -88,16 +89,20 @@ class SharedDecoding:
         self._new: dict[bytes, SharedEnvelope] = {}
         self._old: dict[bytes, SharedEnvelope] = {}
 
-    def decode(self, frame: memoryview, *, check_ext: bool) -> dict[str, Any]:
-        """:func:`decode_frame`, once per distinct frame among the recent ones."""
+    def decode(self, frame: bytes | memoryview, *, check_ext: bool,
+               flows: FlowDecoding | None = None) -> dict[str, Any]:
+        """:func:`decode_frame` (or ``flows``' decoding), once per distinct frame among
+        the recent ones."""
         if len(frame) > _SHARED_FRAME_MAX:
             return decode_frame(frame, check_ext=check_ext)
-        key = frame.tobytes()
+        key = frame if type(frame) is bytes else bytes(frame)
         hit = self._new.get(key) or self._old.get(key)
         if hit is not None:
             self._hits += 1
             return hit
-        d = decode_frame(frame, check_ext=check_ext)  # raises: nothing kept
+        # Raises: nothing kept.
+        d = decode_frame(key, check_ext=check_ext) if flows is None \
+            else flows.decode(key, 0, len(key), check_ext=check_ext)
         self._misses += 1
         if self._misses >= _SHARED_ENTRIES:
             if self._hits * 8 < self._misses:
@@ -107,9 +112,10 @@ class SharedDecoding:
         if type(dst) is list and len(dst) == 4 and dst[3] is None:
             if len(self._new) >= _SHARED_ENTRIES:
                 self._old, self._new = self._new, {}
-            shared = self._new[key] = SharedEnvelope(d)
-            shared.checked = None
-            return shared
+            if type(d) is not SharedEnvelope:
+                d = SharedEnvelope(d)
+                d.checked = None
+            self._new[key] = d
         return d
 
 
@@ -140,6 +146,7 @@ class NodeConnection:
         #: The writer's queue (an attribute: the hot path reads it per message).
         self.outbox = Outbox(stream, batch=self._batch)
         self._decoder = FrameDecoder(limits.max_frame_size)
+        self._flows = FlowDecoding(limits)
         self._ready: deque[dict[str, Any]] = deque()
         self._read_size = tune_reading(stream)
         self.hello_ack: HelloAck | None = None
@@ -215,30 +222,38 @@ class NodeConnection:
                 ssl.SSLError) as exc:
             raise anyio.EndOfStream from exc
         buf, bounds = self._decoder.feed_spans(data)
-        view = memoryview(buf)
         ends = range(1, len(bounds))
         marks = timestamp_marks(buf)
+        flows = self._flows
         shared = self._shared
-        decode: Callable[..., dict[str, Any]] = decode_frame
         if shared is not None and shared.connections > 1:
             if shared.paused > 0:
                 shared.paused -= len(ends)
-            else:
-                decode = shared.decode
+                shared = None
+        else:
+            shared = None
         try:
-            if not marks:
-                return [decode(view[bounds[i - 1] + 4:bounds[i]], check_ext=False)
+            if shared is not None:
+                view = memoryview(buf)
+                return [shared.decode(view[bounds[i - 1] + 4:bounds[i]], flows=flows,
+                                      check_ext=marked(marks, bounds[i - 1], bounds[i]))
                         for i in ends]
-            return [decode(view[bounds[i - 1] + 4:bounds[i]],
-                           check_ext=marked(marks, bounds[i - 1], bounds[i]))
+            if not marks:
+                return [flows.decode(buf, bounds[i - 1] + 4, bounds[i], check_ext=False)
+                        for i in ends]
+            return [flows.decode(buf, bounds[i - 1] + 4, bounds[i],
+                                 check_ext=marked(marks, bounds[i - 1], bounds[i]))
                     for i in ends]
         except ProtocolError:
             pass
         out = []  # the rare case, one frame at a time
         for i in ends:
+            start, end = bounds[i - 1] + 4, bounds[i]
+            check_ext = marked(marks, bounds[i - 1], end)
             try:
-                out.append(decode(view[bounds[i - 1] + 4:bounds[i]],
-                                  check_ext=marked(marks, bounds[i - 1], bounds[i])))
+                out.append(flows.decode(buf, start, end, check_ext=check_ext) if shared is None
+                           else shared.decode(memoryview(buf)[start:end], flows=flows,
+                                              check_ext=check_ext))
             except ProtocolError as exc:
                 self.bad_frames[type(exc).__name__] += 1
         return out

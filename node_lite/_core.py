@@ -12,8 +12,8 @@
 #   the bytes of its routing header (v, t, src, dst, fan, canonical order) are
 #   remembered with the decision; later frames starting with those bytes are
 #   forwarded in runs without decoding, until the routing table changes.
-#   Receivers decode and check whole frames (repeated keys are refused, so a
-#   tail cannot override a checked header field).
+#   Receivers check every field (repeated keys are refused, so a tail cannot
+#   override a checked header field); see wire.FlowDecoding for their own cache.
 # * A frame never goes back out the connection it came in on.
 # * Writes go to sinks; a sink over its limit is handled by the slow-consumer
 #   policy here (drop or disconnect) or reported to the driver (wait).

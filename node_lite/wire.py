@@ -14,6 +14,7 @@ This module never does I/O and never reads the clock.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import struct
 from bisect import bisect_left
@@ -44,6 +45,7 @@ __all__ = [
     "DirectoryEntry",
     "Error",
     "ErrorCode",
+    "FlowDecoding",
     "FrameDecoder",
     "Hello",
     "HelloAck",
@@ -968,6 +970,152 @@ def decode_frame(body: bytes | memoryview, *, check_ext: bool = True) -> dict[st
     if type(d.get("t")) is not str:
         raise MalformedFrameError("missing type tag", field="t")
     return d
+
+
+# A FlowDecoding remembers up to _FLOW_MAX headers of up to _FLOW_LENGTHS lengths,
+# then starts over. Every _FLOW_CHECK frames decoded whole, fewer hits than that
+# (a new flow per frame) leaves the next _FLOW_PAUSE frames to decode_frame.
+_FLOW_MAX = 256
+_FLOW_LENGTHS = 8
+_FLOW_CHECK = 1024
+_FLOW_PAUSE = 16384
+#: Larger frames decode in place: the tail would be copied twice.
+_FLOW_FRAME_MAX = 65536
+#: Tail fields a hit checks itself; any other sends the map through check_publish.
+_FLOW_TAIL = frozenset(("mid", "body", "ack"))
+_flow_pack = msgpack.Packer(use_bin_type=True).pack
+_unpackb = msgpack.unpackb
+
+
+class _Flow:
+    __slots__ = ("fields", "prefix", "tail")
+
+    def __init__(self, fields: dict[str, Any], prefix: bytes, tail: bytes) -> None:
+        self.fields = fields  # the header's fields, decoded
+        self.prefix = prefix  # their bytes, from the map's size through the "mid" key
+        self.tail = tail  # an array header for the values and pairs after "mid"
+
+
+class FlowDecoding:
+    """:func:`decode_frame` for one connection, which decodes a flow's header once.
+
+    Every publish of a session to one destination starts with the same bytes:
+    the map's size and each field before ``mid``. Once a frame has decoded and
+    passed :func:`check_publish` under ``limits``, those fields are kept by their
+    bytes, and a later frame starting with the same bytes unpacks only the rest.
+    A publish comes back as a :class:`SharedEnvelope` whose ``checked`` is
+    ``limits`` when all of it passed those checks (a header's fields passed them
+    in the same bytes); otherwise, unchecked, for its reader to check and report.
+    Whatever does not unpack cleanly takes :func:`decode_frame`, which raises
+    the precise error; a tail repeating a header's key is one of those.
+    """
+
+    __slots__ = ("_flows", "_hits", "_known", "_last", "_lengths", "_limits", "_misses",
+                 "paused")
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._known: set[tuple[Any, ...]] = set()
+        self._flows: dict[bytes, _Flow] = {}
+        self._lengths: list[int] = []
+        self._last: _Flow | None = None
+        self._hits = self._misses = 0
+        #: Frames left to decode without looking for their flow.
+        self.paused = 0
+
+    def decode(self, buf: bytes, start: int, end: int, *, check_ext: bool) -> dict[str, Any]:
+        """The checked envelope map of the frame body ``buf[start:end]``.
+
+        :raises ProtocolError: as :func:`decode_frame`.
+        """
+        if self.paused > 0:
+            self.paused -= 1
+            return decode_frame(memoryview(buf)[start:end], check_ext=check_ext)
+        if check_ext or end - start > _FLOW_FRAME_MAX:  # a timestamp's mark: the full walk
+            return decode_frame(memoryview(buf)[start:end], check_ext=check_ext)
+        flow = self._last
+        if flow is None or not buf.startswith(flow.prefix, start, end):
+            flows = self._flows
+            for n in self._lengths:
+                flow = flows.get(buf[start:start + n])
+                if flow is not None:
+                    break
+            else:
+                flow = None
+        if flow is not None:
+            d = self._rest(flow, buf, start, end)
+            if d is not None:
+                self._last = flow
+                self._hits += 1
+                return d
+        d = decode_frame(memoryview(buf)[start:end], check_ext=False)
+        self._misses += 1
+        if self._misses >= _FLOW_CHECK:
+            if self._hits < self._misses:
+                self.paused = _FLOW_PAUSE
+            self._hits = self._misses = 0
+        if d.get("t") != "pub" or "mid" not in d:
+            return d
+        try:
+            check_publish(d, self._limits, self._known)
+        except ProtocolError:
+            return d  # its reader reports it
+        checked = SharedEnvelope(d)
+        checked.checked = self._limits
+        self._learn(checked, buf, start, end)
+        return checked
+
+    def _rest(self, flow: _Flow, buf: bytes, start: int, end: int) -> dict[str, Any] | None:
+        """A frame of ``flow`` with its tail unpacked; None when the tail is not clean."""
+        try:
+            # msgpack's defaults since 1.0: str as text, only str keys in maps.
+            values = _unpackb(flow.tail + buf[start + len(flow.prefix):end],
+                              ext_hook=_refuse_ext)
+        except Exception:  # msgpack signals bad input with several types
+            return None
+        d = SharedEnvelope(flow.fields)
+        d["mid"] = mid = values[0]
+        plain = True
+        for i in range(1, len(values), 2):
+            key = values[i]
+            if type(key) is not str or key in d:
+                return None
+            d[key] = values[i + 1]
+            if key not in _FLOW_TAIL:
+                plain = False
+        if plain and type(mid) is int and 0 <= mid <= _U32 \
+                and type(d.get("body", b"")) is bytes:
+            d.checked = self._limits
+            return d
+        d.checked = None
+        if not plain:
+            with contextlib.suppress(ProtocolError):  # its reader reports it
+                check_publish(d, self._limits, self._known)
+                d.checked = self._limits
+        return d
+
+    def _learn(self, d: dict[str, Any], buf: bytes, start: int, end: int) -> None:
+        keys = list(d)  # in the frame's order: repeated keys were refused
+        at = keys.index("mid")
+        if "v" not in keys[:at] or "t" not in keys[:at]:
+            return  # decode_frame's own checks must stay in the header
+        first = buf[start]
+        size = 1 if first <= 0x8F else 3 if first == 0xDE else 5
+        pack = _flow_pack
+        prefix = buf[start:start + size] + b"".join(
+            pack(k) + pack(d[k]) for k in keys[:at]) + b"\xa3mid"
+        if not buf.startswith(prefix, start, end):
+            return  # not the shortest encoding of its values
+        n = len(prefix)
+        lengths = self._lengths
+        if len(self._flows) >= _FLOW_MAX or (n not in lengths and len(lengths) >= _FLOW_LENGTHS):
+            self._flows.clear()
+            lengths.clear()
+        if n not in lengths:
+            lengths.append(n)
+        count = 2 * (len(keys) - at) - 1
+        tail = bytes((0x90 | count,)) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
+        self._last = self._flows[prefix] = _Flow({k: d[k] for k in keys[:at]}, prefix, tail)
 
 
 def decode_message(d: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Message:
