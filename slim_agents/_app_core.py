@@ -157,6 +157,10 @@ class AppCore:
     def random_mid(self) -> int:
         return self._rng.randrange(1, 0xFFFF_FFFF)
 
+    def timers_changed(self, session: SessionCore) -> None:
+        """A session started an operation on its own (a refresh at a publish)."""
+        self._touch(session)
+
     def mark_dirty(self, session: SessionCore) -> None:
         self._dirty[session.sid] = session
 

@@ -945,6 +945,8 @@ class SessionCore:
         self._refresh_queued = True
         ticket = Ticket("refresh")
         self._queue(lambda t: self._refresh_step(ticket, t), ticket, now)
+        # Its deadlines, when a publish started it: the driver expects none from one.
+        self.owner.timers_changed(self)
         return ticket
 
     def _refresh_step(self, ticket: Ticket, now: float) -> None:

@@ -5,6 +5,7 @@ rewrites what it delivers."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any
 
@@ -22,8 +23,13 @@ from slim_agents._errors import SessionError, SessionRejectedError
 from slim_agents._protocol import Kind, decode_body, encode_body
 from slim_agents._reports import Message
 from slim_agents._session_core import SessionCore, State
-from slim_agents._session_e2e import REFRESH_INTERVAL, DecryptError, SessionKeys
-from tests.slim_agents.harness import Faults, Net
+from slim_agents._session_e2e import (
+    REFRESH_INTERVAL,
+    REFRESH_MESSAGES,
+    DecryptError,
+    SessionKeys,
+)
+from tests.slim_agents.harness import FaultInjector, Faults, Net
 
 RELIABLE = {"timeout": 1.0, "max_retries": 5}
 E2E_GROUP = SessionConfig.group(mls_enabled=True, **RELIABLE)
@@ -517,3 +523,42 @@ def test_encrypted_group_is_exactly_once_in_order_under_faults_and_membership_ch
             if i != j:
                 assert [p for p in got if p.startswith(f"{i}:".encode())] == sent[i]
     assert len(authenticators([s for _, s in everyone])) == 1
+
+
+class DropFirstUpdate(FaultInjector):
+    """Drops the first group update sent once armed (one copy, on the way up)."""
+
+    armed = False
+    dropped = 0
+
+    def on_publish(self, lane: Any, frame: bytes) -> list[bytes]:
+        if self.armed and not self.dropped and lane[0] == "up" \
+                and decode_frame(frame[4:])["k"] == Kind.GROUP_UPDATE:
+            self.dropped += 1
+            return []
+        return [frame]
+
+
+@pytest.mark.parametrize("reliable", [False, True])
+def test_a_refresh_a_publish_starts_is_retried_when_its_commit_is_lost(
+        reliable: bool) -> None:
+    # The publish that reaches the refresh count starts the refresh: its commit's
+    # retransmission must be timed even though a publish adds no other deadline
+    # (best effort) or only its own, later one (reliable).
+    faults = DropFirstUpdate()
+    net = Net(faults=faults)
+    config = SessionConfig.group(mls_enabled=True, **(RELIABLE if reliable else {}))
+    mod, _members, g, sessions = group(net, 2, config)
+    assert g.encryption is not None and g.keys is not None
+    epoch = g.encryption.epoch
+    g.keys.messages = REFRESH_MESSAGES - 1
+    faults.armed = True
+    g.publish(b"the last of the epoch", net.now)
+    mod.operate(g, net.now, math.inf if not reliable else net.now + 1000.0)
+    net.pump()
+    assert faults.dropped == 1
+    assert {s.encryption.epoch for s in sessions if s.encryption} == {epoch}
+    assert g.get_timer() == mod.get_timer()  # the app's timer is the session's
+    net.advance(3.0)  # the commit's retransmission is due after 1 s
+    assert {s.encryption.epoch for s in [g, *sessions] if s.encryption} == {epoch + 1}
+    assert len(authenticators([g, *sessions])) == 1
