@@ -50,7 +50,7 @@ from ._e2e import SigningIdentity
 from ._errors import ParticipantError, SessionError
 from ._instrument import Instrument, default_instrument
 from ._reports import Ticket
-from ._session import Handle, Session
+from ._session import FLUSH, FLUSH_ALONE, Handle, Session
 from ._session_core import (
     Closed,
     Established,
@@ -288,7 +288,8 @@ class App:
     def _after(self, session: SessionCore, *, defer: bool = False,
                soonest: float | None = None) -> None:
         core = self.core
-        core.operate(session, time.time(), soonest)
+        if soonest != math.inf:  # else (a best-effort publish) it added no deadline
+            core.operate(session, time.time(), soonest)
         if core._events or core._ready:
             self._pump(defer=defer)
         else:
@@ -298,9 +299,13 @@ class App:
                     self._timer_wake is not None:
                 self._timer_wake.set()
 
-    async def _send_published(self, session: SessionCore, soonest: float) -> bool:
-        """Send what a publish of ``session`` queued, as the traffic around it suits;
-        True when it went out from here (the caller has been through a checkpoint)."""
+    def _published(self, session: SessionCore, soonest: float) -> int:
+        """Send what a publish of ``session`` queued, as the traffic around it suits.
+
+        Returns what the caller does next: ``0``, nothing (the writer has it);
+        ``FLUSH``, await :meth:`_flush`; ``FLUSH_ALONE``, await it and return (it
+        was a checkpoint). Not a coroutine: most publishes await nothing here.
+        """
         now = time.monotonic()  # a C call; anyio.current_time looks up the backend first
         burst = now - self._last_publish <= _BURST_GAP
         self._last_publish = now
@@ -309,16 +314,13 @@ class App:
             # this sends a full share now so the peer can start on it.
             self._after(session, defer=True, soonest=soonest)
             conn = self._conn
-            if conn is not None and conn.outbox.pending_frames >= _CORK_MAX:
-                await self._flush()
-            return False
+            return FLUSH if conn is not None and conn.outbox.pending_frames >= _CORK_MAX else 0
         if not burst:
             # Not part of a burst (request/reply): send from here, one task switch less.
             self._after(session, defer=True, soonest=soonest)
-            await self._flush()
-            return True
+            return FLUSH_ALONE
         self._after(session, soonest=soonest)  # the writer joins the burst into one write
-        return False
+        return 0
 
     def _send_frames(self, *, defer: bool = False) -> None:
         frames = self.core.take_frames()

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 # get_message() yields to the event loop at least this often when messages are waiting.
 _YIELD_EVERY = 1024
+# What a publish awaits after App._published (0: nothing).
+FLUSH = 1
+FLUSH_ALONE = 2
 
 
 class Handle(Generic[R]):
@@ -191,8 +194,10 @@ class Session:
     async def _publish(self, payload: bytes, payload_type: str | None,
                        metadata: Mapping[str, str] | None, to: Name | None,
                        reply_to: MessageContext | None) -> Handle[DeliveryReport]:
-        if not isinstance(payload, bytes | bytearray | memoryview):
-            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+        if type(payload) is not bytes:
+            if not isinstance(payload, bytes | bytearray | memoryview):
+                raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+            payload = bytes(payload)
         app = self._app
         if app.instrument is not None:
             metadata = app.instrument.publish(self, len(payload), metadata, reply_to)
@@ -203,16 +208,20 @@ class Session:
                 await conn.outbox.wait_drained()
             try:
                 sent_at = time.time()  # App._now, without the call
-                ticket = core.publish(bytes(payload), sent_at, payload_type=payload_type,
+                ticket = core.publish(payload, sent_at, payload_type=payload_type,
                                       metadata=metadata, to=to)
                 break
             except WindowFull:
                 await self._window_wakeup.wait()
-        # The only deadline a publish adds is its retransmission's.
+        # The only deadline a publish adds is its retransmission's (a key refresh it
+        # starts registers its own, see AppCore.timers_changed).
         timeout = core.config.timeout
         soonest = math.inf if timeout is None else sent_at + timeout
-        if await app._send_published(core, soonest):
-            return Handle(app, ticket)
+        step = app._published(core, soonest)
+        if step:
+            await app._flush()
+            if step == FLUSH_ALONE:
+                return Handle(app, ticket)
         self._gets += 1
         if self._gets % _YIELD_EVERY == 0:
             # A real checkpoint now and then lets the writer and others run;
