@@ -235,6 +235,10 @@ class NodeConnection:
         try:
             if shared is not None:
                 view = memoryview(buf)
+                if not marks:
+                    return [shared.decode(view[bounds[i - 1] + 4:bounds[i]], check_ext=False,
+                                          flows=flows)
+                            for i in ends]
                 return [shared.decode(view[bounds[i - 1] + 4:bounds[i]], flows=flows,
                                       check_ext=marked(marks, bounds[i - 1], bounds[i]))
                         for i in ends]
