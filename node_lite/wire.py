@@ -873,12 +873,16 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 
 def _has_timestamp(value: object) -> bool:
-    if isinstance(value, msgpack.Timestamp):
-        return True
-    if isinstance(value, dict):
-        return any(_has_timestamp(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_timestamp(v) for v in value)
+    # A walk with its own stack: msgpack nests up to 1024 deep, past Python's recursion.
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, msgpack.Timestamp):
+            return True
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
     return False
 
 

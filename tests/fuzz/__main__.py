@@ -32,7 +32,7 @@ ROOT = HERE.parents[1]
 SEEDS = HERE / "seeds"
 # CPU time one input may take (section 3.6: no hang > 100 ms per input).
 HANG_SECONDS = 0.1
-TARGETS = ("wire", "node", "session_body", "e2e_decode", "e2e_group", "token", "jwt")
+TARGETS = ("wire", "flows", "node", "session_body", "e2e_decode", "e2e_group", "token", "jwt")
 # Instrumented: both packages but the modules no target reaches (instrumenting
 # those costs seconds per process).
 NOT_REACHED = ["node_lite._server", "node_lite._client", "node_lite._transport",

@@ -40,6 +40,7 @@ from node_lite import (
 from node_lite._auth import parse_unverified
 from node_lite._jwt import _unverified_claims
 from node_lite.wire import (
+    FlowDecoding,
     FrameDecoder,
     Hello,
     Publish,
@@ -49,6 +50,7 @@ from node_lite.wire import (
     decode_message,
     encode,
     encode_frame,
+    timestamp_marks,
 )
 from slim_agents._e2e import (
     Credential,
@@ -152,6 +154,49 @@ def _wire_examples() -> list[bytes]:
     return [b"\x00" + stream, b"\x85" + stream, b"\x00" + encode_frame({"v": 1, "t": "zz"}),
             b"\x00\x7f\xff\xff\xff", b"\x00\x00\x00\x00\x64" + b"x" * 50,
             *(b"\x00" + _frame(b) for b in HOSTILE_BODIES)]
+
+
+# -- flows: a connection's flow decoding against the full decoding -----------------------
+
+_FLOW_HEAD = {"v": 1, "t": "pub", "src": ["org", "ns", "a", 1], "dst": ["org", "ns", "b", 2],
+              "fan": 1, "ttl": 8, "sid": 5, "st": 1, "k": 1}
+
+
+def _outcome(decode: Callable[[bytes], dict[str, Any]], frame: bytes) -> tuple[Any, ...]:
+    try:
+        return ("ok", decode(frame))
+    except ProtocolError as exc:
+        return ("error", type(exc), str(exc))
+
+
+def flows(data: bytes) -> None:
+    """A FlowDecoding taught a valid frame of 1 + (first byte % 4) tail fields, then
+    given the rest: as a whole frame (mode < 128) or as that flow's tail. It must give
+    what decode_frame gives (map or error), marked checked only when the map passes
+    check_publish (an unmarked one is checked by its reader)."""
+    mode, data = _mode(data, 256)
+    extra = mode % 4
+    fill = {f"f{i}": b"" for i in range(extra)}
+    teacher = msgpack.packb({**_FLOW_HEAD, "mid": 1, **fill, "body": b"x"})
+    frame = data if mode < 128 else teacher[:teacher.index(b"\xa3mid") + 4] + data
+    decoder = FlowDecoding(LIMITS)
+    decoder.decode(teacher, 0, len(teacher), check_ext=False)
+    marks = bool(timestamp_marks(frame))
+    got = _outcome(lambda f: decoder.decode(f, 0, len(f), check_ext=marks), frame)
+    full = _outcome(lambda f: decode_frame(f, check_ext=marks), frame)
+    assert got == full, (got, full)
+    if got[0] == "ok" and getattr(got[1], "checked", None) is LIMITS:
+        check_publish(dict(full[1]), LIMITS, set())
+
+
+def _flow_examples() -> list[bytes]:
+    tails = [b"\x02\xa4body\xc4\x01y", b"\x02\xa3src\xc0\xa4body\xc4\x00",
+             b"\x02\xa2pt\xa1x\xa4body\xc4\x00", b"\xff\xa4body\xc4\x00",
+             b"\x02\xa4body\xd6\xff\x00\x00\x00\x01", b"\x02\xa4body\xc4\x05ab"]
+    whole = [msgpack.packb({**_FLOW_HEAD, "mid": 2, "body": b"y"}),
+             msgpack.packb({**_FLOW_HEAD, "mid": 2, "meta": {"k": 1}, "body": b""})]
+    return [b"\x80" + t for t in tails] + [b"\x00" + w for w in whole] + \
+        [b"\x00" + b for b in HOSTILE_BODIES]
 
 
 # -- node: a NodeCore's input path -------------------------------------------------------
@@ -461,6 +506,7 @@ def _jwt_examples() -> list[bytes]:
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("wire", wire, (ProtocolError,), _wire_examples),
+    Target("flows", flows, (), _flow_examples),
     Target("node", node, (), _node_examples),
     Target("session_body", session_body, (ProtocolViolation,), _session_examples),
     Target("e2e_decode", e2e_decode, (E2EError,), _e2e_examples),

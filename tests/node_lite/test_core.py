@@ -458,6 +458,20 @@ def test_malformed_frames_get_errors_and_the_third_closes() -> None:
     assert core.drops["malformed"] == 3
 
 
+def test_a_deeply_nested_frame_with_a_timestamp_is_malformed_not_a_crash() -> None:
+    # Found by fuzzing: nested some 500 deep, the walk for Timestamp objects raised
+    # RecursionError out of the node's input path.
+    now = time.time()
+    core = new_core()
+    conn, sink, _ = connect_app(core, "deep", now)
+    body = b"\x83\xa1v\x01\xa1t\xa3pub\xa1x" + b"\x91" * 900 + b"\xd6\xff" + bytes(4)
+    core.data_received(conn, frame_prefix(len(body)) + body + encode_frame(Ping(nonce=4)), now)
+    err, pong = decode_all(sink)
+    assert isinstance(err, Error) and err.code == "malformed" and "timestamp" in err.message
+    assert pong == Pong(nonce=4)  # and the frames after it are read
+    assert sink.closed is None and core.drops["malformed"] == 1
+
+
 def test_malformed_frames_spread_over_the_window_do_not_close() -> None:
     now = time.time()
     core = new_core()

@@ -1090,3 +1090,14 @@ def test_check_publish_fast_path_agrees_with_the_full_walk(changes: dict[str, An
         else:
             d[key] = copy.deepcopy(value)
     assert _verdict(d, _warm()) == _verdict(copy.deepcopy(d), None)
+
+
+@pytest.mark.parametrize("depth", [1, 600, 1000])
+def test_a_deeply_nested_frame_is_walked_without_recursion(depth: int) -> None:
+    # Found by fuzzing: the walk for Timestamp objects recursed, so a frame nested
+    # some 500 deep with a timestamp mark raised RecursionError, not a ProtocolError.
+    head = b"\x83\xa1v\x01\xa1t\xa3pub\xa1x"
+    with pytest.raises(MalformedFrameError, match="timestamp"):
+        decode_frame(head + b"\x91" * depth + TIMESTAMP_ENCODINGS["fixext4"], check_ext=True)
+    d = decode_frame(head + b"\x91" * depth + b"\xc0", check_ext=True)
+    assert d["t"] == "pub"
