@@ -699,9 +699,16 @@ class RunningAgent:
 
     async def _exchange(self, target: Name | str, payload_type: str, body: bytes) -> Any:
         answer = await self._ask(target, body, payload_type=payload_type, key=CALL_ID)
-        reply = _loads(answer.payload)
+        try:
+            reply = _loads(answer.payload)
+        except ValueError as exc:
+            raise ToolError(f"{target}: the reply is not JSON: {exc}", code="bad_reply") from None
+        if not isinstance(reply, dict):
+            raise ToolError(f"{target}: the reply is not a JSON object", code="bad_reply")
         if not reply.get("ok"):
-            err = reply.get("error") or {}
+            err = reply.get("error")
+            if not isinstance(err, dict):
+                err = {}
             raise ToolError(err.get("message", "the call failed"),
                             code=err.get("code", "failed"), tool=err.get("tool"))
         return reply.get("result")
@@ -712,7 +719,7 @@ class RunningAgent:
         Bound the wait with a cancel scope.
 
         :raises ToolError: carrying the remote error (``not_found``, ``bad_arguments``,
-            ``failed``, ...).
+            ``failed``, ...), or ``bad_reply`` when the answer is not a JSON object.
         :raises NoRouteError: when no agent serves ``target``.
         """
         body = _dumps({"tool": tool_name, "args": arguments}).encode()
@@ -720,7 +727,9 @@ class RunningAgent:
 
     async def describe(self, target: Name | str) -> dict[str, Any]:
         """What another agent offers: its description and its tools' specs."""
-        result: dict[str, Any] = await self._exchange(target, DESCRIBE, b"{}")
+        result = await self._exchange(target, DESCRIBE, b"{}")
+        if not isinstance(result, dict):
+            raise ToolError(f"{target}: the description is not a JSON object", code="bad_reply")
         return result
 
     async def remote_tools(self, target: Name | str) -> list[Tool]:
@@ -859,10 +868,10 @@ class RunningAgent:
             card = AgentCard(entry.name, entry.node)
             if entry.card is not None:
                 try:
-                    info = json.loads(entry.card)
+                    info = _loads(entry.card)
                     card = AgentCard(entry.name, entry.node, str(info.get("description", "")),
                                      list(info.get("tools", [])), True)
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError, TypeError):
                     pass  # an app that is not an agent: listed by name
             out.append(card)
         return out
@@ -935,5 +944,9 @@ _decode = json.JSONDecoder().decode
 
 
 def _loads(payload: bytes) -> Any:
-    # Decoding first skips json.loads' byte-encoding sniffing; bad UTF-8 is a ValueError too.
-    return _decode(payload.decode())
+    """JSON from a peer; :class:`ValueError` for anything that is not (bad UTF-8 too)."""
+    # Decoding first skips json.loads' byte-encoding sniffing.
+    try:
+        return _decode(payload.decode())
+    except RecursionError:  # the decoder's own limit, hit by a peer nesting deeply
+        raise ValueError("JSON nested too deeply") from None

@@ -208,3 +208,71 @@ async def test_tool_calls_beyond_concurrency_and_backlog_wait_and_all_get_answer
                 assert len(s._handlers.jobs) == 2  # the others wait unread
                 gate.set()
     assert sorted(results) == list(range(8)) and peak == 1 and s.handled == 8
+
+
+DEEP = b"[" * 5000 + b"]" * 5000  # past the JSON decoder's nesting limit
+
+
+async def test_a_request_nested_too_deeply_is_answered_as_a_bad_request(node: Node) -> None:
+    from slim_agents import open_app
+    from slim_agents._agent import CALL, CALL_ID
+
+    calc_name = f"org/ns/{unique('calc')}"
+    async with calculator(calc_name).run(node, secret=SECRET), \
+            open_app(f"org/ns/{unique('raw')}", node=node, secret=SECRET) as raw:
+        with anyio.fail_after(10):
+            session = await raw.create_session(calc_name)
+            await session.publish(DEEP, payload_type=CALL, metadata={CALL_ID: "c1"})
+            answer = await session.get_message()
+    assert answer.context.metadata[CALL_ID] == "c1"
+    assert b'"code": "bad_request"' in answer.payload and b"too deeply" in answer.payload
+
+
+@pytest.mark.parametrize("reply", [b"not json", b"[1, 2]", DEEP, b'{"ok": false, "error": 5}'],
+                         ids=["not json", "a list", "nested too deeply", "error not a map"])
+async def test_a_reply_that_is_not_a_result_is_a_typed_error(node: Node, reply: bytes) -> None:
+    from slim_agents import open_app
+    from slim_agents._agent import CALL_ID, RESULT
+
+    fake_name = f"org/ns/{unique('fake')}"
+    user = Agent(f"org/ns/{unique('user')}", plugins=make_plugin_manager(allow=False))
+
+    async def answer(app: object) -> None:
+        session = await app.listen_for_session()  # type: ignore[attr-defined]
+        async for msg in session:
+            await session.publish_to(msg.context, reply, payload_type=RESULT,
+                                     metadata={CALL_ID: msg.context.metadata[CALL_ID]})
+
+    async with open_app(fake_name, node=node, secret=SECRET) as fake, \
+            user.run(node, secret=SECRET) as u, anyio.create_task_group() as tg:
+        tg.start_soon(answer, fake)
+        with anyio.fail_after(10), pytest.raises(ToolError) as info:
+            await u.call(fake_name, "anything")
+        tg.cancel_scope.cancel()
+    if reply.startswith(b"{"):
+        assert info.value.code == "failed"  # its error is unreadable: the default
+    else:
+        assert info.value.code == "bad_reply" and fake_name in str(info.value)
+
+
+async def test_discovery_lists_an_app_with_an_unreadable_card_by_name(node: Node) -> None:
+    from slim_agents import open_app
+
+    ns = unique("cards")
+    calc_name = f"org/{ns}/calc"
+    user = Agent(f"org/{ns}/user", plugins=make_plugin_manager(allow=False))
+    async with calculator(calc_name).run(node, secret=SECRET) as calc, \
+            open_app(f"org/{ns}/deep", node=node, secret=SECRET) as deep, \
+            open_app(f"org/{ns}/list", node=node, secret=SECRET) as listed, \
+            user.run(node, secret=SECRET) as u:
+        with anyio.fail_after(10):
+            await deep.announce(DEEP)
+            await listed.announce(b"[1]")
+            # A node reads each connection in order: once an app's lookup is
+            # answered, its announcement is in the directory.
+            for app in (calc.app, deep, listed):
+                await app.lookup(f"org/{ns}")
+            cards = {str(c.name.without_id()): c for c in await u.discover(f"org/{ns}")}
+    assert sorted(cards) == sorted([calc_name, f"org/{ns}/deep", f"org/{ns}/list"])
+    assert cards[calc_name].known and cards[calc_name].description == "adds numbers"
+    assert not cards[f"org/{ns}/deep"].known and not cards[f"org/{ns}/list"].known
