@@ -322,7 +322,7 @@ def _content(blocks: Sequence[types.ContentBlock]) -> Any:
         text = blocks[0].text
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the decoder's limit
             return text
     return [b.text if isinstance(b, types.TextContent)
             else b.model_dump(mode="json", by_alias=True, exclude_none=True) for b in blocks]

@@ -42,7 +42,7 @@ def to_openai_agents(tool: Tool, *, strict: bool = True) -> FunctionTool:
     async def invoke(ctx: ToolContext[Any], args_json: str) -> str:
         try:
             args = json.loads(args_json) if args_json.strip() else {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             return _encode(_bad_arguments(tool, f"the arguments are not JSON: {exc}"))
         if not isinstance(args, dict):
             return _encode(_bad_arguments(tool, "the arguments must be a JSON object"))

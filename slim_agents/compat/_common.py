@@ -260,7 +260,7 @@ class Key:
             return text
         try:
             value = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise ConfigError(f"{self.format.name} key data is not JSON: {exc}") from exc
         if not isinstance(value, dict):
             raise ConfigError(f"{self.format.name} key data must be a JSON object")

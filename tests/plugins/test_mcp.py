@@ -289,3 +289,11 @@ async def test_mcp_configuration_errors(node: Node) -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 def test_the_mcp_plugin_provides_this_adapter(anyio_backend: str) -> None:
     assert framework_adapter("mcp", make_plugin_manager(allow={"mcp"})) is adapter
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+def test_a_text_result_is_its_json_value_or_the_text(anyio_backend: str) -> None:
+    # What a remote MCP server's tool returned, as the calling agent's tool result.
+    deep = "[" * 5000 + "]" * 5000  # past the JSON decoder's nesting limit
+    for text, value in (('{"a": 1}', {"a": 1}), ("plain words", "plain words"), (deep, deep)):
+        assert adapter._content([types.TextContent(type="text", text=text)]) == value

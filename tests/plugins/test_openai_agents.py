@@ -327,4 +327,6 @@ async def test_schemas_strict_mode_cannot_express_stay_as_they_are() -> None:
     assert await invoke(ctx, '{"value": null, "options": {"a": 1}}') == '[null, {"a": 1}]'
     assert json.loads(await invoke(ctx, "not json"))["error"]["code"] == "bad_arguments"
     assert json.loads(await invoke(ctx, "[1]"))["error"]["code"] == "bad_arguments"
+    deep = "[" * 5000 + "]" * 5000  # past the JSON decoder's nesting limit
+    assert json.loads(await invoke(ctx, deep))["error"]["code"] == "bad_arguments"
     assert await invoke(ctx, "") == "[null, null]"

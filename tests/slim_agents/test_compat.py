@@ -93,6 +93,16 @@ def test_names_print_with_the_tutorials_hashes() -> None:
         "169ca82eb17d6bc2/eef9769a4c6990d1/4abb367236cabc2a/ffffffffffffffff")
 
 
+@pytest.mark.parametrize("data", ["not json", "[1]", "[" * 5000 + "]" * 5000],
+                         ids=["not json", "not an object", "nested too deeply"])
+def test_unreadable_jwk_key_data_is_a_config_error(data: str) -> None:
+    from node_lite import ConfigError
+
+    key = v07.Key(v07.Algorithm.ES256, v07.KeyFormat.Jwk, v07.KeyData.Content(data))
+    with pytest.raises(ConfigError, match="key data"):
+        key.material()
+
+
 def test_names_without_xxhash_print_their_strings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_common, "_xxh64", None)
     _common.component_hash.cache_clear()
