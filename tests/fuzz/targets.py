@@ -100,6 +100,8 @@ class Target:
 HOSTILE_BODIES = [
     b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff" + b"x" * 16,
     b"\x91" * 10_000 + b"\xc0", b"\x81\xa1a" * 5_000 + b"\xc0",
+    # Nested past Python's recursion limit, with a timestamp inside (found by fuzzing).
+    b"\x83\xa1v\x01\xa1t\xa3pub\xa1x" + b"\x91" * 900 + b"\xd6\xff" + bytes(4),
     msgpack.packb({"v": 1, "t": "pub", "x": msgpack.Timestamp(1, 0)}),
     msgpack.packb({"v": 1, "t": "pub", "x": msgpack.ExtType(5, b"x")}),
     b"\x82\x01\x01\xa1t\xa3pub", b"\x83\xa1v\x01\xa1t\xa3pub\xa1t\xa5hello",
