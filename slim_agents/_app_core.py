@@ -138,7 +138,6 @@ class AppCore:
         self.node_answers: list[LookupResult | ReportResult] = []
         self._card: bytes | None = None
         self._told_unknown: dict[tuple[Any, int], float] = {}
-        self._now = 0.0
 
     # -- owner interface for sessions ------------------------------------------------------
 
@@ -281,7 +280,6 @@ class AppCore:
         session runs discovery, join and welcome, and the ticket resolves
         when the peer is in.
         """
-        self._now = now
         sid = self.new_session_id()
         session = SessionCore(self, sid, config, initiator=True, destination=destination,
                               now=now)
@@ -303,7 +301,6 @@ class AppCore:
         its retransmission, or none), so that a session whose known deadline comes
         first needs no look at its timers.
         """
-        self._now = now
         if soonest is not None:
             if soonest == math.inf:
                 return
@@ -319,7 +316,6 @@ class AppCore:
         ``ack=False`` leaves the acknowledgements due (see :attr:`acks_due`) for a
         later :meth:`flush`: replies published before it carry them instead.
         """
-        self._now = now
         for d in envelopes:
             t = d.get("t")
             try:
@@ -516,7 +512,6 @@ class AppCore:
         return None
 
     def handle_timer(self, now: float) -> None:
-        self._now = now
         due: list[SessionCore] = []
         while (t := self.get_timer()) is not None and t <= now:
             _, sid = heapq.heappop(self._timers)
