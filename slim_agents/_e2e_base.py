@@ -47,6 +47,8 @@ MAX_OBJECT: Final = 4 << 20
 MAX_ROSTER: Final = 4096
 MAX_SUBJECT: Final = 1024
 MAX_TOKEN: Final = 8192
+#: Nesting of maps and lists in a GK object.
+MAX_DEPTH: Final = 16
 U32: Final = 0xFFFF_FFFF
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -259,16 +261,21 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 def _plain(obj: Any) -> None:
     # msgpack decodes the timestamp ext (-1) itself, past ext_hook: refuse it here.
-    stack = [obj]
+    # GK objects nest a few levels; deeper ones would overflow the recursion of
+    # canonical() (a commit's transcript re-encodes the map received).
+    stack = [(obj, 0)]
     while stack:
-        x = stack.pop()
+        x, depth = stack.pop()
         t = type(x)
-        if t is dict:
-            if any(type(k) is not str for k in x):
-                raise malformed("map key is not a string")
-            stack.extend(x.values())
-        elif t is list:
-            stack.extend(x)
+        if t is dict or t is list:
+            if depth >= MAX_DEPTH:
+                raise malformed(f"nested deeper than {MAX_DEPTH}")
+            if t is dict:
+                if any(type(k) is not str for k in x):
+                    raise malformed("map key is not a string")
+                stack.extend((v, depth + 1) for v in x.values())
+            else:
+                stack.extend((v, depth + 1) for v in x)
         elif t not in (bytes, str, int, bool, type(None)):
             # Floats have no canonical form and no GK field is one.
             raise malformed(f"{t.__name__} value")

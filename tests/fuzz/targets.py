@@ -406,8 +406,17 @@ def _e2e_examples() -> list[bytes]:
 def _e2e_group_examples() -> list[bytes]:
     s = _world().samples
     tbs = unpack(s["commit"], "c")["tbs"]
+    deep: Any = 0
+    for _ in range(995):
+        deep = [deep]
+    # The moderator's next commit with a field nested past Python's recursion limit:
+    # the transcript re-encodes the map, so decoding must refuse it.
+    refresh, _ = copy.deepcopy(_world().mod).refresh(NOW)
+    deep_commit = msgpack.packb({**unpack(unpack(refresh, "c")["tbs"], "t"), "x": deep},
+                                use_bin_type=True)
     return [bytes([0]) + s["app"], bytes([1]) + s["commit"], bytes([3]) + s["kupd"],
-            bytes([4]) + tbs, bytes([6]) + unpack(s["welcome"], "w")["tbs"]]
+            bytes([4]) + tbs, bytes([6]) + unpack(s["welcome"], "w")["tbs"],
+            bytes([4]) + deep_commit]
 
 
 # -- tokens ------------------------------------------------------------------------------

@@ -301,6 +301,23 @@ def test_hot_path_encodings_are_canonical() -> None:
 
 
 
+@pytest.mark.parametrize("wrap", [list, lambda x: {"k": x}], ids=["lists", "maps"])
+def test_objects_nested_past_the_limit_are_malformed(wrap: Any) -> None:
+    # canonical() recurses, and a commit's transcript re-encodes the map received:
+    # decoding refuses what would overflow it.
+    def nested(depth: int) -> bytes:
+        x: Any = 0
+        for _ in range(depth):
+            x = wrap([x]) if wrap is list else wrap(x)
+        return msgpack.packb(x)
+
+    assert base.canonical(base.unpack(nested(base.MAX_DEPTH), "x")) == nested(base.MAX_DEPTH)
+    for depth in (base.MAX_DEPTH + 1, 995):
+        with pytest.raises(E2EError, match="nested deeper") as info:
+            base.unpack(nested(depth), "x")
+        assert info.value.code == "malformed"
+
+
 def test_roster_digest_is_the_hash_of_the_canonical_roster() -> None:
     roster = {leaf: epoch_mod.Member(sub, bytes([leaf % 256]) * 32, bytes(32))
               for leaf, sub in [(2**32 - 1, "z"), (0, "mod"), (300, "ünï"), (7, "a" * 300)]}
