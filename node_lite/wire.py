@@ -1032,10 +1032,10 @@ class FlowDecoding:
 
         :raises ProtocolError: as :func:`decode_frame`.
         """
-        if self.paused > 0:
+        paused = self.paused > 0
+        if paused:
             self.paused -= 1
-            return decode_frame(memoryview(buf)[start:end], check_ext=check_ext)
-        if check_ext or end - start > _FLOW_FRAME_MAX:  # a timestamp's mark: the full walk
+        if paused or check_ext or end - start > _FLOW_FRAME_MAX:  # check_ext: the full walk
             return decode_frame(memoryview(buf)[start:end], check_ext=check_ext)
         flow = self._last
         if flow is None or not buf.startswith(flow.prefix, start, end):
