@@ -288,8 +288,7 @@ class App:
     def _after(self, session: SessionCore, *, defer: bool = False,
                soonest: float | None = None) -> None:
         core = self.core
-        if soonest != math.inf:  # else (a best-effort publish) it added no deadline
-            core.operate(session, time.time(), soonest)
+        core.operate(session, soonest)
         if core._events or core._ready:
             self._pump(defer=defer)
         else:

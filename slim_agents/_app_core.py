@@ -294,12 +294,12 @@ class AppCore:
         self._touch(session)
         return session, ticket
 
-    def operate(self, session: SessionCore, now: float, soonest: float | None = None) -> None:
+    def operate(self, session: SessionCore, soonest: float | None = None) -> None:
         """Call after any operation on a session (publish, invite, ...).
 
         ``soonest``: the earliest deadline the operation can have added (a publish:
-        its retransmission, or none), so that a session whose known deadline comes
-        first needs no look at its timers.
+        its retransmission, or none: ``math.inf``), so that a session whose known
+        deadline comes first needs no look at its timers.
         """
         if soonest is not None:
             if soonest == math.inf:

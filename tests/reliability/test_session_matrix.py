@@ -69,7 +69,7 @@ def payloads(session: SessionCore) -> list[bytes]:
 
 def send(app: Any, session: SessionCore, payload: bytes, net: Net, **kw: Any) -> Any:
     ticket = session.publish(payload, net.now, **kw)
-    app.operate(session, net.now)
+    app.operate(session)
     return ticket
 
 
@@ -82,7 +82,7 @@ def group(net: Net, n: int, config: SessionConfig = HB_GROUP
     sessions = []
     for m in members:
         t = g.invite(m.name.without_id(), net.now)
-        mod.operate(g, net.now)
+        mod.operate(g)
         net.pump()
         assert t.resolved and t.error is None, t.error
         sessions.append(net.announced(m)[-1])
@@ -266,7 +266,7 @@ def test_a_member_removed_while_cut_off_learns_it_when_it_answers_again() -> Non
     cut = members[2]
     cut_off(net, cut)
     removal = g.remove(members[0].name, net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     assert not removal.resolved  # the commit is retried to the member cut off
     net.advance(2.0)
@@ -281,7 +281,7 @@ def test_a_member_removed_while_cut_off_learns_it_when_it_answers_again() -> Non
     assert sessions[2].state is State.CLOSED and sessions[2].close_reason == "removed"
     # the application may invite it again: everyone ends on the same epoch
     t = g.invite(cut.name.without_id(), net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     assert t.resolved and t.error is None
     back = net.announced(cut)[-1]
@@ -296,12 +296,12 @@ def test_the_moderator_does_not_wait_for_offline_or_leaving_members_to_close() -
     net.advance(3 * HB)
     assert g.offline == {members[2].name}
     leave = sessions[0].close(net.now)
-    members[0].operate(sessions[0], net.now)
+    members[0].operate(sessions[0])
     net.pump()
     assert leave.resolved  # its removal now waits for the offline member's ack
     vanish(net, members[0])  # and the app that left is gone
     t = g.close(net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     assert t.resolved and g.state is State.CLOSED  # m1 answered; nobody else is waited for
     assert sessions[1].state is State.CLOSED

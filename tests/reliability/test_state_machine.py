@@ -174,7 +174,7 @@ class SessionMachine(RuleBasedStateMachine):
             sessions = []
             for core, _ in others:
                 t = s.invite(core.name.without_id(), net.now)
-                first.operate(s, net.now)
+                first.operate(s)
                 net.pump()
                 assert t.resolved and t.error is None, t.error
                 sessions.append(net.announced(core)[-1])
@@ -208,7 +208,7 @@ class SessionMachine(RuleBasedStateMachine):
                 break
             p.sent.append(payload)
             p.tickets.append((mid, ticket))
-            p.app.operate(p.session, self.net.now)
+            p.app.operate(p.session)
         self.net.pump()
 
     @rule(n=st.integers(1, 4))

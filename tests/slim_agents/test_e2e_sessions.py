@@ -50,7 +50,7 @@ def errors(session: SessionCore) -> list[BaseException]:
 
 def send(app: Any, session: SessionCore, payload: bytes, net: Net, **kw: Any) -> Any:
     ticket = session.publish(payload, net.now, **kw)
-    app.operate(session, net.now)
+    app.operate(session)
     return ticket
 
 
@@ -78,7 +78,7 @@ def p2p(net: Net, config: SessionConfig | None = None) -> tuple[Any, Any, Sessio
 
 def invite(net: Net, mod: Any, g: SessionCore, member: Any) -> SessionCore:
     t = g.invite(member.name.without_id(), net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     assert t.resolved and t.error is None, t.error
     return net.announced(member)[-1]
@@ -102,7 +102,7 @@ def group(net: Net, n: int, config: SessionConfig = E2E_GROUP) -> tuple[Any, lis
 
 def remove(net: Net, mod: Any, g: SessionCore, name: Name) -> None:
     t = g.remove(name, net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     assert t.resolved and t.error is None, t.error
 
@@ -334,7 +334,7 @@ def test_messages_of_an_epoch_not_yet_reached_wait_for_its_commit() -> None:
 
     net.mutate = hold_updates
     t = g.invite(newcomer.name.without_id(), net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     net.mutate = None
     assert held and not t.resolved
@@ -367,7 +367,7 @@ def test_a_welcome_that_cannot_be_opened_fails_the_invite_and_the_group_takes_it
 
     net.mutate = corrupt_welcome
     t = g.invite(joiner.name.without_id(), net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     net.mutate = None
     net.advance(2.0)
@@ -402,7 +402,7 @@ def test_a_member_that_refuses_a_commit_is_removed_before_the_welcome() -> None:
 
     net.mutate = break_commit_for_one
     t = g.invite(joiner.name.without_id(), net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     net.mutate = None
     net.advance(2.0)
@@ -443,7 +443,7 @@ def test_refresh_by_the_moderator_on_demand_and_by_time() -> None:
     assert g.encryption is not None
     epoch = g.encryption.epoch
     t = g.rotate_keys(net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     assert t.resolved and t.error is None
     assert g.encryption.epoch == epoch + 1
@@ -462,7 +462,7 @@ def test_a_member_suspecting_a_leak_gets_a_new_epoch_with_its_new_key() -> None:
     assert g.encryption is not None
     epoch = g.encryption.epoch
     t = sessions[1].rotate_keys(net.now, suspect=True)
-    members[1].operate(sessions[1], net.now)
+    members[1].operate(sessions[1])
     net.pump()
     assert t.resolved and t.error is None
     assert g.encryption.epoch > epoch
@@ -481,7 +481,7 @@ def test_closing_wipes_the_keys() -> None:
     a, _b, s, r = p2p(net)
     assert s.keys is not None and r.keys is not None
     t = s.close(net.now)
-    a.operate(s, net.now)
+    a.operate(s)
     net.pump()
     assert t.resolved
     assert s.encryption is None and r.encryption is None
@@ -513,7 +513,7 @@ def test_encrypted_group_is_exactly_once_in_order_under_faults_and_membership_ch
         if k == 2:  # a membership change and a refresh while messages are in flight
             g.invite(extra.name.without_id(), net.now)
             g.rotate_keys(net.now)
-            mod.operate(g, net.now)
+            mod.operate(g)
         net.pump()
     net.settle(120)
     for j, (_, session) in enumerate(everyone):
@@ -554,7 +554,7 @@ def test_a_refresh_a_publish_starts_is_retried_when_its_commit_is_lost(
     g.keys.messages = REFRESH_MESSAGES - 1
     faults.armed = True
     g.publish(b"the last of the epoch", net.now)
-    mod.operate(g, net.now, math.inf if not reliable else net.now + 1000.0)
+    mod.operate(g, math.inf if not reliable else net.now + 1000.0)
     net.pump()
     assert faults.dropped == 1
     assert {s.encryption.epoch for s in sessions if s.encryption} == {epoch}

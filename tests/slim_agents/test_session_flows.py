@@ -47,7 +47,7 @@ def p2p(net: Net, config: SessionConfig | None = None):  # type: ignore[no-untyp
 
 def send(app, session, payload: bytes, net: Net, **kw):  # type: ignore[no-untyped-def]
     ticket = session.publish(payload, net.now, **kw)
-    app.operate(session, net.now)
+    app.operate(session)
     return ticket
 
 
@@ -60,7 +60,7 @@ def group(net: Net, n: int, config: SessionConfig | None = None):  # type: ignor
     sessions = []
     for m in members:
         t = g.invite(m.name.without_id(), net.now)
-        mod.operate(g, net.now)
+        mod.operate(g)
         net.pump()
         assert t.resolved and t.error is None, t.error
         sessions.append(net.announced(m)[-1])
@@ -174,7 +174,7 @@ def test_group_invite_publish_publish_to_remove_close() -> None:
     assert payloads(sessions[0]) == payloads(g) == []
     # remove m1
     t = g.remove(members[1].name, net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     assert t.resolved and t.error is None
     assert sessions[1].state is State.CLOSED and sessions[1].close_reason == "removed"
@@ -182,7 +182,7 @@ def test_group_invite_publish_publish_to_remove_close() -> None:
         assert members[1].name not in s.roster and len(s.roster) == 3
     # close: everyone is told
     t = g.close(net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     assert t.resolved
     assert all(s.state is State.CLOSED for s in (g, sessions[0], sessions[2]))
@@ -193,7 +193,7 @@ def test_member_leaving_updates_the_others() -> None:
     net = Net()
     _mod, members, g, sessions = group(net, 3)
     t = sessions[0].close(net.now)
-    members[0].operate(sessions[0], net.now)
+    members[0].operate(sessions[0])
     net.pump()
     assert t.resolved and sessions[0].state is State.CLOSED
     assert all(members[0].name not in s.roster for s in (g, sessions[1], sessions[2]))
@@ -206,7 +206,7 @@ def test_point_to_point_close_by_either_side_closes_both() -> None:
         sides = [(a, s), (b, r)]
         app, session = sides[closer]
         session.close(net.now)
-        app.operate(session, net.now)
+        app.operate(session)
         net.pump()
         assert s.state is r.state is State.CLOSED
         with pytest.raises(SessionClosedError, match="session closed"):
@@ -250,7 +250,7 @@ def test_invite_policy_can_decline() -> None:
     net.pump()
     g, _ = mod.create_session(CHAN, SessionConfig.group(**RELIABLE), net.now)
     t = g.invite(Name("org", "ns", "picky"), net.now)
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     assert isinstance(t.error, SessionRejectedError) and t.error.code == "declined"
     assert len(g.roster) == 1
@@ -318,7 +318,7 @@ def test_closing_while_an_operation_waits_on_a_silent_member() -> None:
     del net.apps[silent], net.sinks[silent]
     removal = g.remove(members[1].name, net.now)
     invite = g.invite(Name("org", "ns", "late"), net.now)  # queued behind the removal
-    mod.operate(g, net.now)
+    mod.operate(g)
     net.pump()
     assert not removal.resolved  # waiting for m0's ack
     g._finish_close("app closed", net.now)  # as App.aclose does when giving up
