@@ -106,7 +106,7 @@ class Sink(Protocol):
     @property
     def pending_frames(self) -> int: ...
 
-    def write(self, data: bytes | memoryview) -> None: ...
+    def write(self, data: bytes | memoryview, frames: int = 1) -> None: ...
 
     def close(self, code: str | None, message: str) -> None: ...
 
@@ -898,7 +898,7 @@ class NodeCore:
                 return
         target.frames_out += frames
         target.bytes_out += len(run)
-        self._write_sink(sink, run)
+        self._write_sink(sink, run, frames)
 
     def _no_route(self, conn: _Conn, d: dict[str, Any]) -> None:
         self.drops["no_route"] += 1
@@ -916,11 +916,11 @@ class NodeCore:
             conn.bytes_out += len(data)
             self._write_sink(conn.sink, data)
 
-    def _write_sink(self, sink: Sink, data: bytes | memoryview) -> None:
+    def _write_sink(self, sink: Sink, data: bytes | memoryview, frames: int = 1) -> None:
         touched = self.touched
         if sink not in touched:
             touched.append(sink)
-        sink.write(data)
+        sink.write(data, frames)
 
     def _error(self, conn: _Conn, code: str, message: str, *, ref: int | None = None,
                name: Name | None = None, session_id: int | None = None) -> None:

@@ -24,6 +24,10 @@ READ_AHEAD = 2
 _MEMORY_CHUNKS = 16
 # Largest batch the reading task sends itself instead of waking the writer.
 DIRECT_SEND_MAX = 16 * 1024
+# Largest write handed to an idle asyncio transport without waiting for it to drain:
+# its default high-water mark. What the socket does not take stays in the transport,
+# unseen by pending_bytes, so larger writes wait for the drain as send() does.
+WRITE_NOW_MAX = 64 * 1024
 
 
 async def dial(host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> ByteStream:
@@ -87,7 +91,8 @@ def _write_now(stream: Any) -> Callable[[bytes | memoryview], bool] | None:
 
     anyio's ``send()`` enters a shielded cancel scope and yields to the loop on every
     call, about ten times the cost of the write itself; this skips both whenever the
-    transport is idle (nothing buffered, not paused, not closing). Other streams
+    transport is idle (nothing buffered, not paused, not closing) and the bytes are
+    at most WRITE_NOW_MAX. Other streams
     (trio, TLS, in-memory) get None and keep using ``send()``.
     """
     if "_asyncio" not in type(stream).__module__:
@@ -100,8 +105,8 @@ def _write_now(stream: Any) -> Callable[[bytes | memoryview], bool] | None:
         return None
 
     def write(data: bytes | memoryview) -> bool:
-        if not event.is_set() or transport.is_closing() or protocol.exception is not None \
-                or transport.get_write_buffer_size():
+        if len(data) > WRITE_NOW_MAX or not event.is_set() or transport.is_closing() \
+                or protocol.exception is not None or transport.get_write_buffer_size():
             return False
         transport.write(data)
         return True
@@ -239,13 +244,13 @@ class Outbox:
     def is_closed(self) -> bool:
         return self.closing or self.failed is not None
 
-    def write(self, data: bytes | memoryview) -> None:
-        """Queue bytes for the writer (never blocks)."""
+    def write(self, data: bytes | memoryview, frames: int = 1) -> None:
+        """Queue bytes (``frames`` frames) for the writer (never blocks)."""
         if self.closing or self.failed is not None:
             return
         self._buf.append(data)
         self._bytes += len(data)
-        self._frames += 1
+        self._frames += frames
         wake = self._wake
         if wake is not None and not self._busy:
             batch = self._batch

@@ -211,7 +211,7 @@ class _Sink:
         self.out = bytearray()
         self.closed: str | None = None
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview, frames: int = 1) -> None:
         self.out += data
 
     def close(self, code: str | None, message: str) -> None:

@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from node_lite import Limits, NodeConfig, SlowConsumerPolicy, open_node, wire
-from node_lite.wire import Hello, Publish
+from node_lite.wire import Hello, Publish, Subscribe
 from tests.helpers import SECRET, app_connection, identity, wait_until
 
 MiB = 1 << 20
@@ -85,6 +85,75 @@ services:
         sender.close()
         print(f"{backend}: pushed {pushed / MiB:.1f} MiB, node RSS +{growth / MiB:.1f} MiB")
     finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_fan_out_backlog_is_bounded_by_frames_too(backend: str, tmp_path: Path) -> None:
+    """A sender blasting small frames at a channel whose members never read.
+
+    Repeated frames are forwarded in runs (one write each); the backlog limit in
+    frames must count the frames of a run, and bytes an idle transport took but
+    could not send must still count as pending. Else eight members' backlogs grow
+    to twice the byte limit each, far past the frame limit.
+    """
+    config = tmp_path / "node.yaml"
+    config.write_text(f"""
+services:
+  slim/0:
+    dataplane:
+      servers: [{{endpoint: "127.0.0.1:0"}}]
+    auth: {{shared_secret: "{SECRET}"}}
+    limits: {{max_pending_bytes: 16777216, max_pending_frames: 2000, write_deadline: 60s}}
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "node_lite", "--config", str(config),
+                             "--backend", backend, "--log-level", "warn"],
+                            stdout=subprocess.PIPE, text=True)
+    members: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("node_lite ready"), line
+        port = int(line.split()[-1].rsplit(":", 1)[1])
+        channel = wire.Name("org", "ns", "fanout-chan")
+        for i in range(8):
+            sock, _ = raw_app(port, f"member{i}")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(wire.encode_frame(Subscribe(name=channel, request_id=1)))
+            decoder = wire.FrameDecoder()
+            acks: list[memoryview] = []
+            while not acks:
+                acks = decoder.feed(sock.recv(65536))
+            assert wire.decode_message(wire.decode_frame(acks[0][4:])).TYPE == "sub_ack"
+            members.append(sock)  # never reads from here on
+        sender, sender_name = raw_app(port, "blaster")
+        frame = wire.encode_frame(Publish(source=sender_name, destination=channel, fanout=8,
+                                          payload=b"x" * 100))
+        batch = frame * 1024
+        baseline = rss_bytes(proc.pid)
+        pushed = 0
+        sender.settimeout(1.0)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                sender.sendall(batch)
+            except TimeoutError:
+                break  # the node stopped reading us
+            pushed += len(batch)
+            if pushed > 64 * MiB:
+                break
+        growth = rss_bytes(proc.pid) - baseline
+        # Measured: 8 MiB pushed (most of it in socket buffers), RSS +1 MiB; counting
+        # a run as one frame, 24 MiB and +17 MiB.
+        assert growth < 8 * MiB, f"node RSS grew by {growth / MiB:.0f} MiB"
+        assert pushed < 16 * MiB, f"the node kept reading: {pushed / MiB:.0f} MiB accepted"
+        sender.close()
+    finally:
+        for sock in members:
+            sock.close()
         proc.terminate()
         assert proc.wait(timeout=10) == 0
         assert proc.stdout is not None

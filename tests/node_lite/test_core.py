@@ -53,7 +53,7 @@ class FakeSink:
     def pending_frames(self) -> int:
         return self._pending_frames
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview, frames: int = 1) -> None:
         self.data.append(bytes(data))
 
     @property

@@ -26,6 +26,7 @@ class Sink:
     def __init__(self) -> None:
         self.data = bytearray()
         self.closed: tuple[str | None, str] | None = None
+        self.frames_told = 0  # frames the core said it wrote
 
     @property
     def pending_bytes(self) -> int:
@@ -35,8 +36,9 @@ class Sink:
     def pending_frames(self) -> int:
         return 0
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview, frames: int = 1) -> None:
         self.data += bytes(data)
+        self.frames_told += frames
 
     def close(self, code: str | None, message: str) -> None:
         self.closed = (code, message)
@@ -103,6 +105,8 @@ def test_flow_cache_delivers_exactly_what_the_slow_path_delivers(
         for sender, data in pending.items():
             core.data_received(sender + 1, data, NOW)
         outputs.append([s.frames() for s in sinks])
+        # Runs count as the frames they hold (the consumer's max_pending_frames).
+        assert [s.frames_told for s in sinks] == [len(f) for f in outputs[-1]]
     assert outputs[0] == outputs[1]
 
 
@@ -113,6 +117,7 @@ def test_repeated_frames_are_forwarded_in_runs_without_decoding() -> None:
     before = len(sinks[1].frames())
     core.data_received(1, frame * 100, NOW)
     assert len(sinks[1].frames()) == before + 100
+    assert sinks[1].frames_told == before + 100  # one write of 100 frames counts 100
     assert all(bytes(f) == frame for f in sinks[1].frames()[-100:])
     stats = core.connection_statistics(2)
     assert stats.frames_out == 1 + 101  # hello_ack + frames

@@ -10,6 +10,7 @@ import pytest
 from anyio.abc import ByteStream, SocketAttribute
 
 from node_lite._transport import Outbox, WriteBatch, pause_reading
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
 CHUNKS = 3000  # 3 MiB: more than the (small) socket buffers hold: some writes wait
@@ -83,3 +84,39 @@ async def test_writes_keep_their_order_whether_taken_at_once_or_not(
         assert left_to_writer > 0  # and a busy one was left to the writer, in order
     else:
         assert write_now is None  # trio's streams keep using send()
+
+
+async def test_bytes_the_socket_cannot_take_stay_pending_until_sent() -> None:
+    # A large batch handed to an idle asyncio transport would sit in its buffer,
+    # unseen: the node's backlog limits (and WAIT backpressure) must see it.
+    size = 1 << 20
+    reading = anyio.Event()
+    received = bytearray()
+
+    async def serve(stream: ByteStream) -> None:
+        pause_reading(stream)
+        async with stream:
+            await reading.wait()
+            while len(received) < size:
+                received.extend(await stream.receive(65536))
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
+            anyio.create_task_group() as tg:
+        listener.extra(SocketAttribute.raw_socket).setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        tg.start_soon(listener.serve, serve)
+        client = await anyio.connect_tcp("127.0.0.1", listener.extra(SocketAttribute.local_port))
+        client.extra(SocketAttribute.raw_socket).setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        outbox = Outbox(client)
+        tg.start_soon(outbox.run)
+        outbox.write(b"x" * size)
+        await wait_until(lambda: not outbox.pending_frames)  # the writer took the batch
+        assert outbox.pending_bytes == size  # the peer reads nothing yet
+        reading.set()
+        await wait_until(lambda: len(received) == size and not outbox.pending_bytes)
+        assert outbox.bytes_written == size and outbox.failed is None
+        outbox.close()
+        await outbox.wait_finished()
+        await client.aclose()
+        tg.cancel_scope.cancel()

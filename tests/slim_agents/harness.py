@@ -44,7 +44,7 @@ class ListSink:
     def pending_frames(self) -> int:
         return 0
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview, frames: int = 1) -> None:
         self.data += bytes(data)
 
     def close(self, code: str | None, message: str) -> None:
