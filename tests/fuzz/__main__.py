@@ -32,7 +32,8 @@ ROOT = HERE.parents[1]
 SEEDS = HERE / "seeds"
 # CPU time one input may take (section 3.6: no hang > 100 ms per input).
 HANG_SECONDS = 0.1
-TARGETS = ("wire", "flows", "node", "session_body", "e2e_decode", "e2e_group", "token", "jwt")
+TARGETS = ("wire", "flows", "node", "session_body", "app", "e2e_decode", "e2e_group", "token",
+           "jwt")
 # Instrumented: both packages but the modules no target reaches (instrumenting
 # those costs seconds per process).
 NOT_REACHED = ["node_lite._server", "node_lite._client", "node_lite._transport",
@@ -41,6 +42,9 @@ NOT_REACHED = ["node_lite._server", "node_lite._client", "node_lite._transport",
                "slim_agents._app_core", "slim_agents._session", "slim_agents._session_core",
                "slim_agents._swarm", "slim_agents._swarm_worker", "slim_agents._tools",
                "slim_agents._plugins", "slim_agents.hookspecs", "slim_agents._messaging"]
+# ... except where a target does reach them.
+REACHED = {"app": {"slim_agents._app_core", "slim_agents._session_core",
+                   "slim_agents._messaging"}}
 
 
 class Hang(Exception):
@@ -51,7 +55,8 @@ def worker(name: str, seconds: int, corpus: Path, artifacts: Path, rss_mb: int) 
     """Fuzz one target in this process until libFuzzer stops it."""
     import atheris
 
-    with atheris.instrument_imports(include=["node_lite", "slim_agents"], exclude=NOT_REACHED):
+    exclude = [m for m in NOT_REACHED if m not in REACHED.get(name, ())]
+    with atheris.instrument_imports(include=["node_lite", "slim_agents"], exclude=exclude):
         from tests.fuzz.targets import TARGETS as registry
     target = registry[name]
     for example in target.examples():  # also builds the targets' cached state

@@ -52,6 +52,8 @@ from node_lite.wire import (
     encode_frame,
     timestamp_marks,
 )
+from slim_agents._app_core import AppCore
+from slim_agents._config import SessionConfig
 from slim_agents._e2e import (
     Credential,
     E2EError,
@@ -63,6 +65,7 @@ from slim_agents._e2e import (
 from slim_agents._e2e_base import LABEL_COMMIT, LABEL_ENV, LABEL_WELCOME, seal_signed, unpack
 from slim_agents._e2e_commit import open_commit, open_envelope, open_welcome
 from slim_agents._e2e_epoch import parse_app
+from slim_agents._errors import SessionClosedError
 from slim_agents._protocol import (
     ProtocolViolation,
     decode_body,
@@ -72,6 +75,8 @@ from slim_agents._protocol import (
     reliability_of,
 )
 from slim_agents._reliability import SendStream
+from slim_agents._session_core import WindowFull
+from tests.slim_agents.harness import Net
 
 SECRET = "fuzz-secret-that-is-long-enough-for-hmac-0123456789"
 NOW = 1_700_000_000.0
@@ -513,6 +518,117 @@ def _jwt_examples() -> list[bytes]:
             *(b"\x01" + n for n in nasty)]
 
 
+# -- sessions: an app reading hostile envelopes from its peer ------------------------------
+
+
+def _app_world(mode: int) -> tuple[Net, AppCore, AppCore, dict[str, Any]]:
+    """(net, source, target, a genuine data envelope from source to target).
+
+    Mode bits: 1, a group (the target a member, the source its moderator) instead
+    of point-to-point; 2, reliable; 4, end-to-end encrypted.
+    """
+    net = Net()
+    kw: dict[str, Any] = {"timeout": 1.0, "max_retries": 3} if mode & 2 else {}
+    kw["mls_enabled"] = bool(mode & 4)
+    src, target = net.add_app("source"), net.add_app("target")
+    net.pump()
+    if mode & 1:
+        session, _ = src.create_session(Name("org", "ns", "fuzz-chan"),
+                                        SessionConfig.group(**kw), net.now)
+        session.invite(target.name.without_id(), net.now)
+        src.operate(session)
+    else:
+        session, _ = src.create_session(target.name.without_id(), SessionConfig(**kw),
+                                        net.now)
+    net.pump()
+    session.publish(b"genuine", net.now)
+    src.operate(session)
+    (frame,) = src.take_frames()
+    return net, src, target, decode_frame(frame[4:])
+
+
+def _objects(data: bytes, limit: int) -> list[Any]:
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1), strict_map_key=False)
+    unpacker.feed(data)
+    out: list[Any] = []
+    while len(out) < limit:
+        try:
+            out.append(unpacker.unpack())
+        except msgpack.OutOfData:
+            break
+        except (ValueError, TypeError, msgpack.UnpackException):
+            break  # the rest is not msgpack: the input ends here
+    return out
+
+
+def app(data: bytes) -> None:
+    """An app holding a session (kind by the first byte, see :func:`_app_world`)
+    reads hostile envelopes from its peer: each msgpack map in the rest overlays
+    the peer's genuine data envelope (a body or ack that is not bytes is packed).
+    What the node would refuse (check_publish) is skipped; after each envelope the
+    network runs on (replies, timers, a publish from both ends). Nothing may escape
+    the app core, and the exchange must settle."""
+    mode, data = _mode(data, 8)
+    net, src, target, template = _app_world(mode)
+    for obj in _objects(data, 12):
+        if not isinstance(obj, dict):
+            continue
+        d = dict(template)
+        for key, value in obj.items():
+            if key in ("body", "ack") and not isinstance(value, bytes):
+                value = msgpack.packb(value, use_bin_type=True)
+            d[key] = value
+        try:
+            check_publish(d, LIMITS)
+        except ProtocolError:
+            continue
+        target.receive([d], net.now)
+        net.pump()
+        net.advance(0.4)
+        for core in (src, target):
+            for session in list(core.sessions.values()):
+                try:
+                    session.publish(b"after", net.now)
+                except (SessionClosedError, WindowFull):
+                    continue
+                core.operate(session)
+        net.pump()
+    net.settle(10.0)
+
+
+def _recorded(core: AppCore) -> list[dict[str, Any]]:
+    """Every envelope ``core`` reads from now on."""
+    seen: list[dict[str, Any]] = []
+    receive = core.receive
+
+    def recording(envelopes: Any, now: float, **kw: Any) -> None:
+        seen.extend(dict(e) for e in envelopes)
+        receive(envelopes, now, **kw)
+
+    core.receive = recording  # type: ignore[method-assign]
+    return seen
+
+
+def _app_examples() -> list[bytes]:
+    """Per mode, the envelopes the target reads while its session is used and closed
+    (replayed over the template they are the genuine traffic)."""
+    out = []
+    for mode in range(8):
+        net, src, target, template = _app_world(mode)
+        seen = _recorded(target)
+        target.receive([template], net.now)
+        net.pump()
+        for session in list(src.sessions.values()):
+            session.close(net.now)
+            src.operate(session)
+        net.settle(10.0)
+        packed = b"".join(msgpack.packb(e, use_bin_type=True) for e in seen[:12])
+        out.append(bytes([mode]) + packed)
+        out.append(bytes([mode]) + msgpack.packb({"body": HOSTILE_BODIES[3]}) +
+                   msgpack.packb({"ack": HOSTILE_BODIES[4], "k": template["k"] + 1}))
+    return out
+
+
 # -- the registry ------------------------------------------------------------------------
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
@@ -520,6 +636,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("flows", flows, (), _flow_examples),
     Target("node", node, (), _node_examples),
     Target("session_body", session_body, (ProtocolViolation,), _session_examples),
+    Target("app", app, (), _app_examples),
     Target("e2e_decode", e2e_decode, (E2EError,), _e2e_examples),
     Target("e2e_group", e2e_group, (E2EError,), _e2e_group_examples),
     Target("token", token, (AuthenticationError,), _token_examples),
