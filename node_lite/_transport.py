@@ -20,8 +20,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 READ_SIZE = 124 * 1024
 # Chunks an asyncio transport may read ahead of receive() before it pauses.
 READ_AHEAD = 2
-# Chunks buffered in one direction of an in-memory stream (each is one coalesced write).
+# Chunks buffered in one direction of an in-memory stream, and their largest size:
+# the buffer counts chunks, so a long write is cut up for the bytes it holds (unseen
+# by the outbox once sent) to stay under _MEMORY_CHUNKS * _MEMORY_CHUNK_MAX.
 _MEMORY_CHUNKS = 16
+_MEMORY_CHUNK_MAX = 64 * 1024
 # Largest batch the reading task sends itself instead of waking the writer.
 DIRECT_SEND_MAX = 16 * 1024
 # Largest write handed to an idle asyncio transport without waiting for it to drain:
@@ -426,7 +429,12 @@ class MemoryByteStream(ByteStream):
     async def send(self, item: bytes) -> None:
         if self._send_closed:
             raise anyio.ClosedResourceError
-        await self._send.send(bytes(item))
+        if len(item) <= _MEMORY_CHUNK_MAX:
+            await self._send.send(bytes(item))
+            return
+        view = memoryview(item)
+        for start in range(0, len(view), _MEMORY_CHUNK_MAX):
+            await self._send.send(bytes(view[start:start + _MEMORY_CHUNK_MAX]))
 
     def can_send(self) -> bool:
         stats = self._send.statistics()

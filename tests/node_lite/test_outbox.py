@@ -9,7 +9,7 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import ByteStream, SocketAttribute
 
-from node_lite._transport import Outbox, WriteBatch, pause_reading
+from node_lite._transport import Outbox, WriteBatch, memory_stream_pair, pause_reading
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -120,3 +120,20 @@ async def test_bytes_the_socket_cannot_take_stay_pending_until_sent() -> None:
         await outbox.wait_finished()
         await client.aclose()
         tg.cancel_scope.cancel()
+
+
+async def test_an_in_memory_stream_holds_a_bounded_number_of_bytes() -> None:
+    # Its buffer counts chunks: a long write is cut up, so what it holds stays
+    # near max_chunks * 64 KiB however large the outbox's batches are.
+    ours, theirs = memory_stream_pair(max_chunks=2)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    async with ours, theirs, anyio.create_task_group() as tg:
+        tg.start_soon(ours.send, data)
+        await wait_until(lambda: ours._send.statistics().tasks_waiting_send == 1)
+        assert ours._send.statistics().current_buffer_used == 2
+        received = bytearray()
+        while len(received) < len(data):
+            chunk = await theirs.receive(1 << 30)
+            assert len(chunk) <= 64 * 1024
+            received += chunk
+        assert received == data
