@@ -20,17 +20,16 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 READ_SIZE = 124 * 1024
 # Chunks an asyncio transport may read ahead of receive() before it pauses.
 READ_AHEAD = 2
-# Chunks buffered in one direction of an in-memory stream, and their largest size:
-# the buffer counts chunks, so a long write is cut up for the bytes it holds (unseen
-# by the outbox once sent) to stay under _MEMORY_CHUNKS * _MEMORY_CHUNK_MAX.
+# Chunks buffered in one direction of an in-memory stream (each one write; an
+# outbox writes at most WRITE_SLICE at once).
 _MEMORY_CHUNKS = 16
-_MEMORY_CHUNK_MAX = 64 * 1024
 # Largest batch the reading task sends itself instead of waking the writer.
 DIRECT_SEND_MAX = 16 * 1024
-# Largest write handed to an idle asyncio transport without waiting for it to drain:
-# its default high-water mark. What the socket does not take stays in the transport,
-# unseen by pending_bytes, so larger writes wait for the drain as send() does.
-WRITE_NOW_MAX = 64 * 1024
+# Batches larger than this go out in slices on streams whose progress cannot be
+# seen (trio, in-memory): the write deadline then measures progress, not the size of
+# the batch, and an in-memory stream (which counts writes) holds a bounded number
+# of bytes. On asyncio the transport's buffer shows progress instead.
+WRITE_SLICE = 64 * 1024
 
 
 async def dial(host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> ByteStream:
@@ -88,33 +87,42 @@ def _asyncio_transport(stream: Any) -> Any:
     return getattr(_socket_stream(stream), "_transport", None)
 
 
-def _write_now(stream: Any) -> Callable[[bytes | memoryview], bool] | None:
+def _write_now(stream: Any) -> Callable[[bytes | memoryview], int] | None:
     """For a plain TCP stream on anyio's asyncio backend: a function that hands bytes
-    to the asyncio transport at once and says whether it did.
+    to the asyncio transport at once. It returns -1 when it did not (the transport
+    is busy), else the bytes the socket did not take (held by the transport).
 
     anyio's ``send()`` enters a shielded cancel scope and yields to the loop on every
     call, about ten times the cost of the write itself; this skips both whenever the
-    transport is idle (nothing buffered, not paused, not closing) and the bytes are
-    at most WRITE_NOW_MAX. Other streams
+    transport is idle (nothing buffered, not paused, not closing). Other streams
     (trio, TLS, in-memory) get None and keep using ``send()``.
     """
     if "_asyncio" not in type(stream).__module__:
         return None  # not a plain asyncio socket stream (TLS must encrypt what it sends)
     transport = _asyncio_transport(stream)
     protocol: Any = getattr(stream, "_protocol", None)
-    event = getattr(protocol, "write_event", None)
-    if transport is None or event is None or not hasattr(transport, "get_write_buffer_size") \
-            or not hasattr(protocol, "exception"):
+    if transport is None or not hasattr(transport, "get_write_buffer_size") \
+            or not hasattr(protocol, "write_event") or not hasattr(protocol, "exception"):
         return None
+    held: Callable[[], int] = transport.get_write_buffer_size
 
-    def write(data: bytes | memoryview) -> bool:
-        if len(data) > WRITE_NOW_MAX or not event.is_set() or transport.is_closing() \
-                or protocol.exception is not None or transport.get_write_buffer_size():
-            return False
+    def write(data: bytes | memoryview) -> int:
+        # anyio sets the high-water mark to 0: anything held pauses the transport
+        # (and pausing replaces the protocol's write_event, so it is read each time).
+        if held() or transport.is_closing() or protocol.exception is not None \
+                or not protocol.write_event.is_set():
+            return -1
         transport.write(data)
-        return True
+        return held()
 
     return write
+
+
+def _held(stream: Any) -> Callable[[], int] | None:
+    """The bytes an asyncio transport under ``stream`` holds unsent (None elsewhere)."""
+    transport = _asyncio_transport(stream)
+    size = getattr(transport, "get_write_buffer_size", None)
+    return size if callable(size) else None
 
 
 def tune_reading(stream: Any) -> int:
@@ -209,6 +217,8 @@ class Outbox:
         self._stream = stream
         self._writable = _writable(stream)
         self._write_now = _write_now(stream)
+        self._held = _held(stream)
+        self._held_mark = math.inf  # what the transport held at the last deadline check
         self._batch = batch
         self._buf: list[bytes | memoryview] = []
         self._bytes = 0
@@ -283,7 +293,7 @@ class Outbox:
         data = buf[0] if len(buf) == 1 else b"".join(buf)
         write_now = self._write_now
         if write_now is not None:
-            if write_now(data):
+            if write_now(data) >= 0:  # at most DIRECT_SEND_MAX: never pauses the transport
                 self.frames_written += self._frames
                 self.writes += 1
                 self.bytes_written += len(data)
@@ -298,9 +308,8 @@ class Outbox:
         self._inflight = len(data)
         self._bytes = self._frames = 0
         self._busy = True
-        self._send_started = anyio.current_time()
         try:
-            await self._stream.send(data)  # type: ignore[arg-type]  # memoryview is fine
+            await self._send(self._stream, data)
             self.writes += 1
             self.bytes_written += len(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -356,17 +365,30 @@ class Outbox:
         cheaper than a timer per send). Returns whether it was cut.
         """
         started = self._send_started
-        if started is not None and now - started > self._write_deadline and self.failed is None:
+        if started is None or self.failed is not None:
+            return False
+        if self._held is not None:
+            held = self._held()
+            if held < self._held_mark:  # the socket took bytes since the last check
+                self._held_mark = held
+                self._send_started = now
+                return False
+        if now - started > self._write_deadline:
             self.failed = "slow_consumer"
             self._scope.cancel()
             return True
         return False
 
+    async def _send(self, stream: ByteStream, data: bytes | memoryview) -> None:
+        self._send_started = anyio.current_time()
+        self._held_mark = math.inf
+        await stream.send(data)  # type: ignore[arg-type]  # memoryview is fine
+        self._send_started = None
+
     async def run(self) -> None:
         """The writer task; returns after :meth:`close` and a final flush, or on failure."""
         stream = self._stream
         write_now = self._write_now
-        current_time = anyio.current_time
         try:
             with self._scope:
                 while True:
@@ -382,12 +404,22 @@ class Outbox:
                     self._buf = []
                     self._inflight = len(data)
                     self._bytes = self._frames = 0
-                    if write_now is None or not write_now(data):
-                        self._send_started = current_time()
-                        await stream.send(data)  # type: ignore[arg-type]  # memoryview is fine
-                        self._send_started = None
+                    held = -1 if write_now is None else write_now(data)
+                    if held > 0:
+                        # The socket did not take it all: count what the transport holds
+                        # until it has drained (send() of nothing waits for that).
+                        self._inflight = held
+                        await self._send(stream, b"")
+                    elif held < 0:
+                        if len(data) <= WRITE_SLICE or self._held is not None:
+                            await self._send(stream, data)
+                        else:
+                            view = memoryview(data)
+                            for start in range(0, len(view), WRITE_SLICE):
+                                await self._send(stream, view[start:start + WRITE_SLICE])
+                                self._inflight = max(0, len(view) - start - WRITE_SLICE)
                     self.writes += 1
-                    self.bytes_written += self._inflight
+                    self.bytes_written += len(data)
                     self._inflight = 0
                     drained = self._drained
                     if drained is not None and self.pending_bytes <= self._low_water:
@@ -429,12 +461,7 @@ class MemoryByteStream(ByteStream):
     async def send(self, item: bytes) -> None:
         if self._send_closed:
             raise anyio.ClosedResourceError
-        if len(item) <= _MEMORY_CHUNK_MAX:
-            await self._send.send(bytes(item))
-            return
-        view = memoryview(item)
-        for start in range(0, len(view), _MEMORY_CHUNK_MAX):
-            await self._send.send(bytes(view[start:start + _MEMORY_CHUNK_MAX]))
+        await self._send.send(bytes(item))
 
     def can_send(self) -> bool:
         stats = self._send.statistics()
