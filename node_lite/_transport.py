@@ -293,7 +293,7 @@ class Outbox:
         data = buf[0] if len(buf) == 1 else b"".join(buf)
         write_now = self._write_now
         if write_now is not None:
-            if write_now(data) >= 0:  # at most DIRECT_SEND_MAX: never pauses the transport
+            if write_now(data) >= 0:  # what the socket left is under DIRECT_SEND_MAX
                 self.frames_written += self._frames
                 self.writes += 1
                 self.bytes_written += len(data)
