@@ -208,8 +208,8 @@ class Outbox:
 
     :meth:`write` never blocks; everything queued is joined into one
     ``send()`` because each anyio send costs a scheduler round trip. A send
-    still blocked after ``write_deadline`` (see :meth:`check_deadline`) marks
-    the consumer slow and ends the writer.
+    that makes no progress for ``write_deadline`` (see :meth:`check_deadline`)
+    marks the consumer slow and ends the writer.
     """
 
     def __init__(self, stream: ByteStream, *, write_deadline: float = math.inf,
@@ -359,10 +359,12 @@ class Outbox:
         await self._finished.wait()
 
     def check_deadline(self, now: float) -> bool:
-        """Cut the writer if its current send started more than ``write_deadline`` ago.
+        """Cut the writer if its current send has made no progress for ``write_deadline``.
 
-        Called periodically by the owner (one watchdog for many outboxes is
-        cheaper than a timer per send). Returns whether it was cut.
+        Progress is the asyncio transport's buffer shrinking between two calls;
+        elsewhere a send (of at most WRITE_SLICE) completing. Called periodically
+        by the owner (one watchdog for many outboxes is cheaper than a timer per
+        send). Returns whether it was cut.
         """
         started = self._send_started
         if started is None or self.failed is not None:
