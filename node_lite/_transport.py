@@ -101,10 +101,9 @@ def _write_now(stream: Any) -> Callable[[bytes | memoryview], int] | None:
         return None  # not a plain asyncio socket stream (TLS must encrypt what it sends)
     transport = _asyncio_transport(stream)
     protocol: Any = getattr(stream, "_protocol", None)
-    if transport is None or not hasattr(transport, "get_write_buffer_size") \
-            or not hasattr(protocol, "write_event") or not hasattr(protocol, "exception"):
+    held = _held(stream)
+    if held is None or not hasattr(protocol, "write_event") or not hasattr(protocol, "exception"):
         return None
-    held: Callable[[], int] = transport.get_write_buffer_size
 
     def write(data: bytes | memoryview) -> int:
         # anyio sets the high-water mark to 0: anything held pauses the transport
