@@ -28,8 +28,9 @@ DIRECT_SEND_MAX = 16 * 1024
 # Batches larger than this go out in slices on streams whose progress cannot be
 # seen (trio, in-memory): the write deadline then measures progress, not the size of
 # the batch, and an in-memory stream (which counts writes) holds a bounded number
-# of bytes. On asyncio the transport's buffer shows progress instead.
-WRITE_SLICE = 64 * 1024
+# of bytes. On asyncio the transport's buffer shows progress instead. (64 KiB slices
+# cost trio's node half its throughput with 1 KiB frames.)
+WRITE_SLICE = 256 * 1024
 
 
 async def dial(host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> ByteStream:

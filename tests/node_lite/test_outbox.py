@@ -9,7 +9,13 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import ByteStream, SocketAttribute
 
-from node_lite._transport import Outbox, WriteBatch, memory_stream_pair, pause_reading
+from node_lite._transport import (
+    WRITE_SLICE,
+    Outbox,
+    WriteBatch,
+    memory_stream_pair,
+    pause_reading,
+)
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -129,20 +135,20 @@ async def test_bytes_the_socket_cannot_take_stay_pending_until_sent() -> None:
 
 async def test_an_in_memory_stream_holds_a_bounded_number_of_bytes() -> None:
     # Its buffer counts writes: the outbox writes a large batch in slices, so what
-    # the stream holds (unseen by pending_bytes) stays near max_chunks * 64 KiB.
+    # the stream holds (unseen by pending_bytes) stays near max_chunks * WRITE_SLICE.
     ours, theirs = memory_stream_pair(max_chunks=2)
-    data = bytes(range(256)) * 4096  # 1 MiB
+    data = bytes(range(256)) * 16384  # 4 MiB
     async with ours, theirs, anyio.create_task_group() as tg:
         outbox = Outbox(ours)
         tg.start_soon(outbox.run)
         outbox.write(data)
         await wait_until(lambda: ours._send.statistics().tasks_waiting_send == 1)
         assert ours._send.statistics().current_buffer_used == 2
-        assert outbox.pending_bytes >= len(data) - 3 * 64 * 1024
+        assert outbox.pending_bytes >= len(data) - 3 * WRITE_SLICE
         received = bytearray()
         while len(received) < len(data):
             chunk = await theirs.receive(1 << 30)
-            assert len(chunk) <= 64 * 1024
+            assert len(chunk) <= WRITE_SLICE
             received += chunk
         assert received == data
         outbox.close()
@@ -152,7 +158,7 @@ async def test_an_in_memory_stream_holds_a_bounded_number_of_bytes() -> None:
 async def test_a_consumer_that_keeps_reading_is_not_cut_for_a_large_batch() -> None:
     # The write deadline is about progress: a batch far larger than the socket
     # buffers, read slowly but steadily, must not look like a stuck consumer.
-    size = 1 << 20
+    size = 2 << 20
     received = bytearray()
 
     async def serve(stream: ByteStream) -> None:
@@ -160,7 +166,7 @@ async def test_a_consumer_that_keeps_reading_is_not_cut_for_a_large_batch() -> N
         async with stream:
             while len(received) < size:
                 received.extend(await stream.receive(16384))
-                await anyio.sleep(0.01)  # pacing: about 1.6 MB/s
+                await anyio.sleep(0.005)  # pacing: about 3 MB/s, a slice in ~0.1 s
 
     async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
             anyio.create_task_group() as tg:
