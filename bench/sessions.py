@@ -206,7 +206,7 @@ def start_node(backend: str) -> tuple[Child, str]:
     return child, "http://" + child.ready["text"]
 
 
-def _open_node(backend: str) -> tuple[Child, str]:
+def _start_node_without_secret(backend: str) -> tuple[Child, str]:
     # bench/node.py's blocking clients send unsigned hellos: a node without a secret
     node = spawn(["-m", "node_lite", "--endpoint", "127.0.0.1:0", "--backend", backend,
                   "--log-level", "warn"], ready_prefix="node_lite ready ")
@@ -215,7 +215,7 @@ def _open_node(backend: str) -> tuple[Child, str]:
 
 def run_baseline(backend: str, size: int) -> float:
     quiet_gate()
-    node, port = _open_node(backend)
+    node, port = _start_node_without_secret(backend)
     sink = spawn([NODE_BENCH, "role", "sink", "--port", port, "--size", str(size), "--node"])
     source = spawn([NODE_BENCH, "role", "source", "--port", port, "--size", str(size), "--node"])
     try:
@@ -229,7 +229,7 @@ def run_rtt_baseline(backend: str, count: int) -> float:
     """RTT p50 through the node between bench/node.py's blocking-socket ping and echo:
     the floor this machine sets under any client (two hops, four process wake-ups)."""
     quiet_gate()
-    node, port = _open_node(backend)
+    node, port = _start_node_without_secret(backend)
     echo = spawn([NODE_BENCH, "role", "echo", "--port", port, "--node"])
     ping = spawn([NODE_BENCH, "role", "ping", "--port", port, "--node", "--count", str(count)],
                  ready_prefix="RESULT ")
