@@ -370,9 +370,9 @@ class Outbox:
         if started is None or self.failed is not None:
             return False
         if self._held is not None:
-            held = self._held()
-            if held < self._held_mark:  # the socket took bytes since the last check
-                self._held_mark = held
+            held, mark = self._held(), self._held_mark
+            self._held_mark = held  # also when it grew: the send appended its batch
+            if held < mark:  # the socket took bytes since the last check
                 self._send_started = now
                 return False
         if now - started > self._write_deadline:

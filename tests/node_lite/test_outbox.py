@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 
 import anyio
@@ -193,3 +194,24 @@ async def test_a_consumer_that_keeps_reading_is_not_cut_for_a_large_batch() -> N
         await outbox.wait_finished()
         await client.aclose()
         tg.cancel_scope.cancel()
+
+
+async def test_the_write_deadline_sees_progress_after_the_transport_took_more() -> None:
+    # On asyncio the transport's buffer shows progress. A send that first waited for
+    # a small leftover to drain then appends a large batch: the buffer grows, and
+    # from then on every shrink is progress (the watchdog's clock is driven here).
+    ours, theirs = memory_stream_pair()
+    async with ours, theirs:
+        outbox = Outbox(ours, write_deadline=1.0)
+        held = [10_000]
+        outbox._held = lambda: held[0]
+        outbox._send_started, outbox._held_mark = 0.0, math.inf  # a send began at 0
+        assert not outbox.check_deadline(0.5)  # the first look counts as progress
+        held[0] = 2_000_000  # the large batch appended behind the leftover
+        assert not outbox.check_deadline(0.9)
+        for now in (1.2, 1.6, 2.0, 2.4, 2.8):
+            held[0] -= 100_000  # the reader keeps reading
+            assert not outbox.check_deadline(now)
+        assert not outbox.check_deadline(3.5)  # stuck since 2.8: within the deadline
+        assert outbox.check_deadline(4.0)
+        assert outbox.failed == "slow_consumer"
