@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -41,9 +43,9 @@ def raw_app(port: int, app: str) -> tuple[socket.socket, wire.Name]:
     return sock, name
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_node_memory_stays_bounded_under_a_fast_sender(backend: str, tmp_path: Path) -> None:
-    """A sender blasting at a consumer that never reads: the node stops reading the sender."""
+@contextmanager
+def node_process(tmp_path: Path, backend: str, limits: str) -> Iterator[tuple[int, int]]:
+    """A node subprocess with ``limits`` (YAML flow map body): (its pid, its port)."""
     config = tmp_path / "node.yaml"
     config.write_text(f"""
 services:
@@ -51,7 +53,7 @@ services:
     dataplane:
       servers: [{{endpoint: "127.0.0.1:0"}}]
     auth: {{shared_secret: "{SECRET}"}}
-    limits: {{max_pending_bytes: 2097152, write_deadline: 60s}}
+    limits: {{{limits}}}
 """)
     proc = subprocess.Popen([sys.executable, "-m", "node_lite", "--config", str(config),
                              "--backend", backend, "--log-level", "warn"],
@@ -60,35 +62,48 @@ services:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("node_lite ready"), line
-        port = int(line.split()[-1].rsplit(":", 1)[1])
-        consumer, consumer_name = raw_app(port, "sink")  # never reads from here on
-        sender, sender_name = raw_app(port, "blaster")
-        frame = wire.encode_frame(Publish(source=sender_name, destination=consumer_name,
-                                          payload=b"x" * 1024))
-        batch = frame * 256  # ~280 KiB per sendall
-        baseline = rss_bytes(proc.pid)
-        pushed = 0
-        sender.settimeout(1.0)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                sender.sendall(batch)
-            except TimeoutError:
-                break  # the node stopped reading us: backpressure reached the sender
-            pushed += len(batch)
-            if pushed > 512 * MiB:
-                break
-        growth = rss_bytes(proc.pid) - baseline
-        assert pushed < 64 * MiB, f"the node kept reading: {pushed / MiB:.0f} MiB accepted"
-        assert growth < 48 * MiB, f"node RSS grew by {growth / MiB:.0f} MiB"
-        consumer.close()
-        sender.close()
-        print(f"{backend}: pushed {pushed / MiB:.1f} MiB, node RSS +{growth / MiB:.1f} MiB")
+        yield proc.pid, int(line.split()[-1].rsplit(":", 1)[1])
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def push_until_refused(sender: socket.socket, batch: bytes, cap: int) -> int:
+    """Send ``batch`` again and again; the bytes the node took before it stopped
+    reading the sender for a second (or past ``cap``, or after 20 s)."""
+    pushed = 0
+    sender.settimeout(1.0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            sender.sendall(batch)
+        except TimeoutError:
+            break  # the node stopped reading us: backpressure reached the sender
+        pushed += len(batch)
+        if pushed > cap:
+            break
+    return pushed
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_node_memory_stays_bounded_under_a_fast_sender(backend: str, tmp_path: Path) -> None:
+    """A sender blasting at a consumer that never reads: the node stops reading the sender."""
+    with node_process(tmp_path, backend, "max_pending_bytes: 2097152, write_deadline: 60s"
+                      ) as (pid, port):
+        consumer, consumer_name = raw_app(port, "sink")  # never reads from here on
+        sender, sender_name = raw_app(port, "blaster")
+        frame = wire.encode_frame(Publish(source=sender_name, destination=consumer_name,
+                                          payload=b"x" * 1024))
+        baseline = rss_bytes(pid)
+        pushed = push_until_refused(sender, frame * 256, 512 * MiB)  # ~280 KiB a send
+        growth = rss_bytes(pid) - baseline
+        assert pushed < 64 * MiB, f"the node kept reading: {pushed / MiB:.0f} MiB accepted"
+        assert growth < 48 * MiB, f"node RSS grew by {growth / MiB:.0f} MiB"
+        consumer.close()
+        sender.close()
+        print(f"{backend}: pushed {pushed / MiB:.1f} MiB, node RSS +{growth / MiB:.1f} MiB")
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -100,64 +115,35 @@ def test_fan_out_backlog_is_bounded_by_frames_too(backend: str, tmp_path: Path) 
     could not send must still count as pending. Else eight members' backlogs grow
     to twice the byte limit each, far past the frame limit.
     """
-    config = tmp_path / "node.yaml"
-    config.write_text(f"""
-services:
-  slim/0:
-    dataplane:
-      servers: [{{endpoint: "127.0.0.1:0"}}]
-    auth: {{shared_secret: "{SECRET}"}}
-    limits: {{max_pending_bytes: 16777216, max_pending_frames: 2000, write_deadline: 60s}}
-""")
-    proc = subprocess.Popen([sys.executable, "-m", "node_lite", "--config", str(config),
-                             "--backend", backend, "--log-level", "warn"],
-                            stdout=subprocess.PIPE, text=True)
     members: list[socket.socket] = []
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("node_lite ready"), line
-        port = int(line.split()[-1].rsplit(":", 1)[1])
-        channel = wire.Name("org", "ns", "fanout-chan")
-        for i in range(8):
-            sock, _ = raw_app(port, f"member{i}")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.sendall(wire.encode_frame(Subscribe(name=channel, request_id=1)))
-            decoder = wire.FrameDecoder()
-            acks: list[memoryview] = []
-            while not acks:
-                acks = decoder.feed(sock.recv(65536))
-            assert wire.decode_message(wire.decode_frame(acks[0][4:])).TYPE == "sub_ack"
-            members.append(sock)  # never reads from here on
-        sender, sender_name = raw_app(port, "blaster")
-        frame = wire.encode_frame(Publish(source=sender_name, destination=channel, fanout=8,
-                                          payload=b"x" * 100))
-        batch = frame * 1024
-        baseline = rss_bytes(proc.pid)
-        pushed = 0
-        sender.settimeout(1.0)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                sender.sendall(batch)
-            except TimeoutError:
-                break  # the node stopped reading us
-            pushed += len(batch)
-            if pushed > 64 * MiB:
-                break
-        growth = rss_bytes(proc.pid) - baseline
-        # Measured: 8 MiB pushed (most of it in socket buffers), RSS +1 MiB; counting
-        # a run as one frame, 24 MiB and +17 MiB.
-        assert growth < 8 * MiB, f"node RSS grew by {growth / MiB:.0f} MiB"
-        assert pushed < 16 * MiB, f"the node kept reading: {pushed / MiB:.0f} MiB accepted"
-        sender.close()
-    finally:
-        for sock in members:
-            sock.close()
-        proc.terminate()
-        assert proc.wait(timeout=10) == 0
-        assert proc.stdout is not None
-        proc.stdout.close()
+    with node_process(tmp_path, backend, "max_pending_bytes: 16777216, "
+                      "max_pending_frames: 2000, write_deadline: 60s") as (pid, port):
+        try:
+            channel = wire.Name("org", "ns", "fanout-chan")
+            for i in range(8):
+                sock, _ = raw_app(port, f"member{i}")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(wire.encode_frame(Subscribe(name=channel, request_id=1)))
+                decoder = wire.FrameDecoder()
+                acks: list[memoryview] = []
+                while not acks:
+                    acks = decoder.feed(sock.recv(65536))
+                assert wire.decode_message(wire.decode_frame(acks[0][4:])).TYPE == "sub_ack"
+                members.append(sock)  # never reads from here on
+            sender, sender_name = raw_app(port, "blaster")
+            frame = wire.encode_frame(Publish(source=sender_name, destination=channel,
+                                              fanout=8, payload=b"x" * 100))
+            baseline = rss_bytes(pid)
+            pushed = push_until_refused(sender, frame * 1024, 64 * MiB)
+            growth = rss_bytes(pid) - baseline
+            # Measured: 8 MiB pushed (most of it in socket buffers), RSS +1 MiB; counting
+            # a run as one frame, 24 MiB and +17 MiB.
+            assert growth < 8 * MiB, f"node RSS grew by {growth / MiB:.0f} MiB"
+            assert pushed < 16 * MiB, f"the node kept reading: {pushed / MiB:.0f} MiB accepted"
+            sender.close()
+        finally:
+            for sock in members:
+                sock.close()
 
 
 async def blast(conn: object, name: wire.Name, dst: wire.Name, stop: anyio.Event) -> int:
