@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import anyio
 import anyio.lowlevel
 import pytest
-from anyio.abc import ByteStream, SocketAttribute
+from anyio.abc import ByteStream, SocketAttribute, TaskGroup
 
 from node_lite._transport import (
     WRITE_SLICE,
@@ -21,6 +23,26 @@ from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
 CHUNKS = 3000  # 3 MiB: more than the (small) socket buffers hold: some writes wait
+
+
+@asynccontextmanager
+async def tight_connection(serve: Callable[[ByteStream], Awaitable[None]],
+                           ) -> AsyncIterator[tuple[TaskGroup, ByteStream]]:
+    """A TCP connection to ``serve`` with small socket buffers, so that the kernel
+    cannot take much while nobody reads: (a task group, the client end)."""
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
+            anyio.create_task_group() as tg:
+        listener.extra(SocketAttribute.raw_socket).setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        tg.start_soon(listener.serve, serve)
+        client = await anyio.connect_tcp("127.0.0.1", listener.extra(SocketAttribute.local_port))
+        client.extra(SocketAttribute.raw_socket).setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        try:
+            yield tg, client
+        finally:
+            await client.aclose()
+            tg.cancel_scope.cancel()
 
 
 async def test_writes_keep_their_order_whether_taken_at_once_or_not(
@@ -38,16 +60,7 @@ async def test_writes_keep_their_order_whether_taken_at_once_or_not(
             done.set()
             await anyio.sleep_forever()
 
-    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
-            anyio.create_task_group() as tg:
-        # Small buffers, so that the kernel cannot take it all while nobody reads.
-        listener.extra(SocketAttribute.raw_socket).setsockopt(
-            socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        tg.start_soon(listener.serve, serve)
-        port = listener.extra(SocketAttribute.local_port)
-        client = await anyio.connect_tcp("127.0.0.1", port)
-        client.extra(SocketAttribute.raw_socket).setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    async with tight_connection(serve) as (tg, client):
         batch = WriteBatch()
         outbox = Outbox(client, batch=batch)
         immediate = refused = left_to_writer = 0
@@ -84,8 +97,6 @@ async def test_writes_keep_their_order_whether_taken_at_once_or_not(
             await done.wait()
         outbox.close()
         await outbox.wait_finished()
-        await client.aclose()
-        tg.cancel_scope.cancel()
     chunks = [int.from_bytes(received[k:k + 4], "big") for k in range(0, len(received), 1024)]
     assert chunks == list(range(CHUNKS))
     assert outbox.failed is None and outbox.bytes_written == CHUNKS * 1024
@@ -110,14 +121,7 @@ async def test_bytes_the_socket_cannot_take_stay_pending_until_sent() -> None:
             while len(received) < size:
                 received.extend(await stream.receive(65536))
 
-    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
-            anyio.create_task_group() as tg:
-        listener.extra(SocketAttribute.raw_socket).setsockopt(
-            socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        tg.start_soon(listener.serve, serve)
-        client = await anyio.connect_tcp("127.0.0.1", listener.extra(SocketAttribute.local_port))
-        client.extra(SocketAttribute.raw_socket).setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    async with tight_connection(serve) as (tg, client):
         outbox = Outbox(client)
         tg.start_soon(outbox.run)
         outbox.write(b"x" * size)
@@ -130,8 +134,6 @@ async def test_bytes_the_socket_cannot_take_stay_pending_until_sent() -> None:
         assert outbox.bytes_written == size and outbox.failed is None
         outbox.close()
         await outbox.wait_finished()
-        await client.aclose()
-        tg.cancel_scope.cancel()
 
 
 async def test_an_in_memory_stream_holds_a_bounded_number_of_bytes() -> None:
@@ -169,14 +171,7 @@ async def test_a_consumer_that_keeps_reading_is_not_cut_for_a_large_batch() -> N
                 received.extend(await stream.receive(16384))
                 await anyio.sleep(0.005)  # pacing: about 3 MB/s, a slice in ~0.1 s
 
-    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
-            anyio.create_task_group() as tg:
-        listener.extra(SocketAttribute.raw_socket).setsockopt(
-            socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        tg.start_soon(listener.serve, serve)
-        client = await anyio.connect_tcp("127.0.0.1", listener.extra(SocketAttribute.local_port))
-        client.extra(SocketAttribute.raw_socket).setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    async with tight_connection(serve) as (tg, client):
         outbox = Outbox(client, write_deadline=0.25)
 
         async def watchdog() -> None:  # as the node's, every write_deadline / 4
@@ -192,8 +187,6 @@ async def test_a_consumer_that_keeps_reading_is_not_cut_for_a_large_batch() -> N
         assert received == b"x" * size
         outbox.close()
         await outbox.wait_finished()
-        await client.aclose()
-        tg.cancel_scope.cancel()
 
 
 async def test_the_write_deadline_sees_progress_after_the_transport_took_more() -> None:
