@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import anyio
 
@@ -47,6 +48,21 @@ services:
 
 SECRET = "test-secret-that-is-long-enough-for-hmac-0123456789"
 _counter = itertools.count()
+
+
+def node_yaml(folder: Path, limits: str, *, runtime: str = "") -> Path:
+    """A node config file in ``folder``: one server on a free loopback port, the
+    shared secret, these ``limits`` (and ``runtime``, when given: YAML flow maps)."""
+    path = folder / "node.yaml"
+    head = f"runtime: {{{runtime}}}\n" if runtime else ""
+    path.write_text(f"""{head}services:
+  slim/0:
+    dataplane:
+      servers: [{{endpoint: "127.0.0.1:0"}}]
+    auth: {{shared_secret: "{SECRET}"}}
+    limits: {{{limits}}}
+""")
+    return path
 
 
 def unique(prefix: str) -> str:

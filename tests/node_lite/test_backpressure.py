@@ -16,7 +16,7 @@ import pytest
 
 from node_lite import Limits, NodeConfig, SlowConsumerPolicy, open_node, wire
 from node_lite.wire import Hello, Publish, Subscribe
-from tests.helpers import SECRET, app_connection, identity, wait_until
+from tests.helpers import SECRET, app_connection, identity, node_yaml, wait_until
 
 MiB = 1 << 20
 
@@ -46,15 +46,7 @@ def raw_app(port: int, app: str) -> tuple[socket.socket, wire.Name]:
 @contextmanager
 def node_process(tmp_path: Path, backend: str, limits: str) -> Iterator[tuple[int, int]]:
     """A node subprocess with ``limits`` (YAML flow map body): (its pid, its port)."""
-    config = tmp_path / "node.yaml"
-    config.write_text(f"""
-services:
-  slim/0:
-    dataplane:
-      servers: [{{endpoint: "127.0.0.1:0"}}]
-    auth: {{shared_secret: "{SECRET}"}}
-    limits: {{{limits}}}
-""")
+    config = node_yaml(tmp_path, limits)
     proc = subprocess.Popen([sys.executable, "-m", "node_lite", "--config", str(config),
                              "--backend", backend, "--log-level", "warn"],
                             stdout=subprocess.PIPE, text=True)

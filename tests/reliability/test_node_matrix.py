@@ -64,7 +64,7 @@ from node_lite.wire import (
     encode_frame,
     frame_prefix,
 )
-from tests.helpers import SECRET, app_connection, identity, unique, wait_until
+from tests.helpers import SECRET, app_connection, identity, node_yaml, unique, wait_until
 from tests.node_lite.test_core import FakeSink, connect_app, decode_all, new_core
 from tests.reliability.resources import (
     ResourceLeakError,
@@ -988,16 +988,8 @@ async def test_f10_shutdown_drains_queued_frames_then_says_shutting_down() -> No
 @pytest.mark.matrix("F-10")
 async def test_f10_sigterm_stops_accepting_and_exits_0_within_the_drain_timeout(
         tmp_path: Path, anyio_backend: str) -> None:
-    config = tmp_path / "node.yaml"
-    config.write_text(f"""
-runtime: {{drain_timeout: 1s}}
-services:
-  slim/0:
-    dataplane:
-      servers: [{{endpoint: "127.0.0.1:0"}}]
-    auth: {{shared_secret: "{SECRET}"}}
-    limits: {{max_pending_bytes: 1048576, write_deadline: 60s}}
-""")
+    config = node_yaml(tmp_path, "max_pending_bytes: 1048576, write_deadline: 60s",
+                       runtime="drain_timeout: 1s")
     # This checks the test process (the clients); the blaster's 8 MiB client-side
     # backlog, in 4 KiB pieces, may stay in its heap.
     async with process_check(rss_slack_mb=64):
@@ -1192,15 +1184,7 @@ async def _silent_flood(node_url: str, flood: int) -> tuple[list[float], float]:
 async def test_b18_a_flood_of_silent_connections_is_closed_at_hello_timeout(
         tmp_path: Path, anyio_backend: str) -> None:
     flood, hello_timeout = 1000, 0.5
-    config = tmp_path / "node.yaml"
-    config.write_text(f"""
-services:
-  slim/0:
-    dataplane:
-      servers: [{{endpoint: "127.0.0.1:0"}}]
-    auth: {{shared_secret: "{SECRET}"}}
-    limits: {{hello_timeout: {hello_timeout}s}}
-""")
+    config = node_yaml(tmp_path, f"hello_timeout: {hello_timeout}s")
     args = ("--config", str(config), "--log-level", "warn", "--backend", anyio_backend)
     async with open_node_process(args) as node:
         # Warm-up floods bring the node's heap to its high-water mark (the
