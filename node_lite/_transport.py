@@ -107,10 +107,10 @@ def _write_now(stream: Any) -> Callable[[bytes | memoryview], int] | None:
         return None
 
     def write(data: bytes | memoryview) -> int:
-        # anyio sets the high-water mark to 0: anything held pauses the transport
-        # (and pausing replaces the protocol's write_event, so it is read each time).
-        if held() or transport.is_closing() or protocol.exception is not None \
-                or not protocol.write_event.is_set():
+        # anyio sets the high-water mark to 0: the transport is paused (its write_event
+        # clear) exactly while it holds bytes. Pausing replaces the event: read it each time.
+        if not protocol.write_event.is_set() or transport.is_closing() \
+                or protocol.exception is not None:
             return -1
         transport.write(data)
         return held()
