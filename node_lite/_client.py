@@ -114,7 +114,7 @@ class SharedDecoding:
                 self._old, self._new = self._new, {}
             if type(d) is not SharedEnvelope:
                 d = SharedEnvelope(d)
-                d.checked = None
+                d.checked = d.memo = None
             self._new[key] = d
         return d
 

@@ -938,10 +938,13 @@ class SharedEnvelope(dict[str, Any]):
     ``checked`` holds the :class:`Limits` a reader validated the map under (None
     before), so the next reader with those same limits can skip
     :func:`check_publish`: its verdict depends on the map and the limits alone.
+    ``memo`` holds what the first reader derived from the map, under a key of its
+    choosing, for the next readers to reuse (None before).
     """
 
-    __slots__ = ("checked",)
+    __slots__ = ("checked", "memo")
     checked: Limits | None
+    memo: tuple[Any, Any] | None
 
 
 def decode_frame(body: bytes | memoryview, *, check_ext: bool = True) -> dict[str, Any]:
@@ -1066,6 +1069,7 @@ class FlowDecoding:
             return d  # its reader reports it
         checked = SharedEnvelope(d)
         checked.checked = self._limits
+        checked.memo = None
         self._learn(checked, buf, start, end)
         return checked
 
@@ -1078,6 +1082,7 @@ class FlowDecoding:
         except Exception:  # msgpack signals bad input with several types
             return None
         d = SharedEnvelope(flow.fields)
+        d.memo = None
         d["mid"] = mid = values[0]
         plain = True
         for i in range(1, len(values), 2):

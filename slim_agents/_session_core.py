@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from node_lite import AuthenticationError, Name, NoRouteError
-from node_lite.wire import decode_frame, encode_frame
+from node_lite.wire import SharedEnvelope, decode_frame, encode_frame
 
 from ._config import SessionConfig, SessionKind
 from ._e2e import E2EError
@@ -224,6 +224,7 @@ class SessionCore:
         # A group's destination is its channel; a point-to-point one is the peer (pinned later).
         self.destination = destination
         self.channel: Name | None = destination if self.group else None
+        self._channel_key = _key(destination.to_wire()) if self.group else None
         self.moderator: Member | None = Member(owner.name, owner.subject) if initiator else None
         self.members: dict[Key, Member] = {}
         if initiator:
@@ -1127,9 +1128,20 @@ class SessionCore:
             if body is None:
                 return
         dst = self.channel if self.group and not direct else self.local
-        message = _new(Message, (_new(MessageContext, (
-            member.name, dst, d.get("pt") or "msg", meta, self.sid, d["mid"], member.subject, 0,
-            direct)), body))
+        # A group frame shared by the apps of this loop makes one (immutable) message
+        # for all of them: a copy per member would be garbage the collector walks.
+        shared = d if type(d) is SharedEnvelope and dst is self.channel and self.keys is None \
+            else None
+        memo = None if shared is None else shared.memo
+        if memo is not None and memo[0] == self._channel_key \
+                and memo[1].context.identity == member.subject:
+            message = memo[1]
+        else:
+            message = _new(Message, (_new(MessageContext, (
+                member.name, dst, d.get("pt") or "msg", meta, self.sid, d["mid"],
+                member.subject, 0, direct)), body))
+            if shared is not None:
+                shared.memo = (self._channel_key, message)
         if stream is None:
             inbox.append(message)
             self.received += 1

@@ -105,3 +105,30 @@ async def test_group_members_of_one_loop_check_each_group_frame_once(
     to_chan = [d for d, _ in read_calls if d["dst"][3] is None]
     # A connection learns a flow once per map size (with acks or not).
     assert 1 <= len(to_chan) <= 2 * len(members)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("reliable", [False, True])
+async def test_group_members_of_one_loop_share_each_message(reliable: bool) -> None:
+    """Apps of one loop in a group receive one message object per group frame (it is
+    immutable); a member whose roster names the sender differently gets its own."""
+    from slim_agents._session_core import Member, _key
+
+    config = SessionConfig.group(timeout=1.0, max_retries=5) if reliable else \
+        SessionConfig.group()
+    async with open_node(NodeConfig(shared_secret=SECRET)) as node, AsyncExitStack() as stack:
+        group, *members = await open_group(stack, node.url, config, 3)
+        odd = members[2]._core
+        mod_key = _key(group._core.local_wire)
+        odd.members[mod_key] = Member(odd.members[mod_key].name, "someone-else")
+        for i in range(5):
+            await group.publish(f"m{i}".encode(), metadata={"i": str(i)})
+        with anyio.fail_after(10):
+            got = [[await m.get_message() for _ in range(5)] for m in members]
+    for i in range(5):
+        first, second, third = (g[i] for g in got)
+        assert first is second
+        assert first.payload == third.payload == f"m{i}".encode()
+        assert first.context.metadata["i"] == str(i)
+        assert first.context.identity == group._core.owner.subject
+        assert third.context.identity == "someone-else" and third is not first
