@@ -144,6 +144,7 @@ def main() -> None:
     role.add_argument("--target")
     role.add_argument("--chan")
     role.add_argument("--n", type=int, default=FANOUT)
+    role.add_argument("--first", type=int, default=0)
     role.add_argument("--size", type=int, default=64)
     role.add_argument("--reliable", action="store_true")
     args = parser.parse_args()
@@ -156,7 +157,8 @@ def main() -> None:
                                                 args.reliable, b),
          "echo": lambda: sessions.role_echo(args.url, b),
          "pinger": lambda: role_pinger(args.url, args.reliable, b),
-         "members": lambda: sessions.role_members(args.url, args.chan, args.n, b),
+         "members": lambda: sessions.role_members(args.url, args.chan, args.n, b,
+                                                  args.first),
          "moderator": lambda: sessions.role_moderator(args.url, args.chan, args.n,
                                                       args.reliable, b),
          }[args.name]()

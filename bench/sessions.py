@@ -133,8 +133,9 @@ def role_pinger(url: str, reliable: bool, count: int, backend: str) -> None:
     run(main, backend=backend)
 
 
-def role_members(url: str, chan: str, n: int, backend: str) -> None:
-    """n group members in one process; reports deliveries/s summed over members."""
+def role_members(url: str, chan: str, n: int, backend: str, first: int = 0) -> None:
+    """Members ``first`` to ``first + n - 1`` of a group, in one process; reports
+    deliveries/s summed over them."""
     import anyio
 
     from slim_agents import open_app
@@ -161,7 +162,8 @@ def role_members(url: str, chan: str, n: int, backend: str) -> None:
 
         async with AsyncExitStack() as stack:
             apps = [await stack.enter_async_context(
-                open_app(f"bench/ns/member{i}", node=url, secret=SECRET)) for i in range(n)]
+                open_app(f"bench/ns/member{i}", node=url, secret=SECRET))
+                for i in range(first, first + n)]
             emit("READY", {})
             async with anyio.create_task_group() as tg:
                 for i, app in enumerate(apps):
@@ -288,24 +290,30 @@ def run_rtt(backend: str, reliable: bool, count: int) -> dict[str, float]:
             c.stop()
 
 
-def run_fanout(backend: str, n: int, reliable: bool, *, start: NodeStarter | None = None,
-               script: str = HERE) -> tuple[float, float]:
-    """Deliveries/s summed over ``n`` members, and invite ms per member."""
+def run_fanout(backend: str, n: int, reliable: bool, *, procs: int = 1,
+               start: NodeStarter | None = None, script: str = HERE) -> tuple[float, float]:
+    """Deliveries/s summed over ``n`` members (spread over ``procs`` processes), and
+    invite ms per member."""
     quiet_gate()
     node, url = (start or start_node)(backend)
     chan = "bench/ns/chan"
-    members = spawn([script, "role", "members", "--url", url, "--chan", chan, "--n", str(n),
-                     "--backend", backend])
+    members = []
+    for p in range(procs):
+        first, last = n * p // procs, n * (p + 1) // procs
+        members.append(spawn([script, "role", "members", "--url", url, "--chan", chan,
+                              "--n", str(last - first), "--first", str(first),
+                              "--backend", backend]))
     mod = spawn([script, "role", "moderator", "--url", url, "--chan", chan, "--n", str(n),
                  "--backend", backend] + (["--reliable"] if reliable else []), timeout=120)
     try:
-        res = members.result(timeout=120)
-        if res.get("duplicates"):  # resent before the acks came back: wasted work
-            print(f"  fan-out to {n}: members received {res['duplicates']} duplicate copies",
+        results = [m.result(timeout=120) for m in members]
+        duplicates = sum(r.get("duplicates", 0) for r in results)
+        if duplicates:  # resent before the acks came back: wasted work
+            print(f"  fan-out to {n}: members received {duplicates} duplicate copies",
                   file=sys.stderr)
-        return float(res["rate"]), float(mod.ready["invite_ms"])
+        return sum(float(r["rate"]) for r in results), float(mod.ready["invite_ms"])
     finally:
-        for c in (mod, members, node):
+        for c in (mod, *members, node):
             c.stop()
 
 
@@ -315,6 +323,7 @@ def main() -> None:
     role.add_argument("--target")
     role.add_argument("--chan")
     role.add_argument("--n", type=int, default=8)
+    role.add_argument("--first", type=int, default=0)
     role.add_argument("--size", type=int, default=64)
     role.add_argument("--count", type=int, default=2000)
     role.add_argument("--reliable", action="store_true")
@@ -325,7 +334,7 @@ def main() -> None:
          "sender": lambda: role_sender(args.url, args.target, args.size, args.reliable, b),
          "echo": lambda: role_echo(args.url, b),
          "pinger": lambda: role_pinger(args.url, args.reliable, args.count, b),
-         "members": lambda: role_members(args.url, args.chan, args.n, b),
+         "members": lambda: role_members(args.url, args.chan, args.n, b, args.first),
          "moderator": lambda: role_moderator(args.url, args.chan, args.n, args.reliable, b),
          }[args.name]()
         return

@@ -137,3 +137,34 @@ async def test_a_lone_connection_decodes_its_frames_itself() -> None:
             assert shared.connections == 1
             await _subscribed(solo, Name("org", "ns", unique("chan")))
             assert not shared._new and not shared._old
+
+
+def test_a_buffer_of_frames_decodes_as_each_frame_alone() -> None:
+    import msgpack
+
+    from node_lite.wire import ProtocolError, timestamp_marks
+
+    stamped = msgpack.packb({**decode_frame(frame(3)), "when": msgpack.Timestamp(1)})
+    big = frame(2, b"x" * _SHARED_FRAME_MAX)
+    bodies = [bytes(frame(1)), bytes(big), bytes(frame(4))]
+
+    def spans(bodies: list[bytes]) -> tuple[bytes, list[int]]:
+        buf = b"".join(len(b).to_bytes(4, "big") + b for b in bodies)
+        bounds = [0]
+        for b in bodies:
+            bounds.append(bounds[-1] + 4 + len(b))
+        return buf, bounds
+
+    shared = SharedDecoding()
+    buf, bounds = spans(bodies)
+    first = shared.decode_spans(buf, bounds, timestamp_marks(buf))
+    assert first == [decode_frame(b) for b in bodies]
+    buf2, _ = spans(bodies)  # the same frames read by another connection
+    again = shared.decode_spans(buf2, bounds, timestamp_marks(buf2))
+    assert again[0] is first[0] and again[2] is first[2]
+    assert again[1] == first[1] and again[1] is not first[1]  # too large to keep
+    assert shared._hits == 2
+    # A timestamp (an ext type msgpack decodes itself) is found and refused.
+    buf, bounds = spans([bytes(frame(5)), stamped])
+    with pytest.raises(ProtocolError, match="timestamp"):
+        shared.decode_spans(buf, bounds, timestamp_marks(buf))
