@@ -5,7 +5,8 @@
 
 Measures p2p one-way messages/s (64 B, 1 KiB) best effort and reliable,
 request/reply RTT, group fan-out to 8 and 32 members (deliveries/s), p2p
-session setup time and invite time per member. The baselines are the node
+session setup time and invite time per member (members spread over one process per
+CPU, and all 32 in one process for comparison). The baselines are the node
 relaying pre-encoded frames between blocking sockets (bench/node.py's
 sender and receiver; its ping and echo for the RTT), measured in the same run.
 Targets: best-effort p2p >= 100 k msg/s at 64 B, reliable >= 50 k msg/s,
@@ -44,6 +45,9 @@ WINDOW = 1.5
 # socket buffers are full (32 of each), the moderator publishes flat out and takes
 # CPU the members need; measured here, that start lasts about a second.
 FANOUT_WARMUP = 2.0
+# Members spread over one process per CPU, as a swarm would place them: in one process
+# they share one interpreter, and one CPU.
+MEMBER_PROCS = os.cpu_count() or 1
 
 
 def _config(reliable: bool, group: bool = False):  # type: ignore[no-untyped-def]
@@ -361,10 +365,12 @@ def main() -> None:
             add(f"setup{tag}", r["setup_ms"])
         for n in (8, 32):
             for reliable in (False, True):
-                rate, invite = run_fanout(backend, n, reliable)
+                rate, invite = run_fanout(backend, n, reliable, procs=MEMBER_PROCS)
                 tag = "rel" if reliable else "be"
                 add(f"fan{n}{tag}", rate)
                 add(f"inv{n}{tag}", invite)
+        if MEMBER_PROCS > 1:
+            add("fan32be1", run_fanout(backend, 32, False)[0])
         print(f"  rep {rep + 1}/{args.reps} done", file=sys.stderr)
 
     def cell(key: str, unit: str = "/s") -> str:
@@ -399,7 +405,10 @@ def main() -> None:
             ok = "" if n != 32 else ("ok" if v >= 300e3 else "BELOW 300 k")
             rows.append([str(n), label, cell(f"fan{n}{tag}"),
                          f"{median(res[f'inv{n}{tag}']):.2f} ms", ok])
-    print_table("Group fan-out (deliveries/s summed over members) and invite time per member",
+    if MEMBER_PROCS > 1:
+        rows.append(["32", "best effort, all in 1 process", cell("fan32be1"), "", ""])
+    print_table(f"Group fan-out (deliveries/s summed over members, spread over {MEMBER_PROCS} "
+                "processes) and invite time per member",
                 ["members", "mode", "deliveries/s", "invite/member", "target (32)"], rows)
 
 
