@@ -115,7 +115,8 @@ class SharedDecoding:
                 self._old, self._new = self._new, {}
             if type(d) is not SharedEnvelope:
                 d = SharedEnvelope(d)
-                d.checked = d.memo = None
+                d.checked = None
+            d.memo = ()  # read by several apps from now on
             self._new[key] = d
         return d
 

@@ -938,13 +938,14 @@ class SharedEnvelope(dict[str, Any]):
     ``checked`` holds the :class:`Limits` a reader validated the map under (None
     before), so the next reader with those same limits can skip
     :func:`check_publish`: its verdict depends on the map and the limits alone.
-    ``memo`` holds what the first reader derived from the map, under a key of its
-    choosing, for the next readers to reuse (None before).
+    ``memo`` is None while one reader alone gets the map; once it is kept for
+    several, ``()`` until the first of them stores what it derived from the map,
+    under a key of its choosing, for the next ones to reuse.
     """
 
     __slots__ = ("checked", "memo")
     checked: Limits | None
-    memo: tuple[Any, Any] | None
+    memo: tuple[Any, ...] | None
 
 
 def decode_frame(body: bytes | memoryview, *, check_ext: bool = True) -> dict[str, Any]:

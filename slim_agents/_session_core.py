@@ -1133,14 +1133,13 @@ class SessionCore:
         shared = d if type(d) is SharedEnvelope and dst is self.channel and self.keys is None \
             else None
         memo = None if shared is None else shared.memo
-        if memo is not None and memo[0] == self._channel_key \
-                and memo[1].context.identity == member.subject:
+        if memo and memo[0] == self._channel_key and memo[1].context.identity == member.subject:
             message = memo[1]
         else:
             message = _new(Message, (_new(MessageContext, (
                 member.name, dst, d.get("pt") or "msg", meta, self.sid, d["mid"],
                 member.subject, 0, direct)), body))
-            if shared is not None:
+            if shared is not None and memo is not None:  # other apps read this map too
                 shared.memo = (self._channel_key, message)
         if stream is None:
             inbox.append(message)

@@ -41,6 +41,7 @@ def test_a_frame_is_decoded_once_and_equals_its_own_decoding() -> None:
     again = shared.decode(memoryview(bytes(frame(1))), check_ext=True)  # other buffer
     assert again is first
     assert first == decode_frame(frame(1))
+    assert first.memo == ()  # kept for several readers: nothing derived from it yet
     assert shared.decode(frame(2), check_ext=False) is not first
 
 
