@@ -36,7 +36,6 @@ from .wire import (
     decode_frame,
     decode_message,
     encode_frame,
-    marked,
     timestamp_marks,
 )
 
@@ -90,20 +89,24 @@ class SharedDecoding:
         self._new: dict[bytes, SharedEnvelope] = {}
         self._old: dict[bytes, SharedEnvelope] = {}
 
-    def decode(self, frame: bytes | memoryview, *, check_ext: bool,
+    def decode(self, frame: bytes | memoryview, *, check_ext: bool | None = None,
                flows: FlowDecoding | None = None) -> dict[str, Any]:
         """:func:`decode_frame` (or ``flows``' decoding), once per distinct frame among
-        the recent ones."""
+        the recent ones. ``check_ext`` as :meth:`FlowDecoding.decode` (None: a large
+        frame's map is walked, which costs less than scanning its bytes)."""
         if len(frame) > _SHARED_FRAME_MAX:
-            return decode_frame(frame, check_ext=check_ext)
+            return decode_frame(frame, check_ext=check_ext is not False)
         key = frame if type(frame) is bytes else bytes(frame)
         hit = self._new.get(key) or self._old.get(key)
         if hit is not None:
             self._hits += 1
             return hit
         # Raises: nothing kept.
-        d = decode_frame(key, check_ext=check_ext) if flows is None \
-            else flows.decode(key, 0, len(key), check_ext=check_ext)
+        if flows is not None:
+            d = flows.decode(key, 0, len(key), check_ext=check_ext)
+        else:
+            d = decode_frame(key, check_ext=bool(timestamp_marks(key)) if check_ext is None
+                             else check_ext)
         self._misses += 1
         if self._misses >= _SHARED_ENTRIES:
             if self._hits * 8 < self._misses:
@@ -120,10 +123,9 @@ class SharedDecoding:
             self._new[key] = d
         return d
 
-    def decode_spans(self, buf: bytes, bounds: list[int], marks: list[int],
+    def decode_spans(self, buf: bytes, bounds: list[int],
                      flows: FlowDecoding | None = None) -> list[dict[str, Any]]:
-        """:meth:`decode` of each frame body ``buf[bounds[i - 1] + 4:bounds[i]]``
-        (``marks``: the buffer's :func:`timestamp_marks`).
+        """:meth:`decode` of each frame body ``buf[bounds[i - 1] + 4:bounds[i]]``.
 
         :raises ProtocolError: as :meth:`decode`.
         """
@@ -145,8 +147,7 @@ class SharedDecoding:
                     continue
             self._hits += hits
             hits = 0
-            append(self.decode(key if small else memoryview(buf)[start:end], flows=flows,
-                               check_ext=bool(marks) and marked(marks, start - 4, end)))
+            append(self.decode(key if small else memoryview(buf)[start:end], flows=flows))
             start = end + 4
         self._hits += hits
         return out
@@ -256,7 +257,6 @@ class NodeConnection:
             raise anyio.EndOfStream from exc
         buf, bounds = self._decoder.feed_spans(data)
         ends = range(1, len(bounds))
-        marks = timestamp_marks(buf)
         flows = self._flows
         shared = self._shared
         if shared is not None and shared.connections > 1:
@@ -266,25 +266,19 @@ class NodeConnection:
         else:
             shared = None
         try:
+            # Timestamps: the decoders check a frame's bytes only where they need to.
             if shared is not None:
                 return shared.decode_spans(buf if type(buf) is bytes else bytes(buf), bounds,
-                                           marks, flows)
-            if not marks:
-                return [flows.decode(buf, bounds[i - 1] + 4, bounds[i], check_ext=False)
-                        for i in ends]
-            return [flows.decode(buf, bounds[i - 1] + 4, bounds[i],
-                                 check_ext=marked(marks, bounds[i - 1], bounds[i]))
-                    for i in ends]
+                                           flows)
+            return [flows.decode(buf, bounds[i - 1] + 4, bounds[i]) for i in ends]
         except ProtocolError:
             pass
         out = []  # the rare case, one frame at a time
         for i in ends:
             start, end = bounds[i - 1] + 4, bounds[i]
-            check_ext = marked(marks, bounds[i - 1], end)
             try:
-                out.append(flows.decode(buf, start, end, check_ext=check_ext) if shared is None
-                           else shared.decode(memoryview(buf)[start:end], flows=flows,
-                                              check_ext=check_ext))
+                out.append(flows.decode(buf, start, end) if shared is None
+                           else shared.decode(memoryview(buf)[start:end], flows=flows))
             except ProtocolError as exc:
                 self.bad_frames[type(exc).__name__] += 1
         return out

@@ -892,8 +892,8 @@ def _has_timestamp(value: object) -> bool:
 _BEFORE_TYPE = frozenset((0xD6, 0xD7, 4, 8, 12))
 
 
-def timestamp_marks(data: bytes) -> list[int]:
-    """Offsets in ``data`` where a msgpack timestamp could be encoded, ascending.
+def timestamp_marks(data: bytes, start: int = 0, end: int | None = None) -> list[int]:
+    """Offsets in ``data[start:end]`` where a msgpack timestamp could be encoded, ascending.
 
     msgpack decodes ext type -1 itself, without calling ``ext_hook``, in every
     ext encoding (fixext 4 and 8, ext 8, 16 and 32), so a frame holding none
@@ -903,14 +903,16 @@ def timestamp_marks(data: bytes) -> list[int]:
     """
     marks = []
     find = data.find
-    i = find(b"\xff", 1)  # a type byte has at least one byte before it
+    if end is None:
+        end = len(data)
+    i = find(b"\xff", start + 1, end)  # a type byte has at least one byte before it
     while i > 0:
-        # (At i == 1, data[i - 2] reads the last byte: at worst a spurious mark, one walk.)
+        # (Near start, the bytes before it are read too: at worst a spurious mark, one walk.)
         if (before := data[i - 1]) in _BEFORE_TYPE and (
                 before >= 0xD6 or data[i - 2] == 0xC7
                 or data[i - 3:i - 1] == b"\xc8\x00" or data[i - 5:i - 1] == b"\xc9\x00\x00\x00"):
             marks.append(i)
-        i = find(b"\xff", i + 1)
+        i = find(b"\xff", i + 1, end)
     return marks
 
 
@@ -1031,8 +1033,14 @@ class FlowDecoding:
         #: Frames left to decode without looking for their flow.
         self.paused = 0
 
-    def decode(self, buf: bytes, start: int, end: int, *, check_ext: bool) -> dict[str, Any]:
+    def decode(self, buf: bytes, start: int, end: int, *,
+               check_ext: bool | None = None) -> dict[str, Any]:
         """The checked envelope map of the frame body ``buf[start:end]``.
+
+        ``check_ext``: True walks the whole map for timestamps, False says the
+        caller's :func:`timestamp_marks` found none. None, the default: a frame of a
+        known flow has its tail values checked here (its header's bytes were checked
+        when the flow was learned); any other frame is scanned.
 
         :raises ProtocolError: as :func:`decode_frame`.
         """
@@ -1040,6 +1048,8 @@ class FlowDecoding:
         if paused:
             self.paused -= 1
         if paused or check_ext or end - start > _FLOW_FRAME_MAX:  # check_ext: the full walk
+            if check_ext is None:
+                check_ext = bool(timestamp_marks(buf, start, end))
             return decode_frame(memoryview(buf)[start:end], check_ext=check_ext)
         flow = self._last
         if flow is None or not buf.startswith(flow.prefix, start, end):
@@ -1051,12 +1061,13 @@ class FlowDecoding:
             else:
                 flow = None
         if flow is not None:
-            d = self._rest(flow, buf, start, end)
+            d = self._rest(flow, buf, start, end, check_ext)
             if d is not None:
                 self._last = flow
                 self._hits += 1
                 return d
-        d = decode_frame(memoryview(buf)[start:end], check_ext=False)
+        d = decode_frame(memoryview(buf)[start:end],
+                         check_ext=check_ext is None and bool(timestamp_marks(buf, start, end)))
         self._misses += 1
         if self._misses >= _FLOW_CHECK:
             if self._hits < self._misses:
@@ -1074,8 +1085,10 @@ class FlowDecoding:
         self._learn(checked, buf, start, end)
         return checked
 
-    def _rest(self, flow: _Flow, buf: bytes, start: int, end: int) -> dict[str, Any] | None:
-        """A frame of ``flow`` with its tail unpacked; None when the tail is not clean."""
+    def _rest(self, flow: _Flow, buf: bytes, start: int, end: int,
+              check_ext: bool | None) -> dict[str, Any] | None:
+        """A frame of ``flow`` with its tail unpacked; None when the tail is not clean
+        (or may hold a timestamp, with ``check_ext`` None)."""
         try:
             # msgpack's defaults since 1.0: str as text, only str keys in maps.
             values = _unpackb(flow.tail + buf[start + len(flow.prefix):end],
@@ -1094,9 +1107,12 @@ class FlowDecoding:
             if key not in _FLOW_TAIL:
                 plain = False
         if plain and type(mid) is int and 0 <= mid <= _U32 \
-                and type(d.get("body", b"")) is bytes:
+                and type(d.get("body", b"")) is bytes \
+                and (check_ext is False or type(d.get("ack", b"")) is bytes):
             d.checked = self._limits
             return d
+        if check_ext is None and _has_timestamp(values):
+            return None  # the full decoding refuses it, and says why
         d.checked = None
         if not plain:
             with contextlib.suppress(ProtocolError):  # its reader reports it

@@ -179,19 +179,24 @@ def _outcome(decode: Callable[[bytes], dict[str, Any]], frame: bytes) -> tuple[A
 def flows(data: bytes) -> None:
     """A FlowDecoding taught a valid frame of 1 + (first byte % 4) tail fields, then
     given the rest: as a whole frame (mode < 128) or as that flow's tail. It must give
-    what decode_frame gives (map or error), marked checked only when the map passes
-    check_publish (an unmarked one is checked by its reader)."""
+    what decode_frame gives (map or error), with the caller's timestamp marks or
+    without, marked checked only when the map passes check_publish (an unmarked one
+    is checked by its reader)."""
     mode, data = _mode(data, 256)
     extra = mode % 4
     fill = {f"f{i}": b"" for i in range(extra)}
     teacher = msgpack.packb({**_FLOW_HEAD, "mid": 1, **fill, "body": b"x"})
     frame = data if mode < 128 else teacher[:teacher.index(b"\xa3mid") + 4] + data
-    decoder = FlowDecoding(LIMITS)
+    decoder, lazy = FlowDecoding(LIMITS), FlowDecoding(LIMITS)
     decoder.decode(teacher, 0, len(teacher), check_ext=False)
+    lazy.decode(teacher, 0, len(teacher))
     marks = bool(timestamp_marks(frame))
     got = _outcome(lambda f: decoder.decode(f, 0, len(f), check_ext=marks), frame)
     full = _outcome(lambda f: decode_frame(f, check_ext=marks), frame)
     assert got == full, (got, full)
+    # Without the marks, the decoder finds the timestamps it must refuse itself.
+    unmarked = _outcome(lambda f: lazy.decode(f, 0, len(f)), frame)
+    assert unmarked == full, (unmarked, full)
     if got[0] == "ok" and getattr(got[1], "checked", None) is LIMITS:
         check_publish(dict(full[1]), LIMITS, set())
 

@@ -159,6 +159,58 @@ def test_a_timestamp_mark_takes_the_full_walk() -> None:
     assert flows._hits == 0
 
 
+def lazy(flows: FlowDecoding, frame: bytes) -> dict[str, Any]:
+    return flows.decode(frame, 0, len(frame))  # check_ext unknown: the decoder decides
+
+
+# Where a timestamp hides in a frame of a learned flow (the header's bytes were checked
+# when it was learned; the flow fixes the map's size, so the fields are the same):
+# (tail of the learning frame, the same tail with a timestamp).
+STAMPED_TAILS = {
+    "extra": ({"when": 1}, {"when": msgpack.Timestamp(1)}),
+    "meta": ({"meta": {"t": "x"}}, {"meta": {"t": msgpack.Timestamp(1)}}),
+    "ack": ({"ack": b"a"}, {"ack": msgpack.Timestamp(1)}),
+    "mid": ({}, {}),
+}
+
+
+@pytest.mark.parametrize("where", list(STAMPED_TAILS))
+def test_unknown_marks_find_a_timestamp_in_the_tail_of_a_flow(where: str) -> None:
+    clean, stamped = STAMPED_TAILS[where]
+    flows = FlowDecoding(LIMITS)
+    first = body(1, b"", **clean)
+    assert lazy(flows, first) == decode_frame(first)
+    mid: Any = msgpack.Timestamp(2) if where == "mid" else 2
+    stamp = msgpack.packb({**head(), "mid": mid, **stamped, "body": b""})
+    with pytest.raises(MalformedFrameError, match="timestamp"):
+        lazy(flows, stamp)
+    third = body(3, b"", **clean)
+    assert lazy(flows, third) == decode_frame(third)  # the flow is still known
+    assert flows._hits == 1
+
+
+def test_unknown_marks_scan_a_frame_off_the_flow_path() -> None:
+    flows = FlowDecoding(LIMITS)
+    stamp = msgpack.packb({**head(), "mid": 1, "when": msgpack.Timestamp(1), "body": b""})
+    with pytest.raises(MalformedFrameError, match="timestamp"):
+        lazy(flows, stamp)  # nothing learned yet: the full decoding, scanned
+    big = msgpack.packb({**head(), "mid": 1, "when": msgpack.Timestamp(1),
+                         "body": b"x" * _FLOW_FRAME_MAX})
+    with pytest.raises(MalformedFrameError, match="timestamp"):
+        lazy(flows, big)
+
+
+def test_a_header_with_timestamp_like_bytes_still_decodes_from_its_flow() -> None:
+    # One pair of random instance ids in ~1400 holds such bytes: a scan of each frame
+    # marks every frame of that flow; the flow path checked the header once instead.
+    src = ["org", "ns", "src", int.from_bytes(b"\x10\xd7\xff\x01\x02\x03\x04\x05", "big")]
+    frames = [msgpack.packb({**head(src=src), "mid": mid, "body": b"m"}) for mid in (1, 2, 3)]
+    assert all(timestamp_marks(f) for f in frames)
+    flows = FlowDecoding(LIMITS)
+    assert [lazy(flows, f) for f in frames] == [decode_frame(f) for f in frames]
+    assert flows._hits == 2
+
+
 def test_only_checked_publishes_in_their_shortest_encoding_are_learned() -> None:
     flows = FlowDecoding(LIMITS)
     bad_src = msgpack.packb({**head(src=["org", "ns", "", 1]), "mid": 1, "body": b""})

@@ -143,7 +143,7 @@ async def test_a_lone_connection_decodes_its_frames_itself() -> None:
 def test_a_buffer_of_frames_decodes_as_each_frame_alone() -> None:
     import msgpack
 
-    from node_lite.wire import ProtocolError, timestamp_marks
+    from node_lite.wire import ProtocolError
 
     stamped = msgpack.packb({**decode_frame(frame(3)), "when": msgpack.Timestamp(1)})
     big = frame(2, b"x" * _SHARED_FRAME_MAX)
@@ -158,14 +158,14 @@ def test_a_buffer_of_frames_decodes_as_each_frame_alone() -> None:
 
     shared = SharedDecoding()
     buf, bounds = spans(bodies)
-    first = shared.decode_spans(buf, bounds, timestamp_marks(buf))
+    first = shared.decode_spans(buf, bounds)
     assert first == [decode_frame(b) for b in bodies]
     buf2, _ = spans(bodies)  # the same frames read by another connection
-    again = shared.decode_spans(buf2, bounds, timestamp_marks(buf2))
+    again = shared.decode_spans(buf2, bounds)
     assert again[0] is first[0] and again[2] is first[2]
     assert again[1] == first[1] and again[1] is not first[1]  # too large to keep
     assert shared._hits == 2
     # A timestamp (an ext type msgpack decodes itself) is found and refused.
     buf, bounds = spans([bytes(frame(5)), stamped])
     with pytest.raises(ProtocolError, match="timestamp"):
-        shared.decode_spans(buf, bounds, timestamp_marks(buf))
+        shared.decode_spans(buf, bounds)
