@@ -54,14 +54,18 @@ class Pending(Generic[T]):
     record: T
     size: int
     recipients: tuple[Name, ...]
-    waiting: set[Name]
+    #: The stream's numbers of ``recipients``, in the same order.
+    ids: tuple[int, ...]
+    #: The numbers of the recipients yet to acknowledge it.
+    waiting: set[int]
     deadline: float
     attempts: int = 0
     failed: dict[Name, str] = field(default_factory=dict)
 
     @property
     def delivered(self) -> tuple[Name, ...]:
-        return tuple(r for r in self.recipients if r not in self.waiting and r not in self.failed)
+        return tuple(r for r, i in zip(self.recipients, self.ids, strict=True)
+                     if i not in self.waiting and r not in self.failed)
 
 
 class SendStream(Generic[T]):
@@ -79,8 +83,14 @@ class SendStream(Generic[T]):
         self._timers: deque[tuple[float, int, int]] = deque()  # deadline, mid, attempt
         self.retransmissions = 0
         self._through: dict[Name, int] = {}  # recipient -> all up to this acknowledged
-        # recipient -> (when, highest id) of its last acknowledgement that counted
-        self._heard: dict[Name, tuple[float, int]] = {}
+        # Recipients are numbered: a set of ints hashes in C, where a Name's hash is a
+        # Python call, and a group's acks touch every message once per member.
+        self._ids: dict[Name, int] = {}
+        self._names: dict[int, Name] = {}
+        self._next_id = 0
+        self._last: tuple[tuple[Name, ...], tuple[int, ...]] = ((), ())
+        # recipient number -> (when, highest id) of its last acknowledgement that counted
+        self._heard: dict[int, tuple[float, int]] = {}
 
     def has_room(self) -> bool:
         return len(self.pending) < self.window and self.pending_bytes < self.window_bytes
@@ -104,11 +114,16 @@ class SendStream(Generic[T]):
         names = tuple(recipients)
         if not names:
             return None
-        p = Pending(mid, record, size, names, set(names), now + self.timeout)
+        if names is self._last[0]:  # the session's recipients, unchanged
+            ids = self._last[1]
+        else:
+            ids = tuple(self._id(name) for name in names)
+            self._last = (names, ids)
+        p = Pending(mid, record, size, names, ids, set(ids), now + self.timeout)
         if unreachable:
-            for name in names:
+            for name, i in zip(names, ids, strict=True):
                 if name in unreachable:
-                    p.waiting.discard(name)
+                    p.waiting.discard(i)
                     p.failed[name] = "unreachable"
             if not p.waiting:
                 return p
@@ -117,9 +132,20 @@ class SendStream(Generic[T]):
         self._timers.append((p.deadline, mid, 0))
         return p
 
+    def _id(self, name: Name) -> int:
+        i = self._ids.get(name)
+        if i is None:
+            i = self._ids[name] = self._next_id
+            self._next_id += 1
+            self._names[i] = name
+        return i
+
     def ack(self, recipient: Name, mids: Iterable[int], now: float) -> list[Pending[T]]:
         """Record acknowledgements; returns the messages now complete."""
-        done = []
+        done: list[Pending[T]] = []
+        r = self._ids.get(recipient)
+        if r is None:
+            return done  # no message waits for it
         pending = self.pending
         top = 0
         for mid in mids:
@@ -128,7 +154,7 @@ class SendStream(Generic[T]):
                 continue
             waiting = p.waiting
             n = len(waiting)
-            waiting.discard(recipient)  # one hash of the name (a Python call), not two
+            waiting.discard(r)
             if len(waiting) < n:
                 if mid > top:
                     top = mid
@@ -137,8 +163,8 @@ class SendStream(Generic[T]):
                     self.pending_bytes -= p.size
                     done.append(p)
         if top:
-            heard = self._heard.get(recipient)
-            self._heard[recipient] = (now, top if heard is None or top > heard[1] else heard[1])
+            heard = self._heard.get(r)
+            self._heard[r] = (now, top if heard is None or top > heard[1] else heard[1])
         return done
 
     def ack_ranges(self, recipient: Name, ranges: Iterable[Iterable[int]], now: float,
@@ -180,14 +206,32 @@ class SendStream(Generic[T]):
     def drop_recipient(self, recipient: Name, reason: str) -> list[Pending[T]]:
         """Stop waiting for a recipient (it left); returns the messages now complete."""
         self._through.pop(recipient, None)
-        self._heard.pop(recipient, None)
-        done = []
+        r = self._ids.pop(recipient, None)
+        done: list[Pending[T]] = []
+        if r is None:
+            return done
+        del self._names[r]
+        self._heard.pop(r, None)
+        self._last = ((), ())
         for mid, p in list(self.pending.items()):
-            if recipient in p.waiting:
-                p.waiting.discard(recipient)
+            if r in p.waiting:
+                p.waiting.discard(r)
                 p.failed[recipient] = reason
                 if not p.waiting:
                     done.append(self._finish(mid))
+        return done
+
+    def abandon(self, reason: str) -> list[Pending[T]]:
+        """Stop waiting for anything (the session closed): every pending message, with
+        the recipients that had not acknowledged it failed for ``reason``."""
+        names = self._names
+        done = list(self.pending.values())
+        for p in done:
+            for r in p.waiting:
+                p.failed[names[r]] = reason
+            p.waiting.clear()
+        self.pending.clear()
+        self.pending_bytes = 0
         return done
 
     def _finish(self, mid: int) -> Pending[T]:
@@ -211,6 +255,7 @@ class SendStream(Generic[T]):
         expired: list[Pending[T]] = []
         timers = self._timers
         heard = self._heard
+        names = self._names
         recent = now - self.timeout
         while timers and timers[0][0] <= now:
             _, mid, attempt = timers.popleft()
@@ -226,7 +271,7 @@ class SendStream(Generic[T]):
             if quiet and p.attempts >= self.max_retries:
                 for r in quiet:
                     p.waiting.discard(r)
-                    p.failed[r] = "timeout"
+                    p.failed[names[r]] = "timeout"
                 if not p.waiting:
                     expired.append(self._finish(mid))
                     continue
@@ -235,7 +280,7 @@ class SendStream(Generic[T]):
             if quiet:
                 p.attempts += 1
                 self.retransmissions += 1
-                resend.append((p, quiet))
+                resend.append((p, [names[r] for r in quiet]))
             timers.append((p.deadline, mid, p.attempts))
         return resend, expired
 

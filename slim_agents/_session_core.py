@@ -1849,14 +1849,9 @@ class SessionCore:
             self.owner.emit(TicketDone(close_ticket))
         streams = [self._send, *self._send_direct.values()]
         for stream in streams:
-            if stream is None:
-                continue
-            for mid in list(stream.pending):
-                p = stream.pending.pop(mid)
-                for r in p.waiting:
-                    p.failed[r] = reason
-                p.waiting.clear()
-                self._complete(p)
+            if stream is not None:
+                for p in stream.abandon(reason):
+                    self._complete(p)
         for _, ticket in self._ops:
             if ticket.fail(error):
                 self.owner.emit(TicketDone(ticket))

@@ -435,6 +435,33 @@ def test_retries_run_out_only_for_the_recipients_that_went_quiet() -> None:
     assert (done.mid, done.failed, done.delivered) == (2, {a: "timeout"}, (b,))
 
 
+def test_a_dropped_recipient_fails_and_a_stranger_acknowledges_nothing() -> None:
+    stream, a, b = _stream_of_four()
+    stranger = Name("org", "ns", "c", 3)
+    assert stream.ack(stranger, [1, 2], 0.5) == []
+    assert [p.mid for p in stream.drop_recipient(b, "left")] == []  # a still owes them
+    assert [(p.mid, p.failed, p.delivered) for p in stream.ack(a, [1, 2], 0.5)] == [
+        (1, {b: "left"}, (a,)), (2, {b: "left"}, (a,))]
+    # b comes back: new messages wait for it again, old ones do not.
+    mid = stream.allocate()
+    stream.track(mid, "m5", 10, [a, b], 0.6)
+    assert stream.ack(b, [3, 4], 0.7) == []
+    assert [(p.mid, p.failed) for p in stream.ack(a, [3, 4], 0.7)] == [
+        (3, {b: "left"}), (4, {b: "left"})]
+    assert [(p.mid, p.delivered) for p in stream.ack(b, [mid], 0.8)] == []
+    assert [(p.mid, p.delivered) for p in stream.ack(a, [mid], 0.8)] == [(5, (a, b))]
+
+
+def test_abandoning_a_stream_fails_what_each_recipient_had_not_acknowledged() -> None:
+    stream, a, b = _stream_of_four()
+    stream.ack(a, [1], 0.5)
+    done = stream.abandon("closed")
+    assert [(p.mid, p.failed, p.delivered) for p in done] == [
+        (1, {b: "closed"}, (a,)), (2, {a: "closed", b: "closed"}, ()),
+        (3, {a: "closed", b: "closed"}, ()), (4, {a: "closed", b: "closed"}, ())]
+    assert not stream.pending and stream.pending_bytes == 0
+
+
 @dataclass
 class _Trickle(FaultInjector):
     """Holds the data messages going down one lane; the test lets them out one by one."""
