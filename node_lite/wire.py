@@ -452,9 +452,12 @@ def check_publish(d: Mapping[str, Any], limits: Limits,
                 and 0 <= mid <= _U32 and 0 <= st <= 255 and 0 <= k <= 255
                 and type(get("body", b"")) is bytes
                 and "pt" not in d and "meta" not in d and "id" not in d and "err" not in d
-                and "orig" not in d
-                and tuple(src) in known_names and tuple(dst) in known_names):
-            return True
+                and "orig" not in d):
+            try:
+                if tuple(src) in known_names and tuple(dst) in known_names:
+                    return True
+            except TypeError:
+                pass  # an unhashable name component: the full walk below names it
     for key, wildcard in (("src", False), ("dst", True)):
         name = get(key)
         if known_names is not None and type(name) is list and len(name) == 4:

@@ -504,6 +504,22 @@ def test_bad_publish_fields_count_as_malformed() -> None:
     assert err.code == "malformed"
 
 
+def test_an_unhashable_name_component_is_malformed_not_a_crash() -> None:
+    # Found by fuzzing: once a name was known, check_publish's short path hashed
+    # the components and raised TypeError out of the node's input path.
+    now = time.time()
+    core = new_core()
+    conn, sink, name = connect_app(core, "unhashable", now)
+    core.data_received(conn, encode_frame(Publish(source=name, destination=name)), now)
+    decode_all(sink)  # the first frame makes the names known
+    body = Publish(source=name, destination=name).to_dict()
+    body["dst"] = ["org", ["ns"], "x", 1]
+    core.data_received(conn, encode_frame(body) + encode_frame(Ping(nonce=5)), now)
+    err, pong = decode_all(sink)
+    assert isinstance(err, Error) and err.code == "malformed"
+    assert pong == Pong(nonce=5) and sink.closed is None
+
+
 def test_unsupported_version_is_reported() -> None:
     now = time.time()
     core = new_core()

@@ -1065,7 +1065,11 @@ _SLY = [True, False, 1.0, 0, -1, 2**32 - 1, 2**32, 255, 256, None, "1", b"1", [1
                          + [("pub", k, v) for k in ("fan", "ttl", "sid", "mid", "st", "k")
                             for v in _SLY]
                          + [("pub", k, [*PLAIN_PUB[k][:3], v]) for k in ("src", "dst")
-                            for v in _SLY])
+                            for v in _SLY]
+                         # Found by fuzzing: an unhashable component raised TypeError
+                         # from the known-names lookup.
+                         + [("pub", k, [*PLAIN_PUB[k][:i], v, *PLAIN_PUB[k][i + 1:]])
+                            for k in ("src", "dst") for i in range(3) for v in ([1], {})])
 def test_check_publish_with_known_names_agrees_with_the_full_walk(kind: str, key: str,
                                                                    value: Any) -> None:
     d = copy.deepcopy(PLAIN_PUB)
