@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_lite import Limits, Name, NodeConfig, ProtocolError, open_connection, open_node
+from node_lite import Limits, NodeConfig, ProtocolError, open_node
 from node_lite.wire import (
     _FLOW_CHECK,
     _FLOW_FRAME_MAX,
@@ -23,10 +23,9 @@ from node_lite.wire import (
     SharedEnvelope,
     check_publish,
     decode_frame,
-    encode_frame,
     timestamp_marks,
 )
-from tests.helpers import SECRET, identity, unique
+from tests.helpers import SECRET, app_connection, unique
 
 LIMITS = Limits()
 SRC = ["org", "ns", "src", 7]
@@ -312,23 +311,13 @@ async def _envelopes(conn: Any, count: int) -> list[dict[str, Any]]:
     return out
 
 
-def _unmarked_identities() -> list[tuple[Any, Name]]:
-    # Instance ids hash a random subject: about one pair in 1400 holds bytes that look
-    # like a timestamp, and rightly sends every frame of its flow through the full walk.
-    while True:
-        pair = [identity(unique("src")), identity(unique("dst"))]
-        frame = encode_frame(Publish(source=pair[0][1], destination=pair[1][1],
-                                     message_id=1, payload=b"m1"))
-        if not timestamp_marks(frame):
-            return pair
-
-
 @pytest.mark.anyio
 async def test_frames_through_a_node_decode_from_their_flow() -> None:
-    (src_auth, src_name), (dst_auth, dst_name) = _unmarked_identities()
+    # Whatever bytes the random instance ids put in the header (about one pair in 1400
+    # looks like a timestamp to a scan), the frames decode from their flow.
     async with open_node(NodeConfig(shared_secret=SECRET)) as node:
-        async with open_connection(node.url, name=src_name, token=src_auth.get_token()) as src, \
-                open_connection(node.url, name=dst_name, token=dst_auth.get_token()) as dst:
+        async with app_connection(node.url, unique("src")) as (src, src_name), \
+                app_connection(node.url, unique("dst")) as (dst, dst_name):
             for mid in range(1, 51):
                 await src.send(Publish(source=src_name, destination=dst_name,
                                        message_id=mid, payload=b"m%d" % mid))
