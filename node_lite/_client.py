@@ -101,6 +101,10 @@ class SharedDecoding:
         if hit is not None:
             self._hits += 1
             return hit
+        return self._miss(key, check_ext, flows)
+
+    def _miss(self, key: bytes, check_ext: bool | None,
+              flows: FlowDecoding | None) -> dict[str, Any]:
         # Raises: nothing kept.
         if flows is not None:
             d = flows.decode(key, 0, len(key), check_ext=check_ext)
@@ -130,24 +134,25 @@ class SharedDecoding:
         :raises ProtocolError: as :meth:`decode`.
         """
         # The hits (all but one of the apps that get a frame) take the short way.
-        get = self._new.get
+        new, old = self._new.get, self._old.get
         out: list[dict[str, Any]] = []
         append = out.append
         hits = 0
         start = bounds[0] + 4
         for end in islice(bounds, 1, None):
-            small = end - start <= _SHARED_FRAME_MAX
-            if small:
+            if end - start > _SHARED_FRAME_MAX:
+                append(self.decode(memoryview(buf)[start:end], flows=flows))
+            else:
                 key = buf[start:end]
-                d = get(key)
-                if d is not None:
+                hit = new(key) or old(key)
+                if hit is not None:
                     hits += 1
-                    append(d)
-                    start = end + 4
-                    continue
-            self._hits += hits
-            hits = 0
-            append(self.decode(key if small else memoryview(buf)[start:end], flows=flows))
+                    append(hit)
+                else:
+                    self._hits += hits
+                    hits = 0
+                    append(self._miss(key, None, flows))
+                    new, old = self._new.get, self._old.get  # a miss may start a generation
             start = end + 4
         self._hits += hits
         return out
