@@ -42,8 +42,11 @@ def body(mid: int = 1, payload: Any = b"hello", **tail: Any) -> bytes:
     return msgpack.packb({**head(), "mid": mid, **tail, "body": payload}, use_bin_type=True)
 
 
-def decoded(flows: FlowDecoding, frame: bytes) -> dict[str, Any]:
-    return flows.decode(frame, 0, len(frame), check_ext=False)
+def decoded(flows: FlowDecoding, frame: bytes, check_ext: bool | None = False
+            ) -> dict[str, Any]:
+    """``check_ext`` False: the caller's scan found no timestamp mark; None: unknown,
+    the decoder checks where it must."""
+    return flows.decode(frame, 0, len(frame), check_ext=check_ext)
 
 
 def outcome(decode: Any, frame: bytes) -> tuple[str, Any]:
@@ -158,10 +161,6 @@ def test_a_timestamp_mark_takes_the_full_walk() -> None:
     assert flows._hits == 0
 
 
-def lazy(flows: FlowDecoding, frame: bytes) -> dict[str, Any]:
-    return flows.decode(frame, 0, len(frame))  # check_ext unknown: the decoder decides
-
-
 # Where a timestamp hides in a frame of a learned flow (the header's bytes were checked
 # when it was learned; the flow fixes the map's size, so the fields are the same):
 # (tail of the learning frame, the same tail with a timestamp).
@@ -178,13 +177,13 @@ def test_unknown_marks_find_a_timestamp_in_the_tail_of_a_flow(where: str) -> Non
     clean, stamped = STAMPED_TAILS[where]
     flows = FlowDecoding(LIMITS)
     first = body(1, b"", **clean)
-    assert lazy(flows, first) == decode_frame(first)
+    assert decoded(flows, first, None) == decode_frame(first)
     mid: Any = msgpack.Timestamp(2) if where == "mid" else 2
     stamp = msgpack.packb({**head(), "mid": mid, **stamped, "body": b""})
     with pytest.raises(MalformedFrameError, match="timestamp"):
-        lazy(flows, stamp)
+        decoded(flows, stamp, None)
     third = body(3, b"", **clean)
-    assert lazy(flows, third) == decode_frame(third)  # the flow is still known
+    assert decoded(flows, third, None) == decode_frame(third)  # the flow is still known
     assert flows._hits == 1
 
 
@@ -192,11 +191,11 @@ def test_unknown_marks_scan_a_frame_off_the_flow_path() -> None:
     flows = FlowDecoding(LIMITS)
     stamp = msgpack.packb({**head(), "mid": 1, "when": msgpack.Timestamp(1), "body": b""})
     with pytest.raises(MalformedFrameError, match="timestamp"):
-        lazy(flows, stamp)  # nothing learned yet: the full decoding, scanned
+        decoded(flows, stamp, None)  # nothing learned yet: the full decoding, scanned
     big = msgpack.packb({**head(), "mid": 1, "when": msgpack.Timestamp(1),
                          "body": b"x" * _FLOW_FRAME_MAX})
     with pytest.raises(MalformedFrameError, match="timestamp"):
-        lazy(flows, big)
+        decoded(flows, big, None)
 
 
 def test_a_header_with_timestamp_like_bytes_still_decodes_from_its_flow() -> None:
@@ -206,7 +205,7 @@ def test_a_header_with_timestamp_like_bytes_still_decodes_from_its_flow() -> Non
     frames = [msgpack.packb({**head(src=src), "mid": mid, "body": b"m"}) for mid in (1, 2, 3)]
     assert all(timestamp_marks(f) for f in frames)
     flows = FlowDecoding(LIMITS)
-    assert [lazy(flows, f) for f in frames] == [decode_frame(f) for f in frames]
+    assert [decoded(flows, f, None) for f in frames] == [decode_frame(f) for f in frames]
     assert flows._hits == 2
 
 

@@ -16,12 +16,14 @@ from node_lite._client import (
     shared_decoding,
 )
 from node_lite.wire import (
+    FrameDecoder,
     MalformedFrameError,
     Publish,
     Subscribe,
     SubscribeAck,
     decode_frame,
     encode_frame,
+    frame_prefix,
 )
 from tests.helpers import SECRET, app_connection, unique
 
@@ -150,11 +152,8 @@ def test_a_buffer_of_frames_decodes_as_each_frame_alone() -> None:
     bodies = [bytes(frame(1)), bytes(big), bytes(frame(4))]
 
     def spans(bodies: list[bytes]) -> tuple[bytes, list[int]]:
-        buf = b"".join(len(b).to_bytes(4, "big") + b for b in bodies)
-        bounds = [0]
-        for b in bodies:
-            bounds.append(bounds[-1] + 4 + len(b))
-        return buf, bounds
+        return FrameDecoder().feed_spans(
+            b"".join(frame_prefix(len(b)) + b for b in bodies))
 
     shared = SharedDecoding()
     buf, bounds = spans(bodies)
