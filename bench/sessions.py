@@ -9,6 +9,8 @@ session setup time and invite time per member (members spread over one process p
 CPU, and all 32 in one process for comparison). The baselines are the node
 relaying pre-encoded frames between blocking sockets (bench/node.py's
 sender and receiver; its ping and echo for the RTT), measured in the same run.
+The RTT and its floor are measured twice: with the node's defaults, and with its
+opt-in busy-poll (``--busy-poll``), which saves the node's wake-ups.
 Targets: best-effort p2p >= 100 k msg/s at 64 B, reliable >= 50 k msg/s,
 RTT p50 <= 300 us, fan-out to 32 >= 300 k deliveries/s.
 """
@@ -205,17 +207,24 @@ def role_moderator(url: str, chan: str, n: int, reliable: bool, backend: str) ->
 # -- driver -----------------------------------------------------------------------------
 
 
-def start_node(backend: str) -> tuple[Child, str]:
+# The node's opt-in polling window (NodeConfig.busy_poll) of the RTT rows that use it.
+BUSY_POLL = "300us"
+
+
+def start_node(backend: str, busy_poll: str | None = None) -> tuple[Child, str]:
     child = spawn(["-m", "node_lite", "--endpoint", "127.0.0.1:0", "--backend", backend,
-                   "--log-level", "warn", "--shared-secret", SECRET],
+                   "--log-level", "warn", "--shared-secret", SECRET]
+                  + (["--busy-poll", busy_poll] if busy_poll else []),
                   ready_prefix="node_lite ready ")
     return child, "http://" + child.ready["text"]
 
 
-def _start_node_without_secret(backend: str) -> tuple[Child, str]:
+def _start_node_without_secret(backend: str, busy_poll: str | None = None
+                               ) -> tuple[Child, str]:
     # bench/node.py's blocking clients send unsigned hellos: a node without a secret
     node = spawn(["-m", "node_lite", "--endpoint", "127.0.0.1:0", "--backend", backend,
-                  "--log-level", "warn"], ready_prefix="node_lite ready ")
+                  "--log-level", "warn"] + (["--busy-poll", busy_poll] if busy_poll else []),
+                 ready_prefix="node_lite ready ")
     return node, node.ready["text"].rsplit(":", 1)[1]
 
 
@@ -231,11 +240,11 @@ def run_baseline(backend: str, size: int) -> float:
             c.stop()
 
 
-def run_rtt_baseline(backend: str, count: int) -> float:
+def run_rtt_baseline(backend: str, count: int, busy_poll: str | None = None) -> float:
     """RTT p50 through the node between bench/node.py's blocking-socket ping and echo:
     the floor this machine sets under any client (two hops, four process wake-ups)."""
     quiet_gate()
-    node, port = _start_node_without_secret(backend)
+    node, port = _start_node_without_secret(backend, busy_poll)
     echo = spawn([NODE_BENCH, "role", "echo", "--port", port, "--node"])
     ping = spawn([NODE_BENCH, "role", "ping", "--port", port, "--node", "--count", str(count)],
                  ready_prefix="RESULT ")
@@ -280,9 +289,10 @@ def run_p2p(backend: str, size: int, reliable: bool, *, start: NodeStarter | Non
             c.stop()
 
 
-def run_rtt(backend: str, reliable: bool, count: int) -> dict[str, float]:
+def run_rtt(backend: str, reliable: bool, count: int, busy_poll: str | None = None
+            ) -> dict[str, float]:
     quiet_gate()
-    node, url = start_node(backend)
+    node, url = start_node(backend, busy_poll)
     echo = spawn([HERE, "role", "echo", "--url", url, "--backend", backend])
     ping = spawn([HERE, "role", "pinger", "--url", url, "--count", str(count),
                   "--backend", backend] + (["--reliable"] if reliable else []),
@@ -356,13 +366,15 @@ def main() -> None:
             add(f"base{size}", run_baseline(backend, size))
             add(f"be{size}", run_p2p(backend, size, reliable=False))
             add(f"rel{size}", run_p2p(backend, size, reliable=True))
-        add("rttbase", run_rtt_baseline(backend, 2000))
-        for reliable in (False, True):
-            r = run_rtt(backend, reliable, 2000)
-            tag = "rel" if reliable else "be"
-            add(f"rtt50{tag}", r["p50"])
-            add(f"rtt99{tag}", r["p99"])
-            add(f"setup{tag}", r["setup_ms"])
+        for poll in ("", "bp"):
+            busy_poll = BUSY_POLL if poll else None
+            add(f"rttbase{poll}", run_rtt_baseline(backend, 2000, busy_poll))
+            for reliable in (False, True):
+                r = run_rtt(backend, reliable, 2000, busy_poll)
+                tag = ("rel" if reliable else "be") + poll
+                add(f"rtt50{tag}", r["p50"])
+                add(f"rtt99{tag}", r["p99"])
+                add(f"setup{tag}", r["setup_ms"])
         for n in (8, 32):
             for reliable in (False, True):
                 rate, invite = run_fanout(backend, n, reliable, procs=MEMBER_PROCS)
@@ -389,12 +401,14 @@ def main() -> None:
                 ["payload", "mode", "session", "node baseline (raw frames)", "ratio",
                  "target"], rows)
     rows = []
-    floor = median(res["rttbase"])
-    for tag, label in (("be", "best effort"), ("rel", "reliable")):
-        p50 = median(res[f"rtt50{tag}"])
-        rows.append([label, f"{p50:.0f}", f"{median(res[f'rtt99{tag}']):.0f}",
-                     f"{floor:.0f}", "ok" if p50 <= 300 else "ABOVE 300 us",
-                     f"{median(res[f'setup{tag}']):.2f} ms"])
+    for poll, node in (("", ""), ("bp", f", node busy-poll {BUSY_POLL}")):
+        floor = median(res[f"rttbase{poll}"])
+        for mode, label in (("be", "best effort"), ("rel", "reliable")):
+            tag = mode + poll
+            p50 = median(res[f"rtt50{tag}"])
+            rows.append([label + node, f"{p50:.0f}", f"{median(res[f'rtt99{tag}']):.0f}",
+                         f"{floor:.0f}", "ok" if p50 <= 300 else "ABOVE 300 us",
+                         f"{median(res[f'setup{tag}']):.2f} ms"])
     print_table("Request/reply RTT (µs, 64 B) and p2p session setup",
                 ["mode", "p50", "p99", "node floor p50 (blocking clients)",
                  "target p50 <= 300 µs", "setup"], rows)

@@ -25,6 +25,7 @@ from ._errors import ConfigError, ProtocolError
 from ._limits import RatePolicy
 from ._names import Name
 from ._transport import (
+    BusyPoll,
     Outbox,
     WriteBatch,
     dial,
@@ -125,6 +126,7 @@ class Node:
         self._links: list[_Link] = []
         self._idle: anyio.Event | None = None
         self._closing = False
+        self._busy_poll = BusyPoll(cfg.busy_poll) if cfg.busy_poll > 0 else None
         self.endpoints: list[str] = []
         self.ports: list[int] = []
 
@@ -162,6 +164,8 @@ class Node:
             for server in cfg.servers:
                 await self._listen(tg, server)
             tg.start_soon(self._timer_loop)
+            if self._busy_poll is not None:
+                tg.start_soon(self._busy_poll.run)
             if math.isfinite(cfg.limits.write_deadline):
                 tg.start_soon(self._write_watchdog)
             for link in cfg.links:
@@ -250,6 +254,7 @@ class Node:
         core = self.core
         batch = self._batch
         rate_pause = limits.rate_limited and limits.rate_policy is RatePolicy.PAUSE
+        busy_poll = self._busy_poll
         try:
             async with anyio.create_task_group() as tg:
                 async def write() -> None:
@@ -273,6 +278,8 @@ class Node:
                         break
                     finally:
                         batch.active = False
+                    if busy_poll is not None:
+                        busy_poll.note()
                     if core.timer_poke:
                         core.timer_poke = False
                         self._poke_timer()

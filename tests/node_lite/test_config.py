@@ -268,7 +268,7 @@ def test_nan_limit_duration_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("10s", 10.0), ("500ms", 0.5), ("2m", 120.0), ("1h", 3600.0), ("1.5s", 1.5),
+    [("10s", 10.0), ("500ms", 0.5), ("300us", 0.0003), ("2m", 120.0), ("1h", 3600.0), ("1.5s", 1.5),
      ("250", 250.0), (" 3s ", 3.0), ("0s", 0.0), ("0.25h", 900.0), (10, 10.0), (0, 0.0),
      (2.5, 2.5), ("10 s", 10.0)],
 )
@@ -289,6 +289,32 @@ def test_bad_durations(value: Any) -> None:
 
 def test_default_drain_timeout() -> None:
     assert config_from_mapping(minimal()).drain_timeout == 10.0
+
+
+# -- busy polling -----------------------------------------------------------------------
+
+
+def test_busy_poll_is_off_by_default_and_read_from_runtime() -> None:
+    assert config_from_mapping(minimal()).busy_poll == 0.0
+    assert NodeConfig().busy_poll == 0.0
+    doc = minimal()
+    doc["runtime"] = {"busy_poll": "300us"}
+    assert config_from_mapping(doc).busy_poll == pytest.approx(300e-6)
+    doc["runtime"] = {"busy_poll": "10ms"}  # the upper bound is allowed
+    assert config_from_mapping(doc).busy_poll == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("value", ["11ms", "1s", "-1us", "soon", True, float("nan")])
+def test_bad_busy_poll_names_its_key(value: Any) -> None:
+    doc = minimal()
+    doc["runtime"] = {"busy_poll": value}
+    assert "runtime.busy_poll" in config_error(doc)
+
+
+@pytest.mark.parametrize("value", [-1e-6, 0.011, math.inf, math.nan, True, "300us", None])
+def test_node_config_refuses_a_bad_busy_poll(value: Any) -> None:
+    with pytest.raises(ConfigError, match="busy_poll"):
+        NodeConfig(busy_poll=value)
 
 
 # -- environment expansion --------------------------------------------------------------
