@@ -10,9 +10,8 @@ from node_lite._transport import BusyPoll
 from node_lite.wire import Publish
 from tests.helpers import app_connection, wait_until
 
-pytestmark = pytest.mark.anyio
 
-
+@pytest.mark.anyio
 async def test_it_sleeps_until_a_read_then_polls_for_its_window() -> None:
     poll = BusyPoll(0.02)
     with anyio.fail_after(5):
@@ -30,6 +29,7 @@ async def test_it_sleeps_until_a_read_then_polls_for_its_window() -> None:
             tg.cancel_scope.cancel()
 
 
+@pytest.mark.anyio
 async def test_reads_during_the_window_keep_it_open() -> None:
     window = 0.02
     poll = BusyPoll(window)
@@ -49,6 +49,7 @@ async def test_reads_during_the_window_keep_it_open() -> None:
             tg.cancel_scope.cancel()
 
 
+@pytest.mark.anyio
 async def test_a_busy_polling_node_routes_and_polls() -> None:
     async with open_node(NodeConfig(busy_poll=0.01)) as node, \
             app_connection(node, "a") as (a, a_name), app_connection(node, "b") as (b, b_name):
@@ -63,11 +64,13 @@ async def test_a_busy_polling_node_routes_and_polls() -> None:
         await wait_until(lambda: poll.turns > 0, message="the node to poll")
 
 
+@pytest.mark.anyio
 async def test_a_default_node_does_not_poll() -> None:
     async with open_node(NodeConfig()) as node:
         assert node._busy_poll is None
 
 
+@pytest.mark.anyio
 async def test_the_command_line_turns_it_on() -> None:
     async with open_node_process(("--endpoint", "127.0.0.1:0", "--busy-poll", "300us")) as node:
         async with app_connection(node.url, "a") as (a, a_name), \
@@ -77,3 +80,14 @@ async def test_the_command_line_turns_it_on() -> None:
                 msg = await b.receive()
             assert isinstance(msg, Publish)
             assert msg.payload == b"hi"
+
+
+@pytest.mark.parametrize("value", ["1s", "soon", "5 days"])
+def test_a_bad_command_line_value_exits_with_code_2(value: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from node_lite._process import main
+
+    assert main(["--endpoint", "127.0.0.1:0", "--busy-poll", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:")
+    assert "busy" in err
