@@ -46,6 +46,13 @@ def parse_duration(value: object, where: str) -> float:
     raise ConfigError(f"{where}: expected a duration such as '10s', got {value!r}")
 
 
+def _check_busy_poll(value: object, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not 0 <= value <= MAX_BUSY_POLL:
+        raise ConfigError(f"{where}: a duration from 0 to {MAX_BUSY_POLL * 1e3:g}ms, "
+                          f"got {value!r}")
+
+
 def split_endpoint(endpoint: str, where: str, *, default_port: int = DEFAULT_PORT
                    ) -> tuple[str, int, str | None]:
     """``(host, port, scheme)`` from ``host:port``, ``[v6]:port`` or ``scheme://host:port``."""
@@ -190,10 +197,7 @@ class NodeConfig:
             raise ConfigError("node_id must be a non-empty string")
         if not isinstance(self.acl, SubscribeAcl):
             raise ConfigError("acl must be a SubscribeAcl")
-        if isinstance(self.busy_poll, bool) or not isinstance(self.busy_poll, int | float) \
-                or not 0 <= self.busy_poll <= MAX_BUSY_POLL:
-            raise ConfigError(f"busy_poll must be a duration from 0 to {MAX_BUSY_POLL * 1e3:g} ms, "
-                              f"got {self.busy_poll!r}")
+        _check_busy_poll(self.busy_poll, "busy_poll")
         if self.log_level.lower() not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
 
@@ -330,9 +334,7 @@ def config_from_mapping(doc: object) -> NodeConfig:
     runtime = _map(doc.get("runtime"), "runtime")
     drain = parse_duration(runtime.get("drain_timeout", "10s"), "runtime.drain_timeout")
     busy_poll = parse_duration(runtime.get("busy_poll", 0), "runtime.busy_poll")
-    if busy_poll > MAX_BUSY_POLL:
-        raise ConfigError(f"runtime.busy_poll: at most {MAX_BUSY_POLL * 1e3:g}ms, "
-                          f"got {busy_poll:g}s")
+    _check_busy_poll(busy_poll, "runtime.busy_poll")
     services = _map(doc.get("services"), "services")
     if not services:
         raise ConfigError("services: at least one service (such as slim/0) is required")
