@@ -451,8 +451,9 @@ class BusyPoll:
     process asleep in ``epoll_wait`` then pays a wake-up, which on a virtual machine
     costs about as much as the routing itself. While the window is open this task
     checkpoints in a loop, so the loop polls with a zero timeout and handles the
-    reply as soon as it lands. Each turn also yields the CPU to any other runnable
-    process, so the polling uses only time that would otherwise be idle.
+    reply as soon as it lands. Each turn also yields the CPU (``sched_yield``), so
+    other runnable processes on that CPU go first: the polling mostly fills time the
+    CPU would otherwise spend idle.
 
     Readers call :meth:`note` after each read; :meth:`run` is the polling task.
     """
