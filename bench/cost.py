@@ -11,7 +11,10 @@ N2 - N1 is the cost of one message through all three, setup excluded.
 
 The ratio plain/encrypted is the encrypted throughput, as a fraction of plain, that
 a CPU-bound run would reach. A best-effort plain session, measured the same way, gives
-what acks and retransmission state add. Needs valgrind (skips with a message otherwise).
+what acks and retransmission state add. Two more paths are counted the same way, at
+64 B: a best-effort request/reply round trip (the work behind the RTT, which a
+latency-bound run pays with cold caches) and a best-effort group fan-out to 32 members
+(per delivery). Needs valgrind (skips with a message otherwise).
 """
 
 from __future__ import annotations
@@ -32,14 +35,22 @@ from bench._harness import print_table  # noqa: E402
 N1, N2 = 500, 2500
 
 
+FANOUT = 32
+SECRET = "cost-bench-secret-long-enough-0123456789"
+
+
 def role(n: int, size: int, mode: str) -> None:
-    """``mode``: "enc" (reliable, encrypted), "rel" (reliable) or "be" (best effort)."""
+    """``mode``: "enc" (reliable, encrypted), "rel" (reliable), "be" (best effort),
+    "rtt" (best-effort round trips) or "fan" (best-effort messages to FANOUT members)."""
     import anyio
 
     from node_lite import NodeConfig, open_node
     from slim_agents import SessionConfig, open_app
 
-    secret = "cost-bench-secret-long-enough-0123456789"
+    secret = SECRET
+    if mode in ("rtt", "fan"):
+        anyio.run(round_trips if mode == "rtt" else fan_out, n, size)
+        return
 
     async def main() -> None:
         async with open_node(NodeConfig(shared_secret=secret)) as node, \
@@ -61,6 +72,61 @@ def role(n: int, size: int, mode: str) -> None:
                     await session.publish(payload)
 
     anyio.run(main)
+
+
+async def round_trips(n: int, size: int) -> None:
+    import anyio
+
+    from node_lite import NodeConfig, open_node
+    from slim_agents import SessionConfig, open_app
+
+    async with open_node(NodeConfig(shared_secret=SECRET)) as node, \
+            open_app("bench/ns/echo", node=node.url, secret=SECRET) as eapp, \
+            open_app("bench/ns/ping", node=node.url, secret=SECRET) as papp:
+
+        async def echo() -> None:
+            session = await eapp.listen_for_session()
+            async for msg in session:
+                await session.publish_to(msg.context, msg.payload)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(echo)
+            session = await papp.create_session("bench/ns/echo", SessionConfig())
+            payload = b"p" * size
+            for _ in range(n):
+                await session.publish(payload)
+                await session.get_message()
+            tg.cancel_scope.cancel()
+
+
+async def fan_out(n: int, size: int) -> None:
+    from contextlib import AsyncExitStack
+
+    import anyio
+
+    from node_lite import NodeConfig, open_node
+    from slim_agents import SessionConfig, open_app
+
+    async with open_node(NodeConfig(shared_secret=SECRET)) as node, AsyncExitStack() as stack:
+        mod = await stack.enter_async_context(
+            open_app("bench/ns/mod", node=node.url, secret=SECRET))
+        members = [await stack.enter_async_context(
+            open_app(f"bench/ns/m{i}", node=node.url, secret=SECRET)) for i in range(FANOUT)]
+        group = await mod.create_session("bench/ns/chan", SessionConfig.group())
+        for i in range(FANOUT):
+            await group.invite(f"bench/ns/m{i}")
+
+        async def member(app) -> None:  # type: ignore[no-untyped-def]
+            session = await app.listen_for_session()
+            for _ in range(n):
+                await session.get_message()
+
+        async with anyio.create_task_group() as tg:
+            for app in members:
+                tg.start_soon(member, app)
+            payload = b"g" * size
+            for _ in range(n):
+                await group.publish(payload)
 
 
 def instructions(n: int, size: int, mode: str) -> int:
@@ -101,6 +167,11 @@ def main() -> None:
     print_table("Instructions per message (reliable unless said)",
                 ["payload", "encrypted", "plain", "plain best effort", "added by E2E",
                  "added by reliability", "CPU-bound ratio (E2E)"], rows)
+    rtt, fan = per_message(64, "rtt"), per_message(64, "fan") / FANOUT
+    print_table("Other paths, best effort, 64 B",
+                ["path", "instructions", "per"],
+                [["request/reply through the node", f"{rtt / 1e3:.1f} k", "round trip"],
+                 [f"group fan-out to {FANOUT} members", f"{fan / 1e3:.1f} k", "delivery"]])
 
 
 if __name__ == "__main__":
