@@ -31,6 +31,7 @@ from ._transport import (
     dial,
     memory_stream_pair,
     pause_reading,
+    read_in_callback,
     tune_reading,
 )
 from ._util import collapse_excgroups
@@ -255,6 +256,50 @@ class Node:
         batch = self._batch
         rate_pause = limits.rate_limited and limits.rate_policy is RatePolicy.PAUSE
         busy_poll = self._busy_poll
+
+        def absorb(data: bytes) -> list[Any] | None:
+            """The core's share of a read; None when the connection must end."""
+            batch.active = True
+            try:
+                congested = core.data_received(conn_id, data, time.time())
+            except Exception:
+                # A bug must cost one connection, never the node.
+                log.exception("conn %d: internal error; closing it", conn_id)
+                core.close_connection(conn_id, "internal", "internal error")
+                return None
+            finally:
+                batch.active = False
+            if busy_poll is not None:
+                busy_poll.note()
+            if core.timer_poke:
+                core.timer_poke = False
+                self._poke_timer()
+            if core.command_results:
+                self._relay_command_results()
+            return congested
+
+        # What the callback handed over: the congested consumers, or None to stop.
+        handed: list[list[Any] | None] = []
+
+        def take(data: bytes) -> bool:
+            # In the transport's callback: route, and send what fits at once; anything
+            # that must wait goes to the task below.
+            congested = absorb(data)
+            touched, core.touched = core.touched, []
+            for sink in touched:
+                try:
+                    if not (sink.can_send_direct() and sink.send_now()):  # type: ignore[attr-defined]
+                        sink.wake_writer()  # type: ignore[attr-defined]
+                except Exception:
+                    log.exception("conn %d: flushing a consumer failed", conn_id)
+                    sink.wake_writer()  # type: ignore[attr-defined]
+            if congested is None or congested or outbox.is_closed:
+                handed.append(congested)
+                return False
+            return True
+
+        # Rate-paced connections keep the task's reads: their pauses leave bytes unread.
+        direct = None if rate_pause else read_in_callback(stream, take)
         try:
             async with anyio.create_task_group() as tg:
                 async def write() -> None:
@@ -268,35 +313,26 @@ class Node:
                     except (anyio.EndOfStream, anyio.BrokenResourceError,
                             anyio.ClosedResourceError, OSError, ssl.SSLError):
                         break
-                    batch.active = True
-                    try:
-                        congested = core.data_received(conn_id, data, time.time())
-                    except Exception:
-                        # A bug must cost one connection, never the node.
-                        log.exception("conn %d: internal error; closing it", conn_id)
-                        core.close_connection(conn_id, "internal", "internal error")
-                        break
-                    finally:
-                        batch.active = False
-                    if busy_poll is not None:
-                        busy_poll.note()
-                    if core.timer_poke:
-                        core.timer_poke = False
-                        self._poke_timer()
-                    if core.command_results:
-                        self._relay_command_results()
-                    touched, core.touched = core.touched, []
-                    for sink in touched:
-                        # Small batches to an idle, writable consumer go out from here:
-                        # one task switch less per hop.
-                        try:
-                            if sink.can_send_direct():  # type: ignore[attr-defined]
-                                await sink.send_direct()  # type: ignore[attr-defined]
-                            else:
+                    if handed:  # the callback's empty chunk
+                        congested = handed.pop()
+                    else:
+                        if direct is not None:
+                            direct.held = True  # the callback queues behind this read
+                        congested = absorb(data)
+                        touched, core.touched = core.touched, []
+                        for sink in touched:
+                            # Small batches to an idle, writable consumer go out from
+                            # here: one task switch less per hop.
+                            try:
+                                if sink.can_send_direct():  # type: ignore[attr-defined]
+                                    await sink.send_direct()  # type: ignore[attr-defined]
+                                else:
+                                    sink.wake_writer()  # type: ignore[attr-defined]
+                            except Exception:
+                                log.exception("conn %d: flushing a consumer failed", conn_id)
                                 sink.wake_writer()  # type: ignore[attr-defined]
-                        except Exception:
-                            log.exception("conn %d: flushing a consumer failed", conn_id)
-                            sink.wake_writer()  # type: ignore[attr-defined]
+                    if congested is None:
+                        break
                     if congested:
                         core.reading_paused(conn_id, True, time.time())
                         await self._wait_congested(congested)
@@ -312,6 +348,8 @@ class Node:
                     if core.timer_poke:
                         core.timer_poke = False
                         self._poke_timer()
+                    if direct is not None:
+                        direct.release()
                 # The peer is gone or the core closed it: flush what is queued, then stop.
                 outbox.close(None, "connection ended")
         finally:

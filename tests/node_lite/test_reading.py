@@ -1,5 +1,6 @@
 """tune_reading: an asyncio transport keeps reading between receives, never more
-than READ_AHEAD chunks ahead of its reader, and loses nothing."""
+than READ_AHEAD chunks ahead of its reader, and loses nothing. read_in_callback: its
+bytes go to a callback instead, or, while held, to the reader, in order."""
 
 from __future__ import annotations
 
@@ -12,8 +13,15 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import ByteStream, SocketAttribute
 
-from node_lite._transport import READ_AHEAD, READ_SIZE, _asyncio_transport, tune_reading
+from node_lite._transport import (
+    READ_AHEAD,
+    READ_SIZE,
+    _asyncio_transport,
+    read_in_callback,
+    tune_reading,
+)
 from node_lite._util import current_backend
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -88,3 +96,79 @@ async def test_read_ahead_is_bounded_and_nothing_is_lost() -> None:
                 except anyio.EndOfStream:
                     break
         assert received == sent
+
+
+async def test_callback_reading_takes_bytes_without_a_reader() -> None:
+    taken: list[bytes] = []
+
+    def take(data: bytes) -> bool:
+        taken.append(data)
+        return True
+
+    async with tcp_pair() as (stream, raw):
+        reading = read_in_callback(stream, take)
+        if current_backend() != "asyncio":
+            assert reading is None  # trio streams keep their reading task
+            return
+        assert reading is not None
+        for i in range(3):
+            frame = b"frame %d" % i
+            raw.send(frame)
+            await wait_until(lambda frame=frame: b"".join(taken).endswith(frame),
+                             message="the callback to take the bytes")
+        assert b"".join(taken) == b"frame 0frame 1frame 2"
+        assert not reading.held
+
+
+async def test_callback_reading_needs_a_tuned_asyncio_stream() -> None:
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        raw = socket.create_connection(
+            ("127.0.0.1", listener.extra(SocketAttribute.local_port)))
+        with raw:
+            async with await listener.listeners[0].accept() as stream:
+                assert read_in_callback(stream, lambda data: True) is None  # not tuned
+
+
+async def test_a_hold_hands_later_bytes_to_the_reader_in_order() -> None:
+    """The callback holds every third chunk; the reader drains what was queued behind
+    it and releases. Bytes taken and bytes read, in the order they were handled,
+    are exactly the bytes sent."""
+    if current_backend() != "asyncio":
+        pytest.skip("callback reading is for asyncio streams")
+    handled = bytearray()
+    calls = 0
+
+    def take(data: bytes) -> bool:
+        nonlocal calls
+        handled.extend(data)
+        calls += 1
+        return calls % 3 != 0
+
+    sent = bytearray()
+    holds = 0
+    async with tcp_pair() as (stream, raw):
+        reading = read_in_callback(stream, take)
+        assert reading is not None
+        with anyio.fail_after(20):
+            while holds < 5:
+                fill(raw, sent)
+                await anyio.lowlevel.checkpoint()
+                if reading.held:
+                    holds += 1
+                    while True:  # what the reader does: drain, then release
+                        chunk = await stream.receive(READ_SIZE)
+                        handled.extend(chunk)
+                        if not stream._protocol.read_queue:  # type: ignore[attr-defined]
+                            break
+                    reading.release()
+            raw.shutdown(socket.SHUT_WR)
+            while True:
+                try:
+                    chunk = await stream.receive(READ_SIZE)
+                except anyio.EndOfStream:
+                    break
+                handled.extend(chunk)
+                reading.release()
+    assert holds == 5
+    assert len(sent) > 4 * READ_SIZE
+    assert handled == sent
