@@ -353,6 +353,8 @@ class Node:
                 # The peer is gone or the core closed it: flush what is queued, then stop.
                 outbox.close(None, "connection ended")
         finally:
+            if direct is not None:
+                direct.held = True  # bytes still arriving are not routed any more
             if outbox.failed == "slow_consumer":
                 core.drops["slow_consumer"] += 1
                 log.warning("conn %d cut: slow consumer (no write progress in %g s)",

@@ -302,3 +302,37 @@ def test_consumers_resetting_mid_write_never_take_the_node_down(tmp_path: Path) 
         assert proc.wait(timeout=10) == 0
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+@pytest.mark.anyio
+async def test_a_paused_sender_s_frames_all_arrive_in_order() -> None:
+    """The consumer's backlog fills, so the node stops routing the sender's bytes
+    until it drains (on asyncio, the read callback hands over to the connection's
+    task and later bytes queue behind); every frame then arrives once, in order."""
+    limit = 256 * 1024
+    limits = Limits(max_pending_bytes=limit, max_frame_size=64 * 1024,
+                    slow_consumer=SlowConsumerPolicy.WAIT, write_deadline=60)
+    count = 2000
+    async with open_node(NodeConfig(shared_secret=SECRET, limits=limits)) as node, \
+            app_connection(node.url, "paused-tx") as (tx, tx_name), \
+            app_connection(node.url, "paused-rx") as (rx, rx_name), \
+            anyio.create_task_group() as tg:
+
+        async def send() -> None:
+            for i in range(count):
+                await tx.send(Publish(source=tx_name, destination=rx_name, message_id=i,
+                                      payload=b"p" * 8192))
+
+        def backlog() -> int:
+            per = node.statistics(per_connection=True).per_connection
+            return next(s.pending_bytes for s in per if s.name == str(rx_name))
+
+        tg.start_soon(send)
+        await wait_until(lambda: backlog() >= limit, message="the consumer's backlog to fill")
+        seen = 0
+        with anyio.fail_after(30):
+            while seen < count:
+                msg = await rx.receive()
+                if isinstance(msg, Publish):
+                    assert msg.message_id == seen
+                    seen += 1
