@@ -26,12 +26,12 @@ from ._limits import RatePolicy
 from ._names import Name
 from ._transport import (
     BusyPoll,
+    CallbackReading,
     Outbox,
     WriteBatch,
     dial,
     memory_stream_pair,
     pause_reading,
-    read_in_callback,
     tune_reading,
 )
 from ._util import collapse_excgroups
@@ -251,7 +251,6 @@ class Node:
             link.conn_id = conn_id
         self.core.connection_made(conn_id, outbox, time.time(), dial=link is not None)
         self._poke_timer()
-        size = tune_reading(stream)
         core = self.core
         batch = self._batch
         rate_pause = limits.rate_limited and limits.rate_policy is RatePolicy.PAUSE
@@ -299,7 +298,9 @@ class Node:
             return True
 
         # Rate-paced connections keep the task's reads: their pauses leave bytes unread.
-        direct = None if rate_pause else read_in_callback(stream, take)
+        reading = None if rate_pause else CallbackReading(take)
+        size = tune_reading(stream, reading)
+        direct = reading if reading is not None and reading.attached else None
         try:
             async with anyio.create_task_group() as tg:
                 async def write() -> None:

@@ -129,7 +129,36 @@ def _held(stream: Any) -> Callable[[], int] | None:
     return size if callable(size) else None
 
 
-def tune_reading(stream: Any) -> int:
+class CallbackReading:
+    """Bytes of a plain asyncio stream handed to ``take`` inside the transport's
+    callback, instead of waking a reading task for them: one pass through the event
+    loop less per read. Pass one to :func:`tune_reading`, which attaches it where it
+    can (plain TCP on asyncio; not TLS, trio, uvloop or in-memory streams).
+
+    ``take`` returns False when work that must wait remains: the callback then holds,
+    queueing later bytes in order for the task's ``receive()``, and wakes the task
+    with an empty chunk. The task does the waiting part, then calls :meth:`release`.
+    """
+
+    __slots__ = ("_resume", "held", "take")
+
+    def __init__(self, take: Callable[[bytes], bool]) -> None:
+        self.take = take
+        self.held = False
+        self._resume: Callable[[], None] | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self._resume is not None
+
+    def release(self) -> None:
+        """Take bytes in the callback again (reading resumes if the queue had paused it)."""
+        self.held = False
+        if self._resume is not None:
+            self._resume()
+
+
+def tune_reading(stream: Any, reading: CallbackReading | None = None) -> int:
     """Set up an asyncio stream for a read loop; returns the size to ``receive()``.
 
     - The transport reads at most that size at once, so a read neither splits a
@@ -139,6 +168,8 @@ def tune_reading(stream: Any) -> int:
       socket with the selector twice per wake (two syscalls and a selector key),
       a measurable share of a round trip. Memory stays bounded, as before: past
       READ_AHEAD unread chunks the transport pauses until the reader drains them.
+
+    - With ``reading``, on a plain (not TLS) stream, bytes go to its ``take`` first.
 
     trio and uvloop streams (whose transports take no new attributes) are left as they are.
     """
@@ -153,8 +184,15 @@ def tune_reading(stream: Any) -> int:
     pause, resume, received = transport.pause_reading, transport.resume_reading, \
         protocol.data_received
 
+    cb = reading if reading is not None and _socket_stream(stream) is stream else None
+
     def data_received(data: bytes) -> None:
-        received(data)
+        if cb is not None and not cb.held and not queue:
+            if cb.take(data):
+                return
+            cb.held = True
+            data = b""  # wakes the task, which does what must wait
+        received(data)  # the task reads it, after what it holds
         if len(queue) >= READ_AHEAD:
             pause()
 
@@ -168,6 +206,8 @@ def tune_reading(stream: Any) -> int:
         protocol.data_received = data_received
     except AttributeError:
         return READ_SIZE
+    if cb is not None:
+        cb._resume = resume_reading
     if len(queue) < READ_AHEAD:
         resume()
     return READ_SIZE
@@ -175,61 +215,6 @@ def tune_reading(stream: Any) -> int:
 
 def _nothing() -> None:
     pass
-
-
-class CallbackReading:
-    """Bytes of a plain asyncio stream handed to ``take`` inside the transport's
-    callback, instead of waking a reading task for them: one pass through the event
-    loop less per read (see :func:`read_in_callback`).
-
-    ``take`` returns False when work that must wait remains: the callback then holds,
-    queueing later bytes in order for the task's ``receive()``, and wakes the task
-    with an empty chunk. The task does the waiting part, then calls :meth:`release`.
-    """
-
-    __slots__ = ("_resume", "held")
-
-    def __init__(self, resume: Callable[[], None]) -> None:
-        self.held = False
-        self._resume = resume
-
-    def release(self) -> None:
-        """Take bytes in the callback again (reading resumes if the queue had paused it)."""
-        self.held = False
-        self._resume()
-
-
-def read_in_callback(stream: Any, take: Callable[[bytes], bool]) -> CallbackReading | None:
-    """Install :class:`CallbackReading` on a plain asyncio stream set up by
-    :func:`tune_reading`; None elsewhere (TLS, trio, uvloop, in-memory), where the
-    task keeps reading."""
-    if "_asyncio" not in type(stream).__module__:
-        return None
-    protocol: Any = getattr(stream, "_protocol", None)
-    queue = getattr(protocol, "read_queue", None)
-    queued: Callable[[bytes], None] | None = getattr(protocol, "data_received", None)
-    # tune_reading's wrapper (a closure) marks a stream this function understands.
-    if not isinstance(queue, deque) or queued is None \
-            or getattr(queued, "__self__", None) is not None:
-        return None
-    transport = _asyncio_transport(stream)
-    resume = getattr(transport, "resume_reading", None)
-    if resume is None:
-        return None
-    reading = CallbackReading(resume)  # tune_reading's: resumes below READ_AHEAD only
-
-    def data_received(data: bytes) -> None:
-        if reading.held or queue:
-            queued(data)  # the task reads it, after what it holds
-        elif not take(data):
-            reading.held = True
-            queued(b"")  # wakes the task
-
-    try:
-        protocol.data_received = data_received
-    except AttributeError:
-        return None
-    return reading
 
 
 def pause_reading(stream: Any) -> None:

@@ -1,6 +1,6 @@
 """tune_reading: an asyncio transport keeps reading between receives, never more
 than READ_AHEAD chunks ahead of its reader, and loses nothing. read_in_callback: its
-bytes go to a callback instead, or, while held, to the reader, in order."""
+bytes go to a CallbackReading instead, or, while held, to the reader, in order."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from anyio.abc import ByteStream, SocketAttribute
 from node_lite._transport import (
     READ_AHEAD,
     READ_SIZE,
+    CallbackReading,
     _asyncio_transport,
-    read_in_callback,
     tune_reading,
 )
 from node_lite._util import current_backend
@@ -27,8 +27,9 @@ pytestmark = pytest.mark.anyio
 
 
 @asynccontextmanager
-async def tcp_pair() -> AsyncIterator[tuple[ByteStream, socket.socket]]:
-    """(the accepted stream, tuned; the client's raw non-blocking socket)."""
+async def tcp_pair(reading: CallbackReading | None = None,
+                   ) -> AsyncIterator[tuple[ByteStream, socket.socket]]:
+    """(the accepted stream, tuned with ``reading``; the client's raw non-blocking socket)."""
     async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
         raw = socket.create_connection(
             ("127.0.0.1", listener.extra(SocketAttribute.local_port)))
@@ -36,7 +37,7 @@ async def tcp_pair() -> AsyncIterator[tuple[ByteStream, socket.socket]]:
             raw.setblocking(False)
             stream = await listener.listeners[0].accept()
             async with stream:
-                assert tune_reading(stream) == READ_SIZE
+                assert tune_reading(stream, reading) == READ_SIZE
                 yield stream, raw
 
 
@@ -105,12 +106,12 @@ async def test_callback_reading_takes_bytes_without_a_reader() -> None:
         taken.append(data)
         return True
 
-    async with tcp_pair() as (stream, raw):
-        reading = read_in_callback(stream, take)
+    reading = CallbackReading(take)
+    async with tcp_pair(reading) as (_stream, raw):
         if current_backend() != "asyncio":
-            assert reading is None  # trio streams keep their reading task
+            assert not reading.attached  # trio streams keep their reading task
             return
-        assert reading is not None
+        assert reading.attached
         for i in range(3):
             frame = b"frame %d" % i
             raw.send(frame)
@@ -120,13 +121,15 @@ async def test_callback_reading_takes_bytes_without_a_reader() -> None:
         assert not reading.held
 
 
-async def test_callback_reading_needs_a_tuned_asyncio_stream() -> None:
-    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
-        raw = socket.create_connection(
-            ("127.0.0.1", listener.extra(SocketAttribute.local_port)))
-        with raw:
-            async with await listener.listeners[0].accept() as stream:
-                assert read_in_callback(stream, lambda data: True) is None  # not tuned
+async def test_callback_reading_is_attached_only_through_tune_reading() -> None:
+    taken: list[bytes] = []
+    reading = CallbackReading(lambda data: taken.append(data) is None)
+    async with tcp_pair() as (stream, raw):  # tuned without it
+        assert not reading.attached
+        raw.send(b"to the reader")
+        with anyio.fail_after(5):
+            assert await stream.receive(READ_SIZE) == b"to the reader"
+    assert taken == []
 
 
 async def test_a_hold_hands_later_bytes_to_the_reader_in_order() -> None:
@@ -146,9 +149,9 @@ async def test_a_hold_hands_later_bytes_to_the_reader_in_order() -> None:
 
     sent = bytearray()
     holds = 0
-    async with tcp_pair() as (stream, raw):
-        reading = read_in_callback(stream, take)
-        assert reading is not None
+    reading = CallbackReading(take)
+    async with tcp_pair(reading) as (stream, raw):
+        assert reading.attached
         with anyio.fail_after(20):
             while holds < 5:
                 fill(raw, sent)
