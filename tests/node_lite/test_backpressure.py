@@ -150,19 +150,30 @@ async def blast(conn: object, name: wire.Name, dst: wire.Name, stop: anyio.Event
     return sent
 
 
+async def receive_in_order(rx: object, count: int, timeout: float) -> None:
+    """Publishes 0 .. count - 1 arrive at ``rx``, each once, in order."""
+    seen = 0
+    with anyio.fail_after(timeout):
+        while seen < count:
+            msg = await rx.receive()  # type: ignore[attr-defined]
+            if isinstance(msg, Publish):
+                assert msg.message_id == seen
+                seen += 1
+
+
+def pending_of(node: object, name: wire.Name) -> int:
+    """The bytes the node holds for the connection of app ``name``."""
+    per = node.statistics(per_connection=True).per_connection  # type: ignore[attr-defined]
+    return next(s.pending_bytes for s in per if s.name == str(name))
+
+
 async def fast_pair_exchange(url: str, count: int) -> None:
     async with app_connection(url, "fast-tx") as (tx, tx_name), \
             app_connection(url, "fast-rx") as (rx, rx_name):
         for i in range(count):
             await tx.send(Publish(source=tx_name, destination=rx_name, message_id=i,
                                   payload=b"f" * 64))
-        seen = 0
-        with anyio.fail_after(20):
-            while seen < count:
-                msg = await rx.receive()
-                if isinstance(msg, Publish):
-                    assert msg.message_id == seen
-                    seen += 1
+        await receive_in_order(rx, count, 20)
 
 
 @pytest.mark.anyio
@@ -177,8 +188,7 @@ async def test_slow_consumer_does_not_slow_a_fast_one(policy: SlowConsumerPolicy
             tg.start_soon(blast, busy, busy_name, slow_name, stop)
 
             def slow_backlog() -> int:
-                per = node.statistics(per_connection=True).per_connection
-                return next(s.pending_bytes for s in per if s.name == str(slow_name))
+                return pending_of(node, slow_name)
 
             await wait_until(lambda: slow_backlog() >= MiB, message="slow consumer full")
             # While the slow consumer is stuck, a fast pair exchanges 3000 messages.
@@ -323,16 +333,7 @@ async def test_a_paused_sender_s_frames_all_arrive_in_order() -> None:
                 await tx.send(Publish(source=tx_name, destination=rx_name, message_id=i,
                                       payload=b"p" * 8192))
 
-        def backlog() -> int:
-            per = node.statistics(per_connection=True).per_connection
-            return next(s.pending_bytes for s in per if s.name == str(rx_name))
-
         tg.start_soon(send)
-        await wait_until(lambda: backlog() >= limit, message="the consumer's backlog to fill")
-        seen = 0
-        with anyio.fail_after(30):
-            while seen < count:
-                msg = await rx.receive()
-                if isinstance(msg, Publish):
-                    assert msg.message_id == seen
-                    seen += 1
+        await wait_until(lambda: pending_of(node, rx_name) >= limit,
+                         message="the consumer's backlog to fill")
+        await receive_in_order(rx, count, 30)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from node_lite import NodeConfig, open_node, open_node_process
+from node_lite import NodeConfig, open_node
 from node_lite._transport import BusyPoll
 from node_lite.wire import Publish
 from tests.helpers import app_connection, wait_until
@@ -68,18 +68,6 @@ async def test_a_busy_polling_node_routes_and_polls() -> None:
 async def test_a_default_node_does_not_poll() -> None:
     async with open_node(NodeConfig()) as node:
         assert node._busy_poll is None
-
-
-@pytest.mark.anyio
-async def test_the_command_line_turns_it_on() -> None:
-    async with open_node_process(("--endpoint", "127.0.0.1:0", "--busy-poll", "300us")) as node:
-        async with app_connection(node.url, "a") as (a, a_name), \
-                app_connection(node.url, "b") as (b, b_name):
-            await a.send(Publish(source=a_name, destination=b_name, payload=b"hi"))
-            with anyio.fail_after(5):
-                msg = await b.receive()
-            assert isinstance(msg, Publish)
-            assert msg.payload == b"hi"
 
 
 @pytest.mark.parametrize("value", ["1s", "soon", "5 days"])

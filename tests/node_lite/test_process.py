@@ -93,8 +93,10 @@ def test_bad_config_is_reported_with_exit_code_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_open_node_process_serves_apps_and_warns_them_on_shutdown() -> None:
-    async with open_node_process(("--endpoint", "127.0.0.1:0")) as node:
+@pytest.mark.parametrize("extra", [(), ("--busy-poll", "300us")], ids=["default", "busy-poll"])
+async def test_open_node_process_serves_apps_and_warns_them_on_shutdown(
+        extra: tuple[str, ...]) -> None:
+    async with open_node_process(("--endpoint", "127.0.0.1:0", *extra)) as node:
         async with app_connection(node.url, "a") as (a, a_name), \
                 app_connection(node.url, "b") as (b, b_name):
             await a.send(Publish(source=a_name, destination=b_name, payload=b"hi"))
