@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ from ._errors import (
 )
 from ._limits import DEFAULT_LIMITS, Limits
 from ._names import Name
-from ._transport import Outbox, WriteBatch, dial, tune_reading
+from ._transport import CallbackReading, Outbox, WriteBatch, dial, tune_reading
 from ._util import collapse_excgroups
 from .wire import (
     Error,
@@ -175,7 +175,8 @@ class NodeConnection:
     """An authenticated connection to a node.
 
     Frames are written through a coalescing outbox; reading is driven by the
-    caller through :meth:`receive` or :meth:`receive_envelopes`.
+    caller through :meth:`receive` or :meth:`receive_envelopes`, or on plain
+    asyncio TCP by the transport's callback (see :meth:`read_in_callback`).
     """
 
     def __init__(self, stream: ByteStream, tg: TaskGroup, *, limits: Limits) -> None:
@@ -187,7 +188,10 @@ class NodeConnection:
         self._decoder = FrameDecoder(limits.max_frame_size)
         self._flows = FlowDecoding(limits)
         self._ready: deque[dict[str, Any]] = deque()
-        self._read_size = tune_reading(stream)
+        # Held (bytes go to receive()) until a reader hands it its take.
+        self._reading = CallbackReading(_refuse)
+        self._reading.held = True
+        self._read_size = tune_reading(stream, self._reading)
         self.hello_ack: HelloAck | None = None
         #: Frames from the node that did not decode, by error type. The length
         #: prefix still frames the stream, so the frames around them are delivered.
@@ -241,6 +245,25 @@ class NodeConnection:
             raise anyio.ClosedResourceError
         self.outbox.write(message if isinstance(message, bytes) else encode_frame(message))
 
+    def read_in_callback(self, take: Callable[[bytes], bool]) -> CallbackReading | None:
+        """Hand the bytes read from now on to ``take`` inside the transport's callback
+        (see :class:`CallbackReading`; ``take`` decodes them with :meth:`decode`).
+
+        Returns the reading to :meth:`~CallbackReading.release` once the reader
+        has caught up with :meth:`receive_envelopes` (it starts held), or None
+        where the stream does not allow it (TLS, trio, uvloop, in-memory).
+        """
+        reading = self._reading
+        if not reading.attached:
+            return None
+        reading.take = take
+        return reading
+
+    @property
+    def caught_up(self) -> bool:
+        """Nothing decoded is waiting for :meth:`receive_envelopes`."""
+        return not self._ready
+
     async def receive_envelopes(self) -> list[dict[str, Any]]:
         """Read once from the stream and return the envelopes it completes (maybe none).
 
@@ -260,6 +283,13 @@ class NodeConnection:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
                 ssl.SSLError) as exc:
             raise anyio.EndOfStream from exc
+        return self.decode(data)
+
+    def decode(self, data: bytes) -> list[dict[str, Any]]:
+        """The envelopes that ``data``, read from the stream, completes (maybe none).
+
+        :raises ProtocolError: as :meth:`receive_envelopes`.
+        """
         buf, bounds = self._decoder.feed_spans(data)
         ends = range(1, len(bounds))
         flows = self._flows
@@ -307,6 +337,10 @@ class NodeConnection:
             with anyio.move_on_after(1.0):
                 await self.outbox.wait_finished()
             await anyio.aclose_forcefully(self._stream)
+
+
+def _refuse(data: bytes) -> bool:
+    raise AssertionError("a held CallbackReading was asked to take bytes")
 
 
 async def _open_stream(target: str | Node, tls: TlsConfig | None) -> ByteStream:

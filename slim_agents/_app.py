@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from node_lite import (
     Name,
     Node,
     NodeConnection,
+    ProtocolError,
     SharedSecretProvider,
     SharedSecretVerifier,
     SlimError,
@@ -212,49 +214,55 @@ class App:
     async def _read_loop(self, conn: NodeConnection) -> None:
         core = self.core
         shuffled = current_backend() == "trio"  # runs a batch of ready tasks in either order
-        while True:
-            try:
-                envelopes = await conn.receive_envelopes()
-            except anyio.EndOfStream:
-                return
-            except Exception as exc:  # bytes that are not frames: count them, keep reading
-                core.count(f"read_error:{type(exc).__name__}")
-                continue
-            if conn.bad_frames:
-                for kind, n in conn.bad_frames.items():
-                    core.count(f"read_error:{kind}", n)
-                conn.bad_frames.clear()
-            if envelopes:
-                core.receive(envelopes, time.time(), ack=False)
-                self._pump(defer=True)
-                if (self._deferred or core.acks_due) and core.pending_sessions == 0:
-                    # Let the tasks this batch woke run first: a reply they send
-                    # carries the acks, and all of them leave in one write (one
-                    # wake-up at the peer).
-                    self._corked = True
-                    try:
-                        await anyio.lowlevel.checkpoint()
-                        if core.acks_due and shuffled:
-                            # trio may have run this task before the ones it woke.
+        # What the read callback handed over (see _take): None, the cork; or an
+        # exception met there, dealt with here as if this task had met it.
+        handed: list[Exception | None] = []
+        direct = conn.read_in_callback(partial(self._take, conn, handed))
+        try:
+            while True:
+                if direct is not None and conn.caught_up:
+                    direct.release()
+                try:
+                    envelopes = await conn.receive_envelopes()
+                except anyio.EndOfStream:
+                    return
+                except ProtocolError as exc:
+                    self._framing_lost(exc)
+                    return
+                if direct is not None:
+                    direct.held = True  # the callback queues behind this batch
+                if handed:
+                    # The callback's empty chunk: it did the batch up to what must
+                    # wait. The tasks that batch woke ran before this one (asyncio
+                    # runs ready callbacks in order), as the cork below waits for.
+                    failure = handed.pop()
+                    if isinstance(failure, ProtocolError):
+                        self._framing_lost(failure)
+                        return
+                    if failure is not None:
+                        raise failure
+                    self._corked = False
+                elif envelopes or conn.bad_frames:
+                    self._absorb(conn, envelopes)
+                    if self._must_cork():
+                        # Let the tasks this batch woke run first: a reply they send
+                        # carries the acks, and all of them leave in one write (one
+                        # wake-up at the peer).
+                        self._corked = True
+                        try:
                             await anyio.lowlevel.checkpoint()
-                    finally:
-                        self._corked = False
+                            if core.acks_due and shuffled:
+                                # trio may have run this task before the ones it woke.
+                                await anyio.lowlevel.checkpoint()
+                        finally:
+                            self._corked = False
+                else:
+                    continue
                 if core.acks_due:
                     core.flush(time.time())
                     self._pump(defer=True)
                 await self._flush()
-                if core.node_answers:
-                    answers, core.node_answers = core.node_answers, []
-                    for answer in answers:
-                        waiter = self._node_requests.get(answer.request_id)
-                        if waiter is not None:
-                            waiter[1].append(answer)
-                            waiter[0].set()
-                if core.commands:
-                    commands, core.commands = core.commands, []
-                    for command in commands:
-                        assert self._tg is not None
-                        self._tg.start_soon(self._run_command, command)
+                self._hand_out()
                 for full in core.take_congested():
                     # Backpressure: stop reading until the application drains this
                     # session (the node then slows the senders down). Not when its
@@ -262,8 +270,81 @@ class App:
                     # not for long: a stuck consumer must not stall other sessions.
                     wrapper = self._sessions.get(full.sid)
                     if wrapper is not None and not wrapper._window_wakeup.waiting:
+                        core.count("inbox_pauses")
                         with anyio.move_on_after(INBOX_PAUSE):
                             await wrapper._wait_inbox_room()
+        finally:
+            if direct is not None:
+                direct.held = True  # bytes still arriving are not for this loop
+            self._corked = False
+
+    def _take(self, conn: NodeConnection, handed: list[Exception | None],
+              data: bytes) -> bool:
+        """The read loop's work on ``data``, inside the transport's callback (asyncio).
+
+        What must wait (the cork, a congested session) or fails is handed to the
+        read loop: returns False after queueing it in ``handed``.
+        """
+        core = self.core
+        try:
+            self._absorb(conn, conn.decode(data))
+            if self._must_cork():
+                self._corked = True
+                handed.append(None)
+                return False
+            if core.acks_due:
+                core.flush(time.time())
+                self._pump(defer=True)
+            if self._deferred:
+                self._deferred = False
+                box = conn.outbox
+                if not (box.can_send_direct() and box.send_now()):
+                    box.wake_writer()
+            self._hand_out()
+            if core.any_congested:
+                handed.append(None)
+                return False
+            return True
+        except Exception as exc:
+            handed.append(exc)
+            return False
+
+    def _framing_lost(self, exc: ProtocolError) -> None:
+        # A length prefix past the limit: the frames after it cannot be found, so
+        # this connection ends (the app reconnects; reliable sessions resend).
+        self.core.count(f"read_error:{type(exc).__name__}")
+        log.warning("%s: the node sent bytes that are not frames (%s); reconnecting",
+                    self.name, exc)
+
+    def _absorb(self, conn: NodeConnection, envelopes: list[dict[str, Any]]) -> None:
+        core = self.core
+        if conn.bad_frames:
+            for kind, n in conn.bad_frames.items():
+                core.count(f"read_error:{kind}", n)
+            conn.bad_frames.clear()
+        if envelopes:
+            core.receive(envelopes, time.time(), ack=False)
+            self._pump(defer=True)
+
+    def _must_cork(self) -> bool:
+        core = self.core
+        return bool(self._deferred or core.acks_due) and core.pending_sessions == 0
+
+    def _hand_out(self) -> None:
+        """Answers from the node to their waiters; controller commands to tasks."""
+        core = self.core
+        if core.node_answers:
+            answers, core.node_answers = core.node_answers, []
+            for answer in answers:
+                waiter = self._node_requests.get(answer.request_id)
+                if waiter is not None:
+                    waiter[1].append(answer)
+                    waiter[0].set()
+        if core.commands:
+            commands, core.commands = core.commands, []
+            for command in commands:
+                assert self._tg is not None
+                self._tg.start_soon(self._run_command, command)
 
     async def _timer_loop(self) -> None:
         core = self.core

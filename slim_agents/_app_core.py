@@ -171,6 +171,11 @@ class AppCore:
         """A session's inbox is full: the driver should pause reading."""
         self._congested[session.sid] = session
 
+    @property
+    def any_congested(self) -> bool:
+        """:meth:`take_congested` may have sessions to give."""
+        return bool(self._congested)
+
     def take_congested(self) -> list[SessionCore]:
         if not self._congested:
             return []

@@ -37,3 +37,46 @@ async def test_a_bad_frame_costs_only_itself(bad: bytes) -> None:
         assert sum(conn.bad_frames.values()) == 1
         assert set(conn.bad_frames) <= {"MalformedFrameError", "UnsupportedVersionError"}
         tg.cancel_scope.cancel()
+
+
+async def test_reads_go_to_the_callback_only_once_released(anyio_backend_name: str) -> None:
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as multi:
+        (listener,) = multi.listeners
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with await anyio.connect_tcp("127.0.0.1", port) as ours, \
+                anyio.create_task_group() as tg:
+            theirs = await tg.start(_accept_one, listener)
+            conn = NodeConnection(ours, tg, limits=Limits())
+            taken: list[bytes] = []
+            took = anyio.Event()
+
+            def take(data: bytes) -> bool:
+                taken.append(data)
+                took.set()
+                return True
+
+            reading = conn.read_in_callback(take)
+            if anyio_backend_name != "asyncio":  # trio streams have no such callback
+                assert reading is None
+                tg.cancel_scope.cancel()
+                return
+            assert reading is not None and reading.held
+            with anyio.fail_after(5):
+                # Held: bytes wait for the reader, as before the hello.
+                await theirs.send(encode_frame(Ping(nonce=1)))
+                assert [decode_message(d) for d in await conn.receive_envelopes()] == \
+                    [Ping(nonce=1)]
+                assert conn.caught_up
+                reading.release()
+                await theirs.send(encode_frame(Ping(nonce=2)) + encode_frame(Ping(nonce=3)))
+                await took.wait()
+            envelopes = [d for data in taken for d in conn.decode(data)]
+            assert [decode_message(d) for d in envelopes] == [Ping(nonce=2), Ping(nonce=3)]
+            tg.cancel_scope.cancel()
+
+
+async def _accept_one(listener: anyio.abc.SocketListener, *,
+                      task_status: anyio.abc.TaskStatus[anyio.abc.SocketStream]) -> None:
+    async with await listener.accept() as stream:
+        task_status.started(stream)
+        await anyio.sleep_forever()

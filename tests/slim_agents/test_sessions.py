@@ -44,14 +44,14 @@ def target(node: Node, transport: str) -> Node | str:
 
 
 @asynccontextmanager
-async def alice_to_bob(node: Node, transport: str
+async def alice_to_bob(node: Node, transport: str, config: SessionConfig = RELIABLE
                        ) -> AsyncIterator[tuple[App, App, Session, Session]]:
-    """Apps alice and (a unique) bob, and a reliable session between them: a, b and
-    the session on each side."""
+    """Apps alice and (a unique) bob, and a session between them (reliable unless
+    told): a, b and the session on each side."""
     bob = unique("bob")
     async with open_app("org/ns/alice", node=target(node, transport), secret=SECRET) as a, \
             open_app(f"org/ns/{bob}", node=target(node, transport), secret=SECRET) as b:
-        s = await a.create_session(f"org/ns/{bob}", RELIABLE)
+        s = await a.create_session(f"org/ns/{bob}", config)
         with anyio.fail_after(5):
             r = await b.listen_for_session()
         yield a, b, s, r
@@ -135,6 +135,24 @@ async def test_a_bad_frame_from_the_node_is_counted_and_the_session_goes_on(
         await wait_until(lambda: b.core.counters["read_error:MalformedFrameError"] == 1,
                          message="the bad frame counted")
         with anyio.fail_after(5):
+            await (await s.publish(b"after"))
+            assert (await r.get_message())[1] == b"after"
+
+
+async def test_bytes_that_are_not_frames_end_the_connection_and_the_app_reconnects(
+        node: Node, transport: str) -> None:
+    from node_lite._core import ConnKind
+
+    async with alice_to_bob(node, transport) as (a, b, s, r):
+        # A broken node: a length prefix past any limit, to every app connection.
+        for conn_id, box in list(node._outboxes.items()):
+            if node.core.connection_kind(conn_id) is ConnKind.APP:
+                box.write(b"\x7f\xff\xff\xff" + b"\x00" * 16)
+                box.wake_writer()
+        await wait_until(lambda: all(x.connects == 2 and x.connected for x in (a, b)),
+                         message="both reconnected")
+        assert [x.core.counters["read_error:FrameTooLargeError"] for x in (a, b)] == [1, 1]
+        with anyio.fail_after(10):
             await (await s.publish(b"after"))
             assert (await r.get_message())[1] == b"after"
 
@@ -364,3 +382,100 @@ async def test_hundreds_of_apps_in_one_process(node: Node) -> None:
         r = await apps[199].listen_for_session()
         await s.publish(b"ping")
         assert (await r.get_message()).payload == b"ping"
+
+
+def count_takes(app: App) -> list[bool]:
+    """What the app's read callback returned, read after read (False: handed to
+    the read loop). Stays empty where the stream has no such callback."""
+    assert app._conn is not None
+    reading = app._conn._reading
+    results: list[bool] = []
+    if reading.attached:
+        take = reading.take
+
+        def counted(data: bytes) -> bool:
+            results.append(take(data))
+            return results[-1]
+
+        reading.take = counted
+    return results
+
+
+async def test_the_app_reads_in_the_transport_callback_where_it_can(
+        node: Node, transport: str, anyio_backend_name: str) -> None:
+    async with alice_to_bob(node, transport, SessionConfig()) as (a, _, s, r):
+        takes = count_takes(a)
+        with anyio.fail_after(10):
+            for i in range(50):
+                await s.publish(b"%d" % i)
+                ctx, payload = await r.get_message()
+                assert payload == b"%d" % i
+                await r.publish_to(ctx, b"re: %d" % i)
+                assert (await s.get_message()).payload == b"re: %d" % i
+    if transport == "tcp" and anyio_backend_name == "asyncio":
+        # Best effort, no acks: every reply (one read each) is done with in the
+        # callback. Closing the sessions at the end may hand over.
+        assert takes.count(True) >= 50
+    else:  # TLS, trio and in-memory streams keep the read loop's own reads
+        assert takes == []
+
+
+async def test_acks_due_hand_the_batch_from_the_callback_to_the_read_loop(
+        node: Node, transport: str, anyio_backend_name: str) -> None:
+    async with alice_to_bob(node, transport) as (_, b, s, r):
+        takes = count_takes(b)
+        with anyio.fail_after(10):
+            for i in range(20):
+                await (await s.publish(b"%d" % i))
+                assert (await r.get_message())[1] == b"%d" % i
+    assert b.core.counters["read_error:ProtocolError"] == 0
+    if transport == "tcp" and anyio_backend_name == "asyncio":
+        # Each request needs an ack, which waits for the tasks the request woke
+        # (a reply they send would carry it): the read loop sends it after them.
+        assert takes.count(False) >= 20
+    else:
+        assert takes == []
+
+
+async def test_a_full_inbox_stops_the_reading_until_the_application_drains(
+        node: Node, transport: str) -> None:
+    from dataclasses import replace
+
+    # Best effort: past twice max_inbox, a reader that did not stop would drop.
+    async with alice_to_bob(node, transport, SessionConfig()) as (_, b, s, r):
+        r._core.config = replace(r._core.config, max_inbox=64)
+        count = 600
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                async def send() -> None:
+                    for i in range(count):
+                        await s.publish(b"%06d" % i + b"x" * 4090)
+
+                tg.start_soon(send)
+                await wait_until(lambda: b.core.counters["inbox_pauses"] >= 1,
+                                 message="the reader paused on the full inbox")
+                for i in range(count):
+                    if i % 50 == 0:  # a slow application: the rest runs meanwhile
+                        await anyio.wait_all_tasks_blocked()
+                    assert len(r._core.inbox) < 2 * 64
+                    assert (await r.get_message())[1][:6] == b"%06d" % i
+        assert r._core.dropped == 0
+
+
+async def test_an_internal_error_in_the_read_path_ends_the_app_with_that_error(
+        node: Node, transport: str) -> None:
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with alice_to_bob(node, transport) as (_, b, s, _):
+            receive = b.core.receive
+
+            def broken(*args: object, **kwargs: object) -> None:
+                b.core.receive = receive  # type: ignore[method-assign]
+                raise Boom
+
+            b.core.receive = broken  # type: ignore[method-assign]
+            await s.publish(b"x")
+            with anyio.fail_after(5):
+                await anyio.sleep_forever()
