@@ -189,8 +189,7 @@ class NodeConnection:
         self._flows = FlowDecoding(limits)
         self._ready: deque[dict[str, Any]] = deque()
         # Held (bytes go to receive()) until a reader hands it its take.
-        self._reading = CallbackReading(_refuse)
-        self._reading.held = True
+        self._reading = CallbackReading(_refuse, held=True)
         self._read_size = tune_reading(stream, self._reading)
         self.hello_ack: HelloAck | None = None
         #: Frames from the node that did not decode, by error type. The length

@@ -287,8 +287,7 @@ class Node:
             touched, core.touched = core.touched, []
             for sink in touched:
                 try:
-                    if not (sink.can_send_direct() and sink.send_now()):  # type: ignore[attr-defined]
-                        sink.wake_writer()  # type: ignore[attr-defined]
+                    sink.flush_now()  # type: ignore[attr-defined]
                 except Exception:
                     log.exception("conn %d: flushing a consumer failed", conn_id)
                     sink.wake_writer()  # type: ignore[attr-defined]

@@ -142,9 +142,10 @@ class CallbackReading:
 
     __slots__ = ("_resume", "held", "take")
 
-    def __init__(self, take: Callable[[bytes], bool]) -> None:
+    def __init__(self, take: Callable[[bytes], bool], *, held: bool = False) -> None:
         self.take = take
-        self.held = False
+        #: While set, bytes queue for the task's ``receive()`` instead.
+        self.held = held
         self._resume: Callable[[], None] | None = None
 
     @property
@@ -350,6 +351,12 @@ class Outbox:
             self._buf = [data]
             self.wake_writer()
         return True
+
+    def flush_now(self) -> None:
+        """Send the queued bytes without awaiting: from here when the transport takes
+        them at once (:meth:`send_now`), else by waking the writer."""
+        if not (self.can_send_direct() and self.send_now()):
+            self.wake_writer()
 
     async def send_direct(self) -> None:
         """Send the queued batch from the calling task (after :meth:`can_send_direct`)."""

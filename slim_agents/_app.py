@@ -297,9 +297,7 @@ class App:
                 self._pump(defer=True)
             if self._deferred:
                 self._deferred = False
-                box = conn.outbox
-                if not (box.can_send_direct() and box.send_now()):
-                    box.wake_writer()
+                conn.outbox.flush_now()
             self._hand_out()
             if core.any_congested:
                 handed.append(None)

@@ -45,8 +45,9 @@ async def tight_connection(serve: Callable[[ByteStream], Awaitable[None]],
             tg.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("flush", ["send_direct", "flush_now"])
 async def test_writes_keep_their_order_whether_taken_at_once_or_not(
-        anyio_backend_name: str) -> None:
+        anyio_backend_name: str, flush: str) -> None:
     received = bytearray()
     reading = anyio.Event()
     done = anyio.Event()
@@ -83,14 +84,16 @@ async def test_writes_keep_their_order_whether_taken_at_once_or_not(
                 batch.active = True
                 outbox.write(i.to_bytes(4, "big") * 256)
                 batch.active = False
-                if outbox.can_send_direct():
-                    before = refused
+                before = refused
+                if flush == "flush_now":  # what a read callback does: no await
+                    outbox.flush_now()
+                elif outbox.can_send_direct():
                     await outbox.send_direct()
-                    if refused > before:  # the transport still held bytes
-                        assert outbox.pending_frames  # queued for the writer, not awaited
-                        left_to_writer += 1
                 else:
                     outbox.wake_writer()
+                if refused > before:  # the transport still held bytes
+                    assert outbox.pending_frames  # queued for the writer, not awaited
+                    left_to_writer += 1
                 if i % 3 == 0:
                     await anyio.lowlevel.checkpoint()
             reading.set()
