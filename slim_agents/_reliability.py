@@ -336,6 +336,16 @@ class ReceiveStream(Generic[T]):
                 self.new_gaps.append(gap)
         return []
 
+    def take_next(self, mid: int) -> bool:
+        """:meth:`receive` of the next id with nothing held, missing or lost (the
+        common case, once per message and member in a group): True when taken, the
+        message then being deliverable at once; False, with nothing done, otherwise."""
+        if mid != self.next or self.held or self.missing or self.lost_ids:
+            return False
+        self.next = mid + 1
+        self.to_ack.append(mid)
+        return True
+
     def seen(self, mid: int) -> bool:
         """Whether ``mid`` was received (or given up) already."""
         return mid < self.next or mid in self.held or mid in self.lost_ids

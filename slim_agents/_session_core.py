@@ -1141,21 +1141,25 @@ class SessionCore:
                 member.subject, 0, direct)), body))
             if shared is not None and memo is not None:  # other apps read this map too
                 shared.memo = (self._channel_key, message)
-        if stream is None:
-            inbox.append(message)
-            self.received += 1
-            self.owner.inbox_ready(self)
-            if len(inbox) >= self.config.max_inbox:
-                self.owner.congested(self)
-            return
-        items = stream.receive(d["mid"], message, now)
-        if items is None:
-            return
-        if len(stream.to_ack) == 1:  # the first since the last ack went out
-            self._dirty_recv.add((src_key, direct))
-            self.owner.mark_dirty(self)
-        if items:
-            self._deliver(items)
+        if stream is not None:
+            if stream.take_next(d["mid"]):
+                items = None  # in order: delivered below, as without reliability
+            else:
+                items = stream.receive(d["mid"], message, now)
+                if items is None:
+                    return
+            if len(stream.to_ack) == 1:  # the first since the last ack went out
+                self._dirty_recv.add((src_key, direct))
+                self.owner.mark_dirty(self)
+            if items is not None:
+                if items:
+                    self._deliver(items)
+                return
+        inbox.append(message)
+        self.received += 1
+        self.owner.inbox_ready(self)
+        if len(inbox) >= self.config.max_inbox:
+            self.owner.congested(self)
 
     def _new_recv_stream(self, streams: dict[Key, ReceiveStream[Message | BaseException]],
                          src_key: Key, direct: bool) -> ReceiveStream[Message | BaseException]:

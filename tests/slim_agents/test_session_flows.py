@@ -375,6 +375,40 @@ def test_a_message_given_up_on_is_never_acknowledged_as_received() -> None:
     assert stream.received_through == 1
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["receive", "give_up", "due"]), st.integers(1, 12)),
+                max_size=30))
+def test_taking_the_next_message_is_receive_where_it_applies(
+        steps: list[tuple[str, int]]) -> None:
+    import copy
+
+    from slim_agents._reliability import ReceiveStream
+
+    def state(x: ReceiveStream[int]) -> tuple[object, ...]:
+        return (x.next, x.held, x.missing, x.to_ack, x.lost_ids, x.first_lost, x.duplicates)
+
+    stream: ReceiveStream[int] = ReceiveStream(timeout=1.0, max_retries=1)
+    now = 0.0
+    for op, mid in steps:
+        # Whatever the state: take_next either does exactly what receive does and
+        # delivers the message alone, or does nothing.
+        other = copy.deepcopy(stream)
+        before = state(stream)
+        if stream.take_next(mid):
+            assert other.receive(mid, mid, now) == [mid]
+            assert state(stream) == state(other)
+        else:
+            assert state(stream) == before
+            stream = other
+        if op == "receive":
+            stream.receive(mid, mid, now)
+        elif op == "give_up":
+            stream.give_up([mid])
+        else:
+            now += 1.5
+            stream.due(now)
+
+
 def test_acks_through_an_id_count_each_member_once_and_bound_the_work() -> None:
     from slim_agents._reliability import SendStream
 
