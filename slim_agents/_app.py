@@ -258,11 +258,8 @@ class App:
                             self._corked = False
                 else:
                     continue
-                if core.acks_due:
-                    core.flush(time.time())
-                    self._pump(defer=True)
-                await self._flush()
                 self._hand_out()
+                await self._flush()
                 for full in core.take_congested():
                     # Backpressure: stop reading until the application drains this
                     # session (the node then slows the senders down). Not when its
@@ -292,13 +289,10 @@ class App:
                 self._corked = True
                 handed.append(None)
                 return False
-            if core.acks_due:
-                core.flush(time.time())
-                self._pump(defer=True)
+            self._hand_out()
             if self._deferred:
                 self._deferred = False
                 conn.outbox.flush_now()
-            self._hand_out()
             if core.any_congested:
                 handed.append(None)
                 return False
@@ -329,8 +323,12 @@ class App:
         return bool(self._deferred or core.acks_due) and core.pending_sessions == 0
 
     def _hand_out(self) -> None:
-        """Answers from the node to their waiters; controller commands to tasks."""
+        """What a batch leaves once the tasks it woke had their turn: acks (as frames,
+        deferred), answers from the node to their waiters, controller commands to tasks."""
         core = self.core
+        if core.acks_due:
+            core.flush(time.time())
+            self._pump(defer=True)
         if core.node_answers:
             answers, core.node_answers = core.node_answers, []
             for answer in answers:
